@@ -1,0 +1,179 @@
+"""Model references that live elsewhere: `hf:ORG/REPO[/FILE][@REVISION]` and the model manifest.
+
+Downloads go through huggingface_hub (its cache, revision pinning, offline mode); every file named in the
+manifest is checked against its sha256. Machines without internet import files with `meddinov3 models import`,
+which stores them under the user's model store where the resolver finds them by checksum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..files import atomic_path, read_json, write_json
+from ..resources import resources_dir, user_dir
+from .safe_load import CheckpointError
+
+
+class ModelNotAvailable(CheckpointError):
+    """The model is not on this machine and cannot be downloaded (offline, or no network)."""
+
+
+@dataclass(frozen=True)
+class HubRef:
+    repo_id: str
+    filename: str | None
+    revision: str | None
+
+    def __str__(self) -> str:
+        s = f"hf:{self.repo_id}" + (f"/{self.filename}" if self.filename else "")
+        return s + (f"@{self.revision}" if self.revision else "")
+
+
+def parse_hf_ref(ref: str) -> HubRef:
+    if not ref.startswith("hf:"):
+        raise ValueError(f"{ref!r} is not an hf: reference")
+    body, _, revision = ref[3:].partition("@")
+    parts = [p for p in body.split("/") if p]
+    if len(parts) < 2:
+        raise CheckpointError(f"{ref}: expected hf:ORG/REPO[/FILE][@REVISION]")
+    return HubRef("/".join(parts[:2]), "/".join(parts[2:]) or None, revision or None)
+
+
+def sha256_of(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_manifest() -> list[dict]:
+    """Entries of `Resources/models.json` (name, title, kind, ref, sha256, license, ...)."""
+    path = resources_dir() / "models.json"
+    return read_json(path)["models"]
+
+
+def manifest_entry(name_or_ref: str) -> dict | None:
+    for entry in load_manifest():
+        if name_or_ref in (entry["name"], entry["ref"]):
+            return entry
+    return None
+
+
+def is_offline(offline: bool | None = None) -> bool:
+    if offline is not None:
+        return offline
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or \
+        os.environ.get("MEDDINOV3_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def imports_dir() -> Path:
+    return user_dir() / "imports"
+
+
+def _verified_ok(path: Path, sha256: str) -> bool:
+    """Hash a large file once; remember the result keyed by size and mtime."""
+    record_path = user_dir() / "verified.json"
+    records = read_json(record_path) if record_path.exists() else {}
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}"
+    if records.get(key) == sha256:
+        return True
+    actual = sha256_of(path)
+    if actual != sha256:
+        return False
+    records[key] = sha256
+    write_json(record_path, records)
+    return True
+
+
+def resolve_hf(ref: str, offline: bool | None = None, cache_dir: str | os.PathLike | None = None,
+               progress: bool = True) -> Path:
+    """Local path of an hf: reference: the imported copy, the huggingface_hub cache, or a download."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    hub = parse_hf_ref(ref)
+    entry = manifest_entry(ref) or {}
+    expected = entry.get("sha256")
+    offline = is_offline(offline)
+
+    if expected and hub.filename:
+        imported = imports_dir() / expected / Path(hub.filename).name
+        if imported.is_file():
+            return imported
+    try:
+        if hub.filename:
+            path = Path(hf_hub_download(hub.repo_id, hub.filename, revision=hub.revision, cache_dir=cache_dir,
+                                        local_files_only=offline))
+        else:  # a model package stored as a whole repository
+            path = Path(snapshot_download(hub.repo_id, revision=hub.revision, cache_dir=cache_dir,
+                                          local_files_only=offline))
+    except LocalEntryNotFoundError:
+        why = "offline mode is on" if offline else "it could not be downloaded (no connection to the Hub?)"
+        raise ModelNotAvailable(
+            f"{ref}: not in the local cache and {why}. On a machine with internet, download "
+            f"{hub.filename or 'the repository'} from https://huggingface.co/{hub.repo_id} and run "
+            f"`meddinov3 models import FILE` here.") from None
+    except Exception as e:  # network errors, missing repo or file, authentication
+        raise ModelNotAvailable(f"{ref}: download failed ({type(e).__name__}: {e})") from None
+    if expected and path.is_file() and not _verified_ok(path, expected):
+        raise CheckpointError(f"{path}: sha256 does not match the manifest entry for {ref}; the file is corrupt "
+                              "or not the published one. Delete it and download again.")
+    return path
+
+
+def import_file(path: str | os.PathLike, name: str | None = None) -> Path:
+    """Copy a downloaded file or model folder into the user's store; returns where it now lives.
+
+    A file whose sha256 matches a manifest entry becomes that entry's offline copy (its hf: reference then
+    resolves without network); anything else is stored under `models/<name>` and listed as imported.
+    """
+    src = Path(path)
+    if not src.exists():
+        raise CheckpointError(f"{src}: no such file or folder")
+    if src.is_file():
+        digest = sha256_of(src)
+        for entry in load_manifest():
+            if entry.get("sha256") == digest and entry["ref"].startswith("hf:"):
+                filename = parse_hf_ref(entry["ref"]).filename or src.name
+                dest = imports_dir() / digest / Path(filename).name
+                with atomic_path(dest) as tmp:
+                    shutil.copyfile(src, tmp)
+                return dest
+    dest = user_dir() / "models" / (name or src.name.split(".")[0])
+    if dest.exists():
+        raise FileExistsError(f"{dest}: a model with this name was already imported; choose another --name")
+    tmp = dest.with_name(f".{dest.name}.importing")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if src.is_dir():
+        shutil.copytree(src, tmp)
+    else:
+        tmp.mkdir(parents=True)
+        shutil.copyfile(src, tmp / src.name)
+    os.replace(tmp, dest)
+    return dest
+
+
+def registry_path() -> Path:
+    return user_dir() / "registered.json"
+
+
+def registered_models() -> list[str]:
+    """Model folders registered by the Train module or `registerModel`, that still exist."""
+    path = registry_path()
+    paths = read_json(path) if path.exists() else []
+    return [p for p in paths if Path(p).exists()]
+
+
+def register_model(path: str | os.PathLike) -> str:
+    p = str(Path(path).resolve())
+    paths = registered_models()
+    if p not in paths:
+        paths.append(p)
+        write_json(registry_path(), paths)
+    return p

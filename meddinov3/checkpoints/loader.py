@@ -1,0 +1,181 @@
+"""One entry point for every model layout users have: detect, read, build, convert, describe.
+
+Layouts: the project's model package, nnU-Net v2 result folders of the reference trainers, the official
+MedDINOv3 pretrained `model.pth` (`{'teacher': ...}`, `backbone.` prefix), Meta's DINOv3 backbone checkpoints,
+and `hf:` references / manifest names that resolve to one of those.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from ..model import MedDINOv3, build_model
+from ..resources import resources_dir, user_dir
+from .convert import DROPPED_PREFIXES, dinov3_to_backbone, infer_backbone_config, load_strict, strip_prefix, unwrap_module_prefixes
+from .hub import manifest_entry, resolve_hf
+from .nnunet import is_nnunet_folder, read_nnunet_folder
+from .package import ModelSpec, default_classes, is_package, provenance_now, read_spec, read_weights, write_package
+from .safe_load import CheckpointError, safe_torch_load
+
+FORMATS = ("package", "nnunet", "meddinov3-pretrained", "dinov3-backbone")
+
+
+class UnknownModel(CheckpointError):
+    pass
+
+
+def resolve(ref: str | os.PathLike, offline: bool | None = None) -> Path:
+    """Path on this machine of a model reference: a path, `hf:...`, a manifest name, or an imported name."""
+    ref = os.fspath(ref)
+    if ref.startswith("hf:"):
+        return resolve_hf(ref, offline=offline)
+    path = Path(ref).expanduser()
+    if path.exists():
+        return path
+    entry = manifest_entry(ref)
+    if entry is not None:
+        target = entry["ref"]
+        if target.startswith("hf:"):
+            return resolve_hf(target, offline=offline)
+        return (resources_dir() / target).resolve()
+    imported = user_dir() / "models" / ref
+    if imported.exists():
+        return imported
+    raise UnknownModel(f"{ref}: unknown model (not a file or folder, not an hf: reference, not a name in the "
+                       "model manifest or among imported models; `meddinov3 models list` shows them)")
+
+
+def detect_format(path: Path) -> str:
+    if path.is_dir():
+        if is_package(path):
+            return "package"
+        if is_nnunet_folder(path):
+            return "nnunet"
+        raise CheckpointError(f"{path}: folder is neither a model package (model.json) nor an nnU-Net result "
+                              "folder (plans.json + dataset.json + fold_*)")
+    if path.name == "model.json":
+        return "package"
+    return "checkpoint"  # a .pth file; which layout is known only after loading it
+
+
+def _read_pth(path: Path) -> tuple[str, ModelSpec, list[dict]]:
+    ckpt = safe_torch_load(path)
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: expected a dict of weights, got {type(ckpt).__name__}")
+    if "network_weights" in ckpt:
+        raise CheckpointError(f"{path}: this is one fold of an nnU-Net result folder; pass the folder "
+                              "(the one holding plans.json and dataset.json) instead")
+    if "teacher" in ckpt:
+        fmt, sd = "meddinov3-pretrained", ckpt["teacher"]
+        sd = {k: v for k, v in sd.items() if not k.startswith(DROPPED_PREFIXES)}
+        sd = strip_prefix(sd, "backbone.") if any(k.startswith("backbone.") for k in sd) else sd
+    else:
+        fmt, sd = "dinov3-backbone", unwrap_module_prefixes(ckpt.get("model", ckpt))
+    cfg = infer_backbone_config(sd, str(path))
+    converted = {f"backbone.{k}": v for k, v in dinov3_to_backbone(sd, str(path)).items()}
+    spec = ModelSpec(name=path.stem, config=cfg, classes=[], kind="backbone",
+                     normalization={"scheme": "ct_hu"}, description=f"{fmt} checkpoint {path.name}",
+                     provenance={"source": str(path)})
+    return fmt, spec, [converted]
+
+
+def read_model(ref: str | os.PathLike, folds: list[str] | None = None, offline: bool | None = None
+               ) -> tuple[str, ModelSpec, list[dict], Path]:
+    """(format, spec, state dicts in `MedDINOv3` naming (one per fold), resolved path); no network built."""
+    path = resolve(ref, offline=offline)
+    fmt = detect_format(path)
+    if fmt == "package":
+        pkg = path if path.is_dir() else path.parent
+        spec = read_spec(pkg)
+        if folds is not None:
+            missing = [f for f in folds if f not in spec.folds]
+            if missing:
+                raise CheckpointError(f"{pkg}: no fold(s) {', '.join(missing)} (has {', '.join(spec.folds)})")
+            keep = [spec.folds.index(f) for f in folds]
+            spec = spec.replace(weights=[spec.weights[i] for i in keep], folds=list(folds))
+        return fmt, spec, read_weights(pkg, spec), pkg
+    if fmt == "nnunet":
+        spec, sds = read_nnunet_folder(path, folds)
+        return fmt, spec, sds, path
+    fmt, spec, sds = _read_pth(path)
+    return fmt, spec, sds, path
+
+
+@dataclass
+class LoadedModel:
+    """A segmentation model ready to run: its description and one network per fold."""
+
+    spec: ModelSpec
+    networks: list[MedDINOv3]
+    format: str
+    path: Path
+
+
+def network_from_state_dict(cfg: ModelConfig, state_dict: dict, source: str) -> MedDINOv3:
+    net = build_model(cfg)
+    load_strict(net, state_dict, source)
+    return net
+
+
+def load_model(ref: str | os.PathLike, device: str | torch.device = "cpu", folds: list[str] | None = None,
+               offline: bool | None = None) -> LoadedModel:
+    """Load a segmentation model (any layout) onto `device`, in eval mode."""
+    fmt, spec, sds, path = read_model(ref, folds=folds, offline=offline)
+    if spec.kind != "segmentation":
+        raise CheckpointError(f"{path}: this is a pretrained backbone without a segmentation decoder; fine-tune it "
+                              "first (`meddinov3 train --base ...`)")
+    nets = [network_from_state_dict(spec.config, sd, str(path)).to(device).eval() for sd in sds]
+    return LoadedModel(spec, nets, fmt, path)
+
+
+def load_backbone(ref: str | os.PathLike, offline: bool | None = None) -> tuple[ModelConfig, dict, ModelSpec]:
+    """Backbone weights (keys without `backbone.`) and architecture of any layout, for `train/pretrain --base`.
+
+    A training or pretraining run folder is accepted too: its exported `model/` or `backbone/` package is used.
+    """
+    path = Path(os.fspath(ref)).expanduser()
+    if path.is_dir() and not is_package(path):
+        for sub in ("model", "backbone"):
+            if is_package(path / sub):
+                ref = path / sub
+                break
+    fmt, spec, sds, path = read_model(ref, folds=None, offline=offline)
+    backbone = strip_prefix(sds[0], "backbone.")
+    return spec.config, backbone, spec
+
+
+def convert(ref: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False,
+            name: str | None = None, offline: bool | None = None) -> Path:
+    """Write any supported layout as a model package (`meddinov3 convert SRC -o DIR`)."""
+    fmt, spec, sds, path = read_model(ref, offline=offline)
+    if spec.kind == "segmentation" and not spec.classes:
+        spec = spec.replace(classes=default_classes(spec.config.num_classes))
+    spec = spec.replace(name=name or spec.name,
+                        provenance={**spec.provenance, **provenance_now(converted_from=str(path), source_format=fmt)})
+    return write_package(out_dir, spec, sds, overwrite=overwrite)
+
+
+def describe(ref: str | os.PathLike, offline: bool | None = None) -> dict:
+    """What `meddinov3 info MODEL` prints."""
+    fmt, spec, sds, path = read_model(ref, offline=offline)
+    n_params = sum(v.numel() for k, v in sds[0].items() if not k.endswith(("periods", "k_bias")))
+    return {
+        "format": fmt,
+        "path": str(path),
+        "name": spec.name,
+        "kind": spec.kind,
+        "architecture": spec.config.to_dict(),
+        "parameters": n_params,
+        "classes": [c.to_dict() for c in spec.classes],
+        "spacing": list(spec.spacing) if spec.spacing else None,
+        "normalization": spec.normalization,
+        "patch_size": list(spec.patch_size) if spec.patch_size else None,
+        "folds": spec.folds,
+        "modality": spec.modality,
+        "license": spec.license,
+    }

@@ -1,0 +1,207 @@
+"""The project's own model package: a folder with `model.json` and `.safetensors` weights.
+
+`model.json` is everything the engine and the Slicer modules need besides the weights: architecture, classes
+(names, colours, SNOMED CT terminology), in-plane spacing, normalisation, patch size, provenance and licence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..config import ModelConfig
+from .safe_load import CheckpointError
+
+PACKAGE_FORMAT = "meddinov3-model"
+PACKAGE_VERSION = 1
+MODEL_JSON = "model.json"
+
+
+@dataclass
+class ClassInfo:
+    """One output class. `value` is the label value written to label maps; channel order = list order."""
+
+    value: int
+    name: str
+    color: tuple[int, int, int] | None = None  # RGB 0-255
+    terminology: dict | None = None  # {"category": {...}, "type": {...}, "modifier": {...}} SNOMED CT codes
+
+    def to_dict(self) -> dict:
+        d = {"value": self.value, "name": self.name}
+        if self.color is not None:
+            d["color"] = list(self.color)
+        if self.terminology:
+            d["terminology"] = self.terminology
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ClassInfo":
+        color = d.get("color")
+        return cls(int(d["value"]), str(d["name"]), tuple(int(c) for c in color) if color else None, d.get("terminology"))
+
+
+@dataclass
+class ModelSpec:
+    """What a model is and how its input must be prepared (the content of `model.json`)."""
+
+    name: str
+    config: ModelConfig
+    classes: list[ClassInfo]
+    kind: str = "segmentation"  # or "backbone" (pretrained features, no decoder)
+    modality: str = "CT"
+    spacing: tuple[float, float] | None = None  # target in-plane spacing (row, column) = (y, x) in mm
+    patch_size: tuple[int, int] | None = None  # sliding-window tile (rows, columns)
+    normalization: dict = field(default_factory=lambda: {"scheme": "ct_hu"})
+    mirroring_axes: tuple[int, ...] = (0, 1)  # in-plane axes allowed for test-time mirroring
+    transpose_in_plane: bool = False  # nnU-Net transpose_forward [0, 2, 1]: the network saw (x, y) slices
+    skip_empty_slices: bool = False  # slices that are all air may be skipped (background)
+    fast: dict | None = None  # e.g. {"spacing": [1.5, 1.5]}: lower resolution for CPU fast mode
+    weights: list[str] = field(default_factory=lambda: ["model.safetensors"])  # one file per fold
+    folds: list[str] = field(default_factory=lambda: ["0"])
+    description: str = ""
+    license: str = ""
+    provenance: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "format": PACKAGE_FORMAT,
+            "format_version": PACKAGE_VERSION,
+            "name": self.name,
+            "kind": self.kind,
+            "description": self.description,
+            "modality": self.modality,
+            "architecture": self.config.to_dict(),
+            "classes": [c.to_dict() for c in self.classes],
+            "spacing": list(self.spacing) if self.spacing else None,
+            "patch_size": list(self.patch_size) if self.patch_size else None,
+            "normalization": self.normalization,
+            "mirroring_axes": list(self.mirroring_axes),
+            "transpose_in_plane": self.transpose_in_plane,
+            "skip_empty_slices": self.skip_empty_slices,
+            "fast": self.fast,
+            "weights": list(self.weights),
+            "folds": list(self.folds),
+            "license": self.license,
+            "provenance": self.provenance,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "model.json") -> "ModelSpec":
+        if d.get("format") != PACKAGE_FORMAT:
+            raise CheckpointError(f"{source}: not a MedDINOv3 model package (format {d.get('format')!r})")
+        if int(d.get("format_version", 0)) > PACKAGE_VERSION:
+            raise CheckpointError(f"{source}: package format version {d['format_version']} is newer than this "
+                                  f"software supports ({PACKAGE_VERSION}); update meddinov3")
+        try:
+            return cls(
+                name=d["name"],
+                config=ModelConfig.from_dict(d["architecture"]),
+                classes=[ClassInfo.from_dict(c) for c in d.get("classes", [])],
+                kind=d.get("kind", "segmentation"),
+                modality=d.get("modality", "CT"),
+                spacing=tuple(d["spacing"]) if d.get("spacing") else None,
+                patch_size=tuple(d["patch_size"]) if d.get("patch_size") else None,
+                normalization=d.get("normalization") or {"scheme": "ct_hu"},
+                mirroring_axes=tuple(d.get("mirroring_axes", (0, 1))),
+                transpose_in_plane=bool(d.get("transpose_in_plane", False)),
+                skip_empty_slices=bool(d.get("skip_empty_slices", False)),
+                fast=d.get("fast"),
+                weights=list(d.get("weights", ["model.safetensors"])),
+                folds=[str(f) for f in d.get("folds", [str(i) for i in range(len(d.get("weights", [1])))])],
+                description=d.get("description", ""),
+                license=d.get("license", ""),
+                provenance=d.get("provenance", {}),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{source}: invalid model.json ({type(e).__name__}: {e})") from None
+
+    def replace(self, **changes) -> "ModelSpec":
+        return dataclasses.replace(self, **changes)
+
+
+def is_package(path: str | os.PathLike) -> bool:
+    return (Path(path) / MODEL_JSON).is_file()
+
+
+def read_spec(path: str | os.PathLike) -> ModelSpec:
+    path = Path(path)
+    json_path = path / MODEL_JSON if path.is_dir() else path
+    try:
+        data = json.loads(json_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{json_path}: cannot read model description ({e})") from None
+    return ModelSpec.from_dict(data, source=str(json_path))
+
+
+def read_weights(package_dir: str | os.PathLike, spec: ModelSpec) -> list[dict[str, torch.Tensor]]:
+    """One state dict per fold, in `spec.weights` order."""
+    out = []
+    for name in spec.weights:
+        file = Path(package_dir) / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: weights file listed in model.json is missing")
+        try:
+            out.append(load_file(str(file)))
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
+    return out
+
+
+def write_package(out_dir: str | os.PathLike, spec: ModelSpec, state_dicts: list[dict[str, torch.Tensor]],
+                  overwrite: bool = False, dtype: torch.dtype | None = None, extra_files: dict[str, str] | None = None) -> Path:
+    """Write a package atomically: built in a temporary folder beside `out_dir`, then renamed into place.
+
+    `dtype` (e.g. torch.float16) stores floating weights smaller; they are cast back to float32 on load.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir}: already exists (pass overwrite=True / --overwrite to replace it)")
+    if len(state_dicts) != len(spec.weights):
+        spec = spec.replace(weights=["model.safetensors"] if len(state_dicts) == 1
+                            else [f"fold_{f}.safetensors" for f in spec.folds])
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        for name, sd in zip(spec.weights, state_dicts):
+            tensors = {}
+            for k, v in sd.items():
+                v = v.detach().cpu()
+                if dtype is not None and v.is_floating_point():
+                    v = v.to(dtype)
+                tensors[k] = v.contiguous()
+            save_file(tensors, str(tmp / name), metadata={"format": PACKAGE_FORMAT})
+        (tmp / MODEL_JSON).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        if out_dir.exists():
+            backup = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(backup, ignore_errors=True)
+            os.replace(out_dir, backup)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def default_classes(num_classes: int) -> list[ClassInfo]:
+    return [ClassInfo(0, "background")] + [ClassInfo(i, f"class_{i}") for i in range(1, num_classes)]
+
+
+def provenance_now(**fields: Any) -> dict:
+    import datetime
+
+    from .. import __version__
+    return {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "software": f"meddinov3 {__version__}", **fields}

@@ -1,0 +1,99 @@
+"""The DINOv3 ViT backbone, built from timm's EVA implementation and configured like the reference.
+
+timm's defaults differ from the reference network in two places that change outputs: LayerNorm eps
+(timm 1e-5, reference 1e-6) and the RoPE periods (timm recomputes them in fp32, checkpoints carry bf16-rounded
+values the reference uses). Both are fixed here; the periods and the live key bias of qkv-bias variants are made
+persistent so they travel with our own checkpoints.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Sequence
+
+import timm
+import torch
+from timm.layers import LayerNorm
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import ModelConfig
+
+
+class DINOv3Backbone(nn.Module):
+    """ViT with CLS + register tokens and RoPE; returns final-normed token maps of chosen blocks."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.vit = timm.create_model(
+            "vit_base_patch16_dinov3",
+            pretrained=False,
+            num_classes=0,
+            img_size=224,
+            patch_size=cfg.patch_size,
+            in_chans=cfg.in_chans,
+            embed_dim=cfg.embed_dim,
+            depth=cfg.depth,
+            num_heads=cfg.num_heads,
+            mlp_ratio=cfg.mlp_ratio,
+            qkv_bias=cfg.qkv_bias,
+            num_reg_tokens=cfg.num_reg_tokens,
+            init_values=cfg.layer_scale_init,
+            rope_temperature=cfg.rope_base,
+            norm_layer=partial(LayerNorm, eps=cfg.norm_eps),
+            drop_path_rate=cfg.drop_path_rate,
+        )
+        # Only used by masked-image (iBOT) pretraining; DINOv3 checkpoints carry it.
+        self.mask_token = nn.Parameter(torch.zeros(1, cfg.embed_dim))
+        rope = self.vit.rope
+        if hasattr(rope, "periods"):
+            rope.register_buffer("periods", rope.periods, persistent=True)
+        if cfg.qkv_bias:
+            for blk in self.vit.blocks:
+                if getattr(blk.attn, "k_bias", None) is not None:
+                    blk.attn.register_buffer("k_bias", blk.attn.k_bias, persistent=True)
+        self.grad_checkpointing = False
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 + self.config.num_reg_tokens
+
+    def forward_blocks(self, x: torch.Tensor, blocks: Sequence[int], masks: torch.Tensor | None = None,
+                       norm: bool = True) -> tuple[list[torch.Tensor], tuple[int, int]]:
+        """Token sequences (B, prefix + h*w, C) after each of `blocks`, and the patch grid (h, w).
+
+        `masks` (B, h*w) bool replaces those patch embeddings by the mask token (iBOT).
+        """
+        vit = self.vit
+        x = vit.patch_embed(x)  # (B, h, w, C): dynamic_img_size keeps the grid
+        B, h, w, C = x.shape
+        if masks is not None:
+            x = torch.where(masks.view(B, h, w, 1), self.mask_token.to(x.dtype).view(1, 1, 1, C), x)
+        x, rope = vit._pos_embed(x)
+        x = vit.norm_pre(x)
+        wanted = set(blocks)
+        last = max(wanted)
+        outputs = []
+        for i, blk in enumerate(vit.blocks):
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(blk, x, rope=rope, use_reentrant=False)
+            else:
+                x = blk(x, rope=rope)
+            if i in wanted:
+                outputs.append(vit.norm(x) if norm else x)
+            if i == last:
+                break
+        return outputs, (h, w)
+
+    def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Final-normed CLS, register and patch tokens of the last block (what pretraining heads consume)."""
+        (tokens,), _ = self.forward_blocks(x, [self.config.depth - 1], masks=masks)
+        p = self.num_prefix_tokens
+        return {"cls": tokens[:, 0], "registers": tokens[:, 1:p], "patch": tokens[:, p:]}
+
+    def feature_maps(self, x: torch.Tensor, blocks: Sequence[int]) -> list[torch.Tensor]:
+        """Patch tokens of `blocks` as (B, C, h, w) maps, prefix tokens dropped."""
+        outputs, (h, w) = self.forward_blocks(x, blocks)
+        p = self.num_prefix_tokens
+        return [t[:, p:].transpose(1, 2).reshape(t.shape[0], -1, h, w) for t in outputs]
