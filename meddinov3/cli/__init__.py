@@ -1,0 +1,1 @@
+"""Command line interface (`meddinov3 VERB ...`)."""
