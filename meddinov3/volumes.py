@@ -1,0 +1,284 @@
+"""Images in and out: read (files or DICOM series), validate, reorient to slices, write.
+
+Geometry convention: SimpleITK images, numpy arrays in SimpleITK order (z, y, x). The engine works on a
+*canonical* array whose axes are patient (S, P, L) in LPS: axial slices along axis 0, rows anterior ->
+posterior, columns right -> left (the usual radiological display). `Orientation` maps any file's axis order,
+flips and (nearest-axis) oblique direction cosines to that layout and back exactly, by pure permutation and
+flipping of voxels: no resampling, so the round trip is lossless.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+MAX_SPACING_MM = 50.0
+
+
+class InputError(Exception):
+    """A problem with one input image: `str()` is '<path>: <problem>'."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+def image_suffix(path: str | os.PathLike) -> str | None:
+    """The supported image suffix of `path` ('.nii.gz', '.seg.nrrd' counts as '.nrrd'), or None."""
+    name = Path(path).name.lower()
+    for s in IMAGE_SUFFIXES:
+        if name.endswith(s):
+            return s
+    return None
+
+
+def strip_suffix(path: str | os.PathLike) -> str:
+    """File name without its image suffix (`ct.nii.gz` -> `ct`); folders keep their name."""
+    name = Path(path).name
+    for s in (".seg.nrrd",) + IMAGE_SUFFIXES:
+        if name.lower().endswith(s):
+            return name[: -len(s)]
+    return name
+
+
+def dicom_series(folder: str | os.PathLike) -> list[str]:
+    """File names of the largest DICOM series directly in `folder` (empty when there is none)."""
+    reader = sitk.ImageSeriesReader
+    ids = reader.GetGDCMSeriesIDs(str(folder)) or ()
+    series = [reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in ids]
+    return list(max(series, key=len)) if series else []
+
+
+def list_inputs(paths: list[str | os.PathLike]) -> list[Path]:
+    """Expand the command line's inputs: files, DICOM series folders, and folders of images/series."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir() and not dicom_series(p):
+            found = sorted(c for c in p.iterdir() if c.is_file() and image_suffix(c) and not c.name.startswith("."))
+            found += sorted(c for c in p.iterdir() if c.is_dir() and dicom_series(c))
+            if not found:
+                raise InputError(p, "folder holds no images (.nii/.nii.gz/.nrrd/.mha/.mhd) and no DICOM series")
+            out += found
+        else:
+            out.append(p)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def available_memory_bytes() -> int:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover - psutil is normally present
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    return 1 << 40
+
+
+def bytes_needed(size: tuple[int, ...], num_classes: int = 2, probabilities: bool = False) -> int:
+    """Rough peak host memory to segment a volume: input + float copy + labels (+ float16 probabilities)."""
+    n = int(np.prod(size, dtype=np.int64))
+    return n * (4 + 4 + 2 + (2 * num_classes if probabilities else 0))
+
+
+def check_header(path, size, spacing, dimension: int, components: int, num_classes: int = 2,
+                 probabilities: bool = False, available: int | None = None) -> None:
+    """Reject images that cannot be segmented before reading their voxels."""
+    if components != 1:
+        raise InputError(path, f"has {components} components per voxel (vector/colour image); a scalar CT/MR volume is needed")
+    if dimension == 2 or (dimension == 3 and min(size) == 1):
+        raise InputError(path, f"is a 2D image (size {'x'.join(map(str, size))}); a 3D volume is needed")
+    if dimension != 3:
+        raise InputError(path, f"is a {dimension}D image (size {'x'.join(map(str, size))}); a 3D volume is needed")
+    if 0 in size:
+        raise InputError(path, "is empty (zero voxels)")
+    bad = [s for s in spacing if not (math.isfinite(s) and 0 < s <= MAX_SPACING_MM)]
+    if bad:
+        raise InputError(path, f"has an invalid voxel spacing {tuple(round(s, 4) for s in spacing)} mm "
+                               f"(each must be > 0 and <= {MAX_SPACING_MM:g} mm)")
+    need = bytes_needed(size, num_classes, probabilities)
+    avail = available_memory_bytes() if available is None else available
+    if need > avail:
+        raise InputError(path, f"volume of {'x'.join(map(str, size))} voxels needs about {need / 2**30:.1f} GiB of "
+                               f"memory, only {avail / 2**30:.1f} GiB available")
+
+
+def read_image(path: str | os.PathLike, num_classes: int = 2, probabilities: bool = False) -> sitk.Image:
+    """Read an image file or the (largest) DICOM series of a folder; header checked before the voxels load."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "no such file or folder")
+    if path.is_dir():
+        files = dicom_series(path)
+        if not files:
+            raise InputError(path, "folder holds no DICOM series")
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(files)
+        try:
+            image = reader.Execute()
+        except RuntimeError as e:
+            raise InputError(path, f"unreadable DICOM series ({_first_line(e)})") from None
+        check_header(path, image.GetSize(), image.GetSpacing(), image.GetDimension(),
+                     image.GetNumberOfComponentsPerPixel(), num_classes, probabilities)
+        return image
+    if image_suffix(path) is None and path.suffix.lower() not in (".dcm", ""):
+        raise InputError(path, "unsupported file type (use .nii, .nii.gz, .nrrd, .mha, .mhd or a DICOM folder)")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise InputError(path, f"unreadable image file ({_first_line(e)})") from None
+    check_header(path, reader.GetSize(), reader.GetSpacing(), reader.GetDimension(),
+                 reader.GetNumberOfComponents(), num_classes, probabilities)
+    try:
+        return reader.Execute()
+    except RuntimeError as e:
+        raise InputError(path, f"unreadable or truncated image file ({_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    # ITK messages start with the source location; the description is the most useful line
+    for ln in lines:
+        if ln.lower().startswith("description:"):
+            return ln.split(":", 1)[1].strip()
+    return lines[-1] if lines else type(e).__name__
+
+
+def validate_image(image: sitk.Image, path: str | os.PathLike = "<image>", modality: str | None = "CT",
+                   num_classes: int = 2, probabilities: bool = False) -> np.ndarray:
+    """Check an in-memory image (shape, spacing, values); returns its voxels as a numpy view (z, y, x)."""
+    check_header(path, image.GetSize(), image.GetSpacing(), image.GetDimension(),
+                 image.GetNumberOfComponentsPerPixel(), num_classes, probabilities, available=1 << 62)
+    direction = np.array(image.GetDirection(), float)
+    if not np.all(np.isfinite(direction)) or abs(np.linalg.det(direction.reshape(3, 3))) < 1e-3:
+        raise InputError(path, "has a degenerate direction matrix")
+    array = sitk.GetArrayViewFromImage(image)
+    if array.dtype.kind == "f":
+        finite = np.isfinite(array)
+        if not finite.all():
+            n = int(finite.size - finite.sum())
+            raise InputError(path, f"contains {n} NaN or infinite voxel value(s)")
+    if modality and modality.upper() == "CT":
+        check_hounsfield(array, path)
+    return array
+
+
+def check_hounsfield(array: np.ndarray, path) -> None:
+    """Reject volumes that are clearly not in Hounsfield units (normalised, MR, unsigned raw CT)."""
+    sample = array[:: max(1, array.shape[0] // 64)]
+    lo, hi = float(sample.min()), float(sample.max())
+    lo, hi = min(lo, float(array.min())), max(hi, float(array.max()))
+    if hi < 0:
+        why = "all values are negative"
+    elif hi - lo < 100:
+        why = "the range is far too narrow (normalised or non-CT image?)"
+    elif lo >= 0:
+        why = "there are no negative values (no air or fat: not HU; MR image or raw unsigned CT without rescaling?)"
+    else:
+        return
+    raise InputError(path, f"intensities [{lo:g}, {hi:g}] are not CT Hounsfield units: {why}")
+
+
+# ---------------------------------------------------------------------------------------------- geometry
+
+
+@dataclass(frozen=True)
+class Orientation:
+    """How an image's voxel axes map to the canonical (S, P, L) array, and back.
+
+    `perm[a]` is the SimpleITK index axis (0=i/x, 1=j/y, 2=k/z) that runs along patient axis a (0=L, 1=P, 2=S),
+    `flip[a]` whether it runs the opposite way (towards R, A or I).
+    """
+
+    perm: tuple[int, int, int]
+    flip: tuple[bool, bool, bool]
+
+    @classmethod
+    def of(cls, image_or_direction) -> "Orientation":
+        d = image_or_direction.GetDirection() if hasattr(image_or_direction, "GetDirection") else image_or_direction
+        m = np.asarray(d, float).reshape(3, 3)  # column i = direction of index axis i in LPS
+        best = max(itertools.permutations(range(3)), key=lambda p: sum(abs(m[a, p[a]]) for a in range(3)))
+        return cls(tuple(int(p) for p in best), tuple(bool(m[a, best[a]] < 0) for a in range(3)))
+
+    def _np_axes(self) -> list[int]:
+        # canonical numpy axis n is patient axis 2-n, held by sitk axis perm[2-n] = numpy axis 2-perm[2-n]
+        return [2 - self.perm[2 - n] for n in range(3)]
+
+    def to_canonical(self, array: np.ndarray) -> np.ndarray:
+        """(…, z, y, x) array of the image -> (…, S, P, L) view (leading axes, e.g. classes, kept)."""
+        lead = array.ndim - 3
+        out = np.transpose(array, list(range(lead)) + [lead + a for a in self._np_axes()])
+        flips = [lead + n for n in range(3) if self.flip[2 - n]]
+        return np.flip(out, flips) if flips else out
+
+    def from_canonical(self, array: np.ndarray) -> np.ndarray:
+        """Inverse of `to_canonical`."""
+        lead = array.ndim - 3
+        flips = [lead + n for n in range(3) if self.flip[2 - n]]
+        out = np.flip(array, flips) if flips else array
+        inv = np.argsort(self._np_axes())
+        return np.transpose(out, list(range(lead)) + [lead + int(a) for a in inv])
+
+    def canonical_spacing(self, spacing) -> tuple[float, float, float]:
+        """(slice, row, column) spacing of the canonical array: (S, P, L) = sitk spacing of perm[2], perm[1], perm[0]."""
+        return tuple(float(spacing[self.perm[a]]) for a in (2, 1, 0))
+
+    @property
+    def is_identity(self) -> bool:
+        return self.perm == (0, 1, 2) and not any(self.flip)
+
+
+def reoriented(image: sitk.Image, perm: tuple[int, int, int], flip: tuple[bool, bool, bool]) -> sitk.Image:
+    """Same voxels in the same physical place, stored with another axis order/flips (for tests and tools).
+
+    New index axis i is old axis perm[i], reversed where flip[i].
+    """
+    out = sitk.PermuteAxes(image, [int(p) for p in perm])
+    if any(flip):
+        out = sitk.Flip(out, [bool(f) for f in flip])
+    return out
+
+
+def array_to_image(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    """Voxels (z, y, x) on `reference`'s grid."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    image.CopyInformation(reference)
+    return image
+
+
+def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = 1e-5) -> bool:
+    return (a.GetSize() == b.GetSize()
+            and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol)
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol))
+
+
+def crop_box(image: sitk.Image, roi) -> tuple[sitk.Image, tuple[int, int, int], tuple[int, int, int]]:
+    """Crop to a voxel box (x0, y0, z0, x1, y1, z1): inclusive start, exclusive end, clipped to the image.
+
+    Returns the cropped image (same physical placement) and the clipped start / end indices (x, y, z).
+    """
+    if len(roi) != 6:
+        raise ValueError(f"ROI needs 6 numbers x0,y0,z0,x1,y1,z1, got {len(roi)}")
+    x0, y0, z0, x1, y1, z1 = (int(v) for v in roi)
+    size = image.GetSize()
+    lo = tuple(max(0, v) for v in (x0, y0, z0))
+    hi = tuple(min(s, v) for s, v in zip(size, (x1, y1, z1)))
+    if any(h <= l for l, h in zip(lo, hi)):
+        raise ValueError(f"ROI {tuple(roi)} does not overlap the image (size {size})")
+    return sitk.RegionOfInterest(image, [h - l for l, h in zip(lo, hi)], list(lo)), lo, hi
