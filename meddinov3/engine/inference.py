@@ -1,0 +1,192 @@
+"""Slices -> class probabilities: sliding window with Gaussian weights, mirroring TTA, fold averaging, OOM back-off.
+
+Per fold, logits are averaged over mirrored passes and stitched with Gaussian importance weights (nnU-Net's
+scheme: step 0.5, sigma 1/8 of the tile), then turned into probabilities by softmax; folds are averaged as
+probabilities.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+CPU_BATCH = 4
+
+
+def gaussian_weights(tile: tuple[int, int], sigma_scale: float = 1 / 8, device=None) -> torch.Tensor:
+    """(h, w) importance map peaking at the tile centre, max 1, no zeros."""
+    axes = []
+    for n in tile:
+        c = (n - 1) / 2
+        s = max(n * sigma_scale, 1e-6)
+        axes.append(torch.exp(-0.5 * ((torch.arange(n, dtype=torch.float64) - c) / s) ** 2))
+    g = axes[0][:, None] * axes[1][None, :]
+    g = g / g.max()
+    g = torch.clamp(g, min=float(g[g > 0].min()))
+    return g.to(device=device, dtype=torch.float32)
+
+
+def tile_starts(size: int, tile: int, step: float = 0.5) -> list[int]:
+    """Evenly spaced tile starts covering `size`, with at most `step * tile` between them."""
+    if size <= tile:
+        return [0]
+    n = math.ceil((size - tile) / (tile * step)) + 1
+    span = size - tile
+    return [int(round(i * span / (n - 1))) for i in range(n)]
+
+
+def mirror_variants(axes: tuple[int, ...], tta: bool) -> list[tuple[int, ...]]:
+    """Dims to flip of a (N, C, H, W) batch for each pass: () alone, or every subset of the allowed axes."""
+    if not tta:
+        return [()]
+    dims = [2 + a for a in axes if a in (0, 1)]
+    return [tuple(c) for r in range(len(dims) + 1) for c in itertools.combinations(dims, r)]
+
+
+def auto_batch_size(device: torch.device, cfg, tile: tuple[int, int]) -> int:
+    """Items (slices or tiles) per forward: from free memory on CUDA, a fixed modest number elsewhere."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        pixels = tile[0] * tile[1]
+        # bf16 decoder activations dominate: ~ pixels * embed_dim/4 channels * 2 bytes, x6 for temporaries,
+        # plus float32 logits and their stitched copies.
+        per_item = pixels * (cfg.embed_dim // 4 * 2 * 6 + cfg.num_classes * 4 * 4) + 64 * 2**20
+        return int(max(1, min(64, (free * 0.6) // per_item)))
+    if device.type == "mps":
+        return 8
+    return CPU_BATCH
+
+
+class SlicePredictor:
+    """Run the fold networks on normalised slices at model resolution: (B, 1, H, W) -> probabilities (B, C, H, W)."""
+
+    def __init__(self, networks, spec, device: torch.device, tta: bool = False, batch_size: int | str = "auto",
+                 compile: bool | None = None):
+        self.spec = spec
+        self.device = device
+        self.tta = tta
+        self.variants = mirror_variants(tuple(spec.mirroring_axes), tta)
+        if compile is None:
+            compile = os.environ.get("MEDDINOV3_COMPILE", "0") not in ("", "0", "false", "False")
+        self.compiled = bool(compile)
+        self.amp = device.type == "cuda"
+        nets = []
+        for net in networks:
+            net = net.to(device).eval()
+            if device.type == "cuda":
+                net = net.to(memory_format=torch.channels_last)
+            nets.append(torch.compile(net, dynamic=False) if self.compiled else net)
+        self.networks = nets
+        self.requested_batch = batch_size
+        self.batch_size: int | None = None if batch_size == "auto" else int(batch_size)
+        self.oom_events: list[int] = []  # batch sizes that ran out of memory
+
+    # ------------------------------------------------------------------ geometry of the network input
+
+    def network_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
+        """Slice shape as the network sees it (transposed when the model was trained on transposed slices)."""
+        return (shape[1], shape[0]) if self.spec.transpose_in_plane else tuple(shape)
+
+    def tile(self, shape: tuple[int, int]) -> tuple[int, int]:
+        """Sliding-window tile for a slice of network shape `shape` (whole slice when the model has no patch)."""
+        if not self.spec.patch_size:
+            return tuple(shape)
+        return tuple(int(p) for p in self.spec.patch_size)
+
+    def tiles_per_slice(self, shape: tuple[int, int]) -> int:
+        s = self.network_shape(shape)
+        t = self.tile(s)
+        return len(tile_starts(max(s[0], t[0]), t[0])) * len(tile_starts(max(s[1], t[1]), t[1]))
+
+    def resolve_batch_size(self, shape: tuple[int, int]) -> int:
+        if self.batch_size is None:
+            self.batch_size = auto_batch_size(self.device, self.spec.config, self.tile(self.network_shape(shape)))
+        return self.batch_size
+
+    # ------------------------------------------------------------------ forward
+
+    def run_network(self, net, x: torch.Tensor) -> torch.Tensor:
+        """One forward of a chunk (tests replace this to simulate running out of memory)."""
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            return net(x)
+
+    def _forward_chunked(self, net, x: torch.Tensor):
+        """Yield (start, logits float32) over chunks of `x`, halving the batch on out-of-memory errors."""
+        i, n = 0, x.shape[0]
+        while i < n:
+            bs = max(1, self.batch_size or CPU_BATCH)
+            chunk = x[i:i + bs]
+            real = chunk.shape[0]
+            if self.compiled and real < bs:  # keep shapes static for the compiled graph
+                chunk = torch.cat([chunk, chunk[-1:].expand(bs - real, -1, -1, -1)])
+            try:
+                out = self.run_network(net, chunk)
+            except torch.OutOfMemoryError:
+                if bs == 1:
+                    raise
+                self.oom_events.append(bs)
+                self.batch_size = bs // 2
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            yield i, out[:real].float()
+            i += real
+
+    @torch.inference_mode()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 1, H, W) normalised slices on the device -> (B, C, H, W) float32 probabilities (mean of folds)."""
+        B, _, H, W = x.shape
+        if self.spec.transpose_in_plane:
+            x = x.transpose(-1, -2)
+        h, w = x.shape[-2:]
+        th, tw = self.tile((h, w))
+        # pad slices smaller than the tile (centred, zero = normalised background-ish value, as nnU-Net)
+        ph, pw = max(th - h, 0), max(tw - w, 0)
+        if ph or pw:
+            x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        Hp, Wp = x.shape[-2:]
+        ys, xs = tile_starts(Hp, th), tile_starts(Wp, tw)
+        positions = [(b, y, xx) for b in range(B) for y in ys for xx in xs]
+        single = len(ys) == 1 and len(xs) == 1 and (th, tw) == (Hp, Wp)
+        if single:
+            tiles = x
+        else:
+            tiles = torch.stack([x[b, :, y:y + th, xx:xx + tw] for b, y, xx in positions])
+        gauss = None if single else gaussian_weights((th, tw), device=x.device)
+        self.resolve_batch_size((H, W))
+        probs = None
+        for net in self.networks:
+            acc = None
+            for dims in self.variants:
+                inp = tiles.flip(dims) if dims else tiles
+                for start, logits in self._forward_chunked(net, inp):
+                    if dims:
+                        logits = logits.flip(dims)
+                    logits = logits / len(self.variants)
+                    if acc is None:
+                        acc = torch.zeros((B, logits.shape[1], Hp, Wp), device=x.device, dtype=torch.float32)
+                    if single:
+                        acc[start:start + logits.shape[0]] += logits
+                    else:
+                        for k in range(logits.shape[0]):
+                            b, y, xx = positions[start + k]
+                            acc[b, :, y:y + th, xx:xx + tw] += logits[k] * gauss
+            if not single:
+                weight = torch.zeros((Hp, Wp), device=x.device)
+                for y in ys:
+                    for xx in xs:
+                        weight[y:y + th, xx:xx + tw] += gauss
+                acc /= weight
+            p = torch.softmax(acc, dim=1)
+            probs = p if probs is None else probs.add_(p)
+        probs /= len(self.networks)
+        probs = probs[:, :, ph // 2:ph // 2 + h, pw // 2:pw // 2 + w]
+        if self.spec.transpose_in_plane:
+            probs = probs.transpose(-1, -2)
+        return probs

@@ -1,0 +1,93 @@
+"""Writing results: label maps (.nii.gz/.nrrd/...), Slicer segmentations (.seg.nrrd), probabilities (.npz).
+
+Every writer goes through `atomic_path`, so a failed or interrupted run never leaves a partial file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..files import atomic_path
+from ..terminology import describe_classes
+
+LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+def output_kind(path: str | os.PathLike) -> str:
+    """'seg' for .seg.nrrd, 'labelmap' for the other supported suffixes; ValueError otherwise."""
+    name = Path(path).name.lower()
+    if name.endswith(".seg.nrrd"):
+        return "seg"
+    if name.endswith(LABELMAP_SUFFIXES):
+        return "labelmap"
+    raise ValueError(f"{path}: unsupported output type (use .nii.gz, .nii, .nrrd, .mha or .seg.nrrd)")
+
+
+def check_output(path: str | os.PathLike, overwrite: bool = False) -> None:
+    output_kind(path)
+    if Path(path).exists() and not overwrite:
+        raise FileExistsError(f"{path}: output already exists (pass --overwrite to replace it)")
+
+
+def write_labels(labels: sitk.Image, path: str | os.PathLike, classes, overwrite: bool = False) -> Path:
+    """Write a label map; `.seg.nrrd` gets one named, coloured segment per non-background class."""
+    check_output(path, overwrite)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        if output_kind(path) == "seg":
+            write_seg_nrrd(labels, tmp, classes)
+        else:
+            sitk.WriteImage(labels, str(tmp), useCompression=True)
+    return path
+
+
+def ijk_to_lps(image: sitk.Image) -> np.ndarray:
+    m = np.eye(4)
+    d = np.asarray(image.GetDirection(), float).reshape(3, 3)
+    m[:3, :3] = d * np.asarray(image.GetSpacing(), float)[None, :]
+    m[:3, 3] = image.GetOrigin()
+    return m
+
+
+def write_seg_nrrd(labels: sitk.Image, path: str | os.PathLike, classes) -> None:
+    """Slicer segmentation: one layer, segment label value = class value, names/colours/terminology from the table."""
+    import slicerio
+
+    voxels = sitk.GetArrayFromImage(labels)  # (z, y, x) -> written with index_order 'C'
+    segments = []
+    for entry, cls in zip(describe_classes(classes), classes):
+        if cls.value == 0:
+            continue
+        mask = voxels == cls.value
+        if mask.any():
+            idx = np.nonzero(mask)  # z, y, x
+            extent = [int(v) for axis in (idx[2], idx[1], idx[0]) for v in (axis.min(), axis.max())]
+        else:
+            extent = [0, -1, 0, -1, 0, -1]
+        seg = {"id": f"Segment_{cls.value}", "name": cls.name, "labelValue": int(cls.value), "layer": 0,
+               "color": [round(c / 255.0, 6) for c in entry.color], "extent": extent}
+        if entry.terminology:
+            seg["terminology"] = entry.terminology
+        segments.append(seg)
+    segmentation = {"voxels": voxels, "ijkToLPS": ijk_to_lps(labels), "segments": segments,
+                    "containedRepresentationNames": ["Binary labelmap"], "masterRepresentation": "Binary labelmap"}
+    slicerio.write_segmentation(str(path), segmentation, compression_level=1, index_order="C")
+
+
+def write_probabilities(path: str | os.PathLike, probabilities: np.ndarray, classes, overwrite: bool = False) -> Path:
+    """npz: `probabilities` float16 (classes, z, y, x) on the input grid, `labels` names, `values` label values."""
+    path = Path(path)
+    if not path.name.endswith(".npz"):
+        raise ValueError(f"{path}: probabilities are written as .npz")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: already exists (pass --overwrite to replace it)")
+    with atomic_path(path, suffix=".npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, probabilities=probabilities.astype(np.float16, copy=False),
+                                labels=np.array([c.name for c in classes]),
+                                values=np.array([c.value for c in classes], dtype=np.int32))
+    return path

@@ -1,0 +1,293 @@
+"""Volume -> label map: reorient to axial slices, stream batches through the model, undo everything exactly.
+
+Three threads overlap the work: a reader prepares the next batch (copy, normalise, resample on CPU; pinned
+memory for CUDA), the caller's thread runs the model and resamples probabilities back to the input grid on
+the device, and a writer copies results into the output arrays. Only per-batch probabilities exist at full
+precision; the volume keeps class indices (and float16 probabilities when asked for).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from ..volumes import InputError, Orientation, crop_box, validate_image
+from .inference import SlicePredictor
+from .postprocess import fill_holes as _fill_holes
+from .postprocess import keep_largest_component
+from .preprocess import make_normalizer, resampled_shape, resize, target_spacing
+
+AIR_HU = -600.0  # a slice whose maximum is below this is "all air"
+
+
+class Cancelled(Exception):
+    """Raised by `segment_image` when its `cancel` callable / event says stop."""
+
+
+@dataclass
+class SegmentationResult:
+    labels: sitk.Image  # label values on exactly the input's grid
+    probabilities: np.ndarray | None  # float16 (classes, z, y, x) on the input grid, when asked for
+    classes: list  # ClassInfo, channel order
+    stats: dict = field(default_factory=dict)  # device, batch size, slices, timings, OOM back-offs
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def _load(model, device: torch.device, folds):
+    from ..checkpoints import LoadedModel, load_model
+
+    if isinstance(model, LoadedModel):
+        if folds is None:
+            return model
+        missing = [f for f in folds if f not in model.spec.folds]
+        if missing:
+            from ..checkpoints import CheckpointError
+
+            raise CheckpointError(f"{model.path}: no fold(s) {', '.join(missing)} (has {', '.join(model.spec.folds)})")
+        keep = [model.spec.folds.index(f) for f in folds]
+        return LoadedModel(model.spec.replace(folds=list(folds)), [model.networks[i] for i in keep], model.format,
+                           model.path)
+    return load_model(model, device=device, folds=folds)
+
+
+def _cancelled(cancel) -> bool:
+    if cancel is None:
+        return False
+    if isinstance(cancel, threading.Event):
+        return cancel.is_set()
+    return bool(cancel())
+
+
+class _Worker(threading.Thread):
+    """A daemon thread whose exception is re-raised by `check()` in the caller."""
+
+    def __init__(self, target: Callable[[], None], name: str):
+        super().__init__(daemon=True, name=name)
+        self._target_fn = target
+        self.error: BaseException | None = None
+
+    def run(self):
+        try:
+            self._target_fn()
+        except BaseException as e:  # noqa: BLE001 - handed back to the caller
+            self.error = e
+
+    def check(self):
+        if self.error is not None:
+            raise self.error
+
+
+def segment_image(image: sitk.Image, model, device: str | torch.device = "auto", fast: bool = False, tta: bool = False,
+                  folds: list[str] | None = None, batch_size: int | str = "auto", roi=None,
+                  keep_largest: bool = False, fill_holes: bool = False, progress=None, cancel=None,
+                  return_probabilities: bool = False, compile: bool | None = None,
+                  source: str | os.PathLike = "<image>") -> SegmentationResult:
+    """Segment a 3D image. `model`: a reference (path, hf:, name) or a `LoadedModel`.
+
+    `roi` (x0, y0, z0, x1, y1, z1) voxel box of `image` (end exclusive): only it is segmented, the rest is
+    background. `cancel`: callable returning True or a threading.Event; checked between batches (-> Cancelled).
+    `source` names the image in error messages.
+    """
+    t_start = time.perf_counter()
+    dev = resolve_device(device)
+    loaded = _load(model, dev, folds)
+    spec = loaded.spec
+    classes = list(spec.classes)
+    n_classes = spec.config.num_classes
+    if len(classes) != n_classes:
+        from ..checkpoints.package import default_classes
+
+        classes = default_classes(n_classes)
+    validate_image(image, source, spec.modality, n_classes, return_probabilities)
+    if dev.type == "cpu" and fast:
+        torch.set_num_threads(os.cpu_count() or 1)
+
+    full = image
+    lo = hi = None
+    if roi is not None:
+        try:
+            image, lo, hi = crop_box(image, roi)
+        except ValueError as e:
+            raise InputError(source, str(e)) from None
+
+    orient = Orientation.of(image)
+    volume = orient.to_canonical(sitk.GetArrayViewFromImage(image))  # (S, P, L) view
+    Z, H, W = volume.shape
+    _, row_sp, col_sp = orient.canonical_spacing(image.GetSpacing())
+    target = target_spacing(spec, (row_sp, col_sp), fast)
+    model_hw = resampled_shape((H, W), (row_sp, col_sp), target)
+    normalize = make_normalizer(spec.normalization, volume)
+
+    bg_index = next((i for i, c in enumerate(classes) if c.value == 0), 0)
+    todo = np.arange(Z)
+    if spec.skip_empty_slices:
+        todo = np.array([z for z in range(Z) if float(volume[z].max()) >= AIR_HU], dtype=int)
+
+    predictor = SlicePredictor(loaded.networks, spec, dev, tta=tta, batch_size=batch_size, compile=compile)
+    bs = predictor.resolve_batch_size(model_hw)
+    per_slice = predictor.tiles_per_slice(model_hw)
+    slices_per_batch = max(1, bs // per_slice)
+    batches = [todo[i:i + slices_per_batch] for i in range(0, len(todo), slices_per_batch)]
+
+    index = np.full((Z, H, W), bg_index, dtype=np.uint8 if n_classes <= 256 else np.uint16)
+    probs = None
+    if return_probabilities:
+        probs = np.zeros((n_classes, Z, H, W), dtype=np.float16)
+        probs[bg_index] = 1.0
+    pin = dev.type == "cuda"
+    resize_on_cpu = dev.type == "cpu"
+    stop = threading.Event()
+    prepared: queue.Queue = queue.Queue(maxsize=2)
+    finished: queue.Queue = queue.Queue(maxsize=2)
+
+    def put(q: queue.Queue, item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def reader():
+        for zs in batches:
+            x = torch.from_numpy(np.asarray(volume[zs], dtype=np.float32))[:, None]
+            x = normalize(x)
+            if resize_on_cpu:
+                x = resize(x, model_hw)
+            if pin:
+                x = x.pin_memory()
+            if not put(prepared, (zs, x)):
+                return
+        put(prepared, None)
+
+    def writer():
+        while True:
+            item = finished.get()
+            if item is None:
+                return
+            zs, idx, p = item
+            index[zs] = idx.cpu().numpy()
+            if p is not None:
+                probs[:, zs] = p.cpu().numpy().transpose(1, 0, 2, 3)
+
+    read_t, write_t = _Worker(reader, "meddinov3-read"), _Worker(writer, "meddinov3-write")
+    read_t.start()
+    write_t.start()
+    done = 0
+    t_model = 0.0
+    try:
+        if progress is not None:
+            progress.update(0, len(todo), stage="segmenting")
+        while True:
+            if _cancelled(cancel):
+                raise Cancelled("segmentation cancelled")
+            try:
+                item = prepared.get(timeout=0.5)
+            except queue.Empty:
+                read_t.check()
+                write_t.check()
+                continue
+            if item is None:
+                break
+            zs, x = item
+            t0 = time.perf_counter()
+            x = x.to(dev, non_blocking=True)
+            if not resize_on_cpu:
+                x = resize(x, model_hw)
+            p = predictor.predict(x)
+            p = resize(p, (H, W))
+            idx = p.argmax(1).to(torch.uint8 if n_classes <= 256 else torch.int16)
+            out_p = p.half() if return_probabilities else None
+            t_model += time.perf_counter() - t0
+            write_t.check()
+            if not put(finished, (zs, idx, out_p)):
+                break
+            done += len(zs)
+            if progress is not None:
+                progress.update(done, len(todo), stage="segmenting")
+        put(finished, None)
+        write_t.join()
+        write_t.check()
+    finally:
+        stop.set()
+        read_t.join(timeout=5)
+        if write_t.is_alive():
+            finished.put(None)
+            write_t.join(timeout=5)
+    read_t.check()
+
+    if keep_largest:
+        keep_largest_component(index, bg_index)
+    if fill_holes:
+        _fill_holes(index, bg_index)
+    lut = np.array([c.value for c in classes], dtype=np.uint16 if max(c.value for c in classes) > 255 else np.uint8)
+    values = lut[orient.from_canonical(index)]
+    prob_out = np.ascontiguousarray(orient.from_canonical(probs)) if probs is not None else None
+
+    if roi is not None:
+        (x0, y0, z0), (x1, y1, z1) = lo, hi
+        canvas = np.zeros(sitk.GetArrayViewFromImage(full).shape, dtype=values.dtype)
+        canvas[z0:z1, y0:y1, x0:x1] = values
+        values = canvas
+        if prob_out is not None:
+            pc = np.zeros((n_classes,) + canvas.shape, dtype=np.float16)
+            pc[bg_index] = 1.0
+            pc[:, z0:z1, y0:y1, x0:x1] = prob_out
+            prob_out = pc
+    labels = sitk.GetImageFromArray(np.ascontiguousarray(values))
+    labels.CopyInformation(full)
+    stats = {"device": str(dev), "batch_size": predictor.batch_size, "slices": int(len(todo)),
+             "skipped_slices": int(Z - len(todo)), "model_shape": list(model_hw), "tiles_per_slice": per_slice,
+             "spacing": list(target), "oom_backoffs": list(predictor.oom_events), "model_time_s": round(t_model, 3),
+             "seconds": round(time.perf_counter() - t_start, 3)}
+    return SegmentationResult(labels, prob_out, classes, stats)
+
+
+def segment_file(input_path: str | os.PathLike, output_path: str | os.PathLike, model, *,
+                 probabilities_path: str | os.PathLike | None = None, overwrite: bool = False, progress=None,
+                 **options: Any) -> SegmentationResult:
+    """Read, segment and write one input (file or DICOM folder). Nothing is written when anything fails."""
+    from ..checkpoints import LoadedModel
+    from ..volumes import read_image
+    from .outputs import check_output, write_labels, write_probabilities
+
+    check_output(output_path, overwrite)
+    if probabilities_path is not None and Path(probabilities_path).exists() and not overwrite:
+        raise FileExistsError(f"{probabilities_path}: already exists (pass --overwrite to replace it)")
+    n_classes = model.spec.config.num_classes if isinstance(model, LoadedModel) else 2
+    image = read_image(input_path, n_classes, probabilities_path is not None)
+    result = segment_image(image, model, progress=progress, return_probabilities=probabilities_path is not None,
+                           source=input_path, **options)
+    if progress is not None:
+        progress.update(1, 1, stage="writing")
+    write_labels(result.labels, output_path, result.classes, overwrite=overwrite)
+    if probabilities_path is not None:
+        try:
+            write_probabilities(probabilities_path, result.probabilities, result.classes, overwrite=overwrite)
+        except BaseException:
+            Path(output_path).unlink(missing_ok=True)
+            raise
+    return result
