@@ -107,11 +107,12 @@ def test_core_package_is_listed():
     problems = check_listing(
         cmake_file, "MEDDINOV3_CORE_PYTHON_SCRIPTS", variables["MEDDINOV3_CORE_PYTHON_SCRIPTS"], scripts, REPO, "{}"
     )
-    # Package data (any non-Python file inside meddinov3/) and the terminology table ship as resources.
+    # Package data (non-Python files inside meddinov3/) and the shared Resources/ the core reads at run time
+    # (model manifest, terminology...; not the icons, screenshots or READMEs) ship as resources.
     resources = {"meddinov3/" + path for path in files_under(REPO / "meddinov3") if not path.endswith(".py")}
     resources |= {
-        "Resources/terminology/" + path
-        for path in files_under(REPO / "Resources" / "terminology")
+        "Resources/" + path
+        for path in files_under(REPO / "Resources", exclude_dirs=("Icons", "Screenshots"))
         if not path.endswith(".md")
     }
     problems += check_listing(
