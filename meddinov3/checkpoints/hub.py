@@ -101,6 +101,7 @@ def resolve_hf(ref: str, offline: bool | None = None, cache_dir: str | os.PathLi
     entry = manifest_entry(ref) or {}
     expected = entry.get("sha256")
     offline = is_offline(offline)
+    cache_dir = cache_dir or os.environ.get("HF_HUB_CACHE")  # read now: huggingface_hub reads it at import
 
     if expected and hub.filename:
         imported = imports_dir() / expected / Path(hub.filename).name

@@ -44,9 +44,14 @@ def safe_torch_load(path: str | os.PathLike):
         with torch.serialization.safe_globals(_allowed_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = next((line for line in lines if "GLOBAL" in line or "Unsupported global" in line), None)
+        if detail is None:  # not a forbidden object but a damaged or foreign file
+            reason = next((line for line in lines if line.startswith("Unsupported")), lines[0] if lines else "")
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
         raise CheckpointError(
             f"{path}: refused to load: the file contains objects other than weights and plain data "
-            f"(loading it would execute code from the file). Details: {str(e).splitlines()[0]}"
+            f"(loading it would execute code from the file). {detail}"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
