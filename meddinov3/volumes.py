@@ -52,7 +52,12 @@ def strip_suffix(path: str | os.PathLike) -> str:
 def dicom_series(folder: str | os.PathLike) -> list[str]:
     """File names of the largest DICOM series directly in `folder` (empty when there is none)."""
     reader = sitk.ImageSeriesReader
-    ids = reader.GetGDCMSeriesIDs(str(folder)) or ()
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns "No Series were found" for other folders
+    try:
+        ids = reader.GetGDCMSeriesIDs(str(folder)) or ()
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     series = [reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in ids]
     return list(max(series, key=len)) if series else []
 
@@ -144,10 +149,24 @@ def read_image(path: str | os.PathLike, num_classes: int = 2, probabilities: boo
         raise InputError(path, f"unreadable image file ({_first_line(e)})") from None
     check_header(path, reader.GetSize(), reader.GetSpacing(), reader.GetDimension(),
                  reader.GetNumberOfComponents(), num_classes, probabilities)
+    if path.name.lower().endswith(".gz"):
+        _check_gzip(path)  # ITK's NIfTI reader silently zero-fills a truncated .gz
     try:
         return reader.Execute()
     except RuntimeError as e:
         raise InputError(path, f"unreadable or truncated image file ({_first_line(e)})") from None
+
+
+def _check_gzip(path: Path) -> None:
+    import gzip
+    import zlib
+
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 24):
+                pass
+    except (EOFError, OSError, zlib.error) as e:
+        raise InputError(path, f"unreadable or truncated image file (gzip: {e})") from None
 
 
 def _first_line(e: Exception) -> str:

@@ -1,0 +1,163 @@
+"""`meddinov3 segment` end to end: real liver CT, .seg.nrrd, probabilities, batch folders, DICOM, bad inputs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from meddinov3.cli.main import main
+from meddinov3.phantom import load_liver_ct, make_phantom_ct
+from meddinov3.volumes import same_geometry
+from Testing.helpers import make_package, write_dicom_series
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def pkg(tmp_path_factory):
+    return make_package(tmp_path_factory.mktemp("model") / "pkg", spacing=(2.0, 2.0), seed=5)
+
+
+def run_cli(*args):
+    exe = Path(sys.executable).parent / "meddinov3"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "meddinov3.cli"]
+    return subprocess.run(cmd + ["segment", *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def test_liver_ct_end_to_end(tmp_path, pkg):
+    import slicerio
+
+    image, _ = load_liver_ct()
+    # store it with another axis order to exercise reorientation through the files too
+    src = tmp_path / "liver.nrrd"
+    sitk.WriteImage(sitk.PermuteAxes(image, [2, 0, 1]), str(src))
+    out, npz = tmp_path / "liver.seg.nrrd", tmp_path / "probs.npz"
+    r = run_cli(src, "-o", out, "--model", pkg, "--fast", "--save-probabilities", npz, "--json-progress",
+                "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    names = [e["event"] for e in events]
+    assert names[0] == "started" and "progress" in names and "finished" in names
+    fin = next(e for e in events if e["event"] == "finished")
+    assert fin["output"] == str(out)
+    prog = [e for e in events if e["event"] == "progress" and e["stage"] == "segmenting"]
+    assert prog[-1]["done"] == prog[-1]["total"] == 128 and "eta_s" in prog[-1]
+
+    ref = sitk.ReadImage(str(src))
+    seg = slicerio.read_segmentation(str(out))
+    assert [s["name"] for s in seg["segments"]] == ["liver", "tumour"]
+    assert [s["labelValue"] for s in seg["segments"]] == [1, 2]
+    np.testing.assert_allclose(seg["segments"][0]["color"], np.array([221, 130, 101]) / 255, atol=1e-3)
+    assert seg["segments"][0]["terminology"]["type"][1] == "10200004"
+    labels = sitk.ReadImage(str(out))
+    assert same_geometry(labels, ref)
+
+    data = np.load(npz)
+    p = data["probabilities"]
+    assert p.dtype == np.float16 and p.shape == (3,) + sitk.GetArrayViewFromImage(ref).shape
+    assert list(data["labels"]) == ["background", "liver", "tumour"] and list(data["values"]) == [0, 1, 2]
+    np.testing.assert_allclose(p.astype(np.float32).sum(0), 1.0, atol=5e-3)
+    assert (p.argmax(0) == sitk.GetArrayFromImage(labels)).mean() > 0.999
+
+    again = run_cli(src, "-o", out, "--model", pkg, "--device", "cpu")
+    assert again.returncode != 0 and "already exists" in again.stderr and str(out) in again.stderr
+
+
+def test_batch_folder_and_dicom(tmp_path, pkg, capsys):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    a, _ = make_phantom_ct((6, 40, 40), (3.0, 3.0, 5.0), seed=1)
+    b, _ = make_phantom_ct((5, 32, 48), (2.0, 2.5, 4.0), seed=2)
+    sitk.WriteImage(a, str(inp / "a.nii.gz"))
+    sitk.WriteImage(b, str(inp / "b.mha"))
+    write_dicom_series(a, inp / "series1")
+    out = tmp_path / "out"
+    assert main(["segment", str(inp), "-o", str(out), "--model", str(pkg), "--device", "cpu",
+                 "--keep-largest", "--fill-holes"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "b.nii.gz", "series1.nii.gz"]
+    assert same_geometry(sitk.ReadImage(str(out / "b.nii.gz")), b)
+    dicom_seg = sitk.ReadImage(str(out / "series1.nii.gz"))
+    assert same_geometry(dicom_seg, a)
+    # a DICOM folder alone is one input
+    single = tmp_path / "single.nrrd"
+    assert main(["segment", str(inp / "series1"), "-o", str(single), "--model", str(pkg), "--device", "cpu",
+                 "--keep-largest", "--fill-holes"]) == 0
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(single))), sitk.GetArrayFromImage(dicom_seg))
+
+
+def _bad_inputs(tmp: Path) -> dict:
+    import pydicom.data
+
+    good, _ = make_phantom_ct((6, 24, 24), (3.0, 3.0, 5.0))
+    cases = {"2D": (Path(pydicom.data.get_testdata_file("CT_small.dcm")), "2D image")}
+    vec = sitk.Compose(good, good)
+    sitk.WriteImage(vec, str(tmp / "vector.nrrd"))
+    cases["vector"] = (tmp / "vector.nrrd", "components")
+    four = sitk.JoinSeries([good, good])
+    sitk.WriteImage(four, str(tmp / "four.nii.gz"))
+    cases["4D"] = (tmp / "four.nii.gz", "4D image")
+    arr = sitk.GetArrayFromImage(good).astype(np.float32)
+    arr[2, 3, 4] = np.nan
+    nan = sitk.GetImageFromArray(arr)
+    nan.CopyInformation(good)
+    sitk.WriteImage(nan, str(tmp / "nan.mha"))
+    cases["nan"] = (tmp / "nan.mha", "NaN")
+    norm = sitk.GetImageFromArray((arr[:] * 0 + np.linspace(0, 1, arr.size).reshape(arr.shape)).astype(np.float32))
+    norm.CopyInformation(good)
+    sitk.WriteImage(norm, str(tmp / "normalised.nii.gz"))
+    cases["not HU"] = (tmp / "normalised.nii.gz", "Hounsfield")
+    sitk.WriteImage(good, str(tmp / "whole.nii.gz"))
+    data = (tmp / "whole.nii.gz").read_bytes()
+    (tmp / "truncated.nii.gz").write_bytes(data[: len(data) // 2])
+    cases["truncated"] = (tmp / "truncated.nii.gz", "unreadable")
+    (tmp / "garbage.nrrd").write_bytes(b"this is not an image\n" * 10)
+    cases["garbage"] = (tmp / "garbage.nrrd", "unreadable")
+    for name, spacing in (("zero", "0 3 5"), ("huge", "3 3 80")):
+        (tmp / f"{name}.raw").write_bytes(np.zeros(6 * 24 * 24, np.int16).tobytes())
+        (tmp / f"{name}.mhd").write_text(f"ObjectType = Image\nNDims = 3\nDimSize = 24 24 6\nElementSpacing = {spacing}\n"
+                                         f"ElementType = MET_SHORT\nElementDataFile = {name}.raw\n")
+        cases[f"spacing {name}"] = (tmp / f"{name}.mhd", "spacing")
+    (tmp / "big.mhd").write_text("ObjectType = Image\nNDims = 3\nDimSize = 20000 20000 4000\nElementSpacing = 1 1 1\n"
+                                 "ElementType = MET_SHORT\nElementDataFile = big.raw\n")
+    (tmp / "big.raw").write_bytes(b"\0" * 16)
+    cases["too large"] = (tmp / "big.mhd", "memory")
+    (tmp / "empty.mhd").write_text("ObjectType = Image\nNDims = 3\nDimSize = 0 24 6\nElementSpacing = 1 1 1\n"
+                                   "ElementType = MET_SHORT\nElementDataFile = empty.raw\n")
+    (tmp / "empty.raw").write_bytes(b"")
+    cases["empty"] = (tmp / "empty.mhd", "")
+    cases["missing"] = (tmp / "nope.nii.gz", "no such file")
+    return cases
+
+
+def test_bad_inputs_fail_cleanly(tmp_path, pkg, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    for name, (path, words) in _bad_inputs(src).items():
+        out = out_dir / "seg.nii.gz"
+        rc = main(["segment", str(path), "-o", str(out), "--model", str(pkg), "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert rc != 0, name
+        assert str(path) in err and words in err, (name, err)
+        assert len(err.strip().splitlines()) == 1, (name, err)
+        assert list(out_dir.iterdir()) == [], name
+
+
+def test_unknown_model_and_bad_options(tmp_path, capsys):
+    image, _ = make_phantom_ct((6, 24, 24), (3.0, 3.0, 5.0))
+    src = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(image, str(src))
+    rc = main(["segment", str(src), "-o", str(tmp_path / "o.nii.gz"), "--model", "no-such-model-xyz",
+               "--json-progress"])
+    captured = capsys.readouterr()
+    assert rc == 2 and "no-such-model-xyz" in captured.err and "unknown model" in captured.err
+    assert json.loads(captured.out.splitlines()[-1])["event"] == "failed"
+    rc = main(["segment", str(src), "-o", str(tmp_path / "o.txt"), "--model", "x"])
+    assert rc == 2 and "unsupported output" in capsys.readouterr().err
+    assert not any(p.name.startswith("o.") for p in tmp_path.iterdir())

@@ -1,0 +1,138 @@
+"""`meddinov3 segment INPUT... -o OUTPUT --model MODEL`: segment CT volumes (files, DICOM folders, folders of them)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("segment", help="segment 3D images with a MedDINOv3 model")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help=".nii/.nii.gz/.nrrd/.mha/.mhd file, DICOM series folder, or a folder of those")
+    p.add_argument("-o", "--output", required=True,
+                   help="output .nii.gz/.nrrd label map or .seg.nrrd; a folder when there are several inputs")
+    p.add_argument("--model", required=True, help="model package, nnU-Net result folder, hf: reference or name")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.add_argument("--fast", action="store_true", help="lower resolution (the model's fast spacing or 2x) for CPUs")
+    p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (up to 4 passes)")
+    p.add_argument("--folds", default="all", help="'all' or comma-separated fold names (probabilities averaged)")
+    p.add_argument("--batch-size", default="auto", help="slices/tiles per forward pass: auto or a number")
+    p.add_argument("--roi", help="voxel box x0,y0,z0,x1,y1,z1 (end exclusive); outside is background")
+    p.add_argument("--save-probabilities", metavar="FILE.npz", help="also save float16 class probabilities")
+    p.add_argument("--keep-largest", action="store_true", help="keep the largest connected component per label")
+    p.add_argument("--fill-holes", action="store_true", help="fill holes per label")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the network (CUDA)")
+    p.add_argument("--json-progress", action="store_true", help="one JSON event per line on stdout")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.set_defaults(run=run)
+
+
+def _parse(args):
+    from .main import CommandError
+
+    folds = None if args.folds in (None, "", "all") else [f.strip() for f in args.folds.split(",") if f.strip()]
+    if args.batch_size == "auto":
+        batch = "auto"
+    else:
+        try:
+            batch = int(args.batch_size)
+            if batch < 1:
+                raise ValueError
+        except ValueError:
+            raise CommandError(f"--batch-size must be 'auto' or a positive integer, got {args.batch_size!r}") from None
+    roi = None
+    if args.roi:
+        try:
+            roi = [int(v) for v in args.roi.split(",")]
+        except ValueError:
+            roi = []
+        if len(roi) != 6:
+            raise CommandError(f"--roi needs six integers x0,y0,z0,x1,y1,z1, got {args.roi!r}")
+    return folds, batch, roi
+
+
+def _outputs(inputs: list[Path], output: str, batch_mode: bool) -> list[Path]:
+    from ..volumes import strip_suffix
+    from .main import CommandError
+
+    out = Path(output)
+    if not batch_mode:
+        return [out]
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"{out}: several inputs need -o to be a folder")
+    names = [strip_suffix(p) + ".nii.gz" for p in inputs]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise CommandError(f"inputs would write the same output name(s): {', '.join(sorted(dupes))}")
+    return [out / n for n in names]
+
+
+def run(args) -> int:
+    from ..engine import Cancelled, resolve_device, segment_file
+    from ..engine.outputs import check_output
+    from ..progress import Progress
+    from ..volumes import InputError, list_inputs
+    from .main import CommandError
+
+    progress = Progress(json_lines=args.json_progress, desc="segment")
+    started = time.perf_counter()
+    try:
+        folds, batch, roi = _parse(args)
+        try:
+            inputs = list_inputs(args.inputs)
+        except InputError as e:
+            raise CommandError(str(e)) from None
+        batch_mode = len(inputs) > 1 or (len(args.inputs) == 1 and Path(args.inputs[0]).is_dir()
+                                         and inputs[0] != Path(args.inputs[0]))
+        if batch_mode and args.save_probabilities:
+            raise CommandError("--save-probabilities works with a single input")
+        outputs = _outputs(inputs, args.output, batch_mode)
+        for o in outputs:
+            try:
+                check_output(o, args.overwrite)
+            except ValueError as e:
+                raise CommandError(str(e)) from None
+        try:
+            device = resolve_device(args.device)
+        except (ValueError, RuntimeError) as e:
+            raise CommandError(f"--device {args.device}: {e}") from None
+        from ..checkpoints import load_model
+
+        model = load_model(args.model, device=device, folds=folds)
+        progress.event("started", inputs=[str(p) for p in inputs], outputs=[str(o) for o in outputs],
+                       model=str(model.path), device=str(device))
+        failures = []
+        for inp, out in zip(inputs, outputs):
+            t0 = time.perf_counter()
+            try:
+                result = segment_file(inp, out, model, probabilities_path=args.save_probabilities,
+                                      overwrite=args.overwrite, progress=progress, device=device, fast=args.fast,
+                                      tta=args.tta, batch_size=batch, roi=roi, keep_largest=args.keep_largest,
+                                      fill_holes=args.fill_holes, compile=args.compile)
+            except (InputError, FileExistsError) as e:
+                if not batch_mode:
+                    raise CommandError(str(e)) from None
+                failures.append(str(e))
+                progress.event("failed", input=str(inp), message=str(e))
+                print(f"meddinov3 segment: error: {e}", file=sys.stderr)
+                continue
+            progress.event("finished", input=str(inp), output=str(out), seconds=round(time.perf_counter() - t0, 2),
+                           probabilities=args.save_probabilities, **{k: result.stats[k] for k in
+                                                                     ("device", "slices", "batch_size")})
+            if not args.json_progress:
+                print(f"{inp} -> {out} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+        progress.close()
+        if failures:
+            progress.event("failed", message=f"{len(failures)} of {len(inputs)} input(s) failed")
+            return 1
+        progress.event("done", seconds=round(time.perf_counter() - started, 2), count=len(inputs))
+        return 0
+    except Cancelled as e:
+        progress.event("failed", message=str(e))
+        raise CommandError(str(e)) from None
+    except Exception as e:
+        progress.close()
+        progress.event("failed", message=str(e))
+        raise
