@@ -1,0 +1,194 @@
+"""The child process that runs `meddinov3 segment`, read without blocking the caller (no Slicer, no Qt).
+
+`ChildProcess(command)` starts the command in its own process group (session on POSIX), with one reader
+thread per pipe: stdout lines that parse as JSON objects are queued as events, other lines and stderr are
+kept (the last ones) for error messages. `drain()` returns the queued events on the caller's thread, so
+MRML changes stay on the thread that polls. `kill()` ends the whole process tree.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+_TAIL_LINES = 50
+
+
+def python_executable() -> str:
+    """Python for the child: Slicer's `PythonSlicer` inside Slicer, else the running interpreter."""
+    try:
+        import slicer
+
+        app = getattr(slicer, "app", None)
+        if app is not None and not getattr(app, "isHeadlessStandIn", False):
+            found = shutil.which("PythonSlicer")
+            if found:
+                return found
+            home = getattr(app, "slicerHome", "")
+            for name in ("PythonSlicer.exe", "PythonSlicer"):
+                candidate = Path(home) / "bin" / name
+                if candidate.is_file():
+                    return str(candidate)
+    except ImportError:
+        pass
+    return sys.executable
+
+
+def child_environment() -> dict:
+    """Environment for the child: ours, plus the folder holding the `meddinov3` package on PYTHONPATH."""
+    env = dict(os.environ)
+    spec = importlib.util.find_spec("meddinov3")
+    if spec is not None and spec.submodule_search_locations:
+        root = str(Path(list(spec.submodule_search_locations)[0]).resolve().parent)
+        parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        if root not in parts:
+            env["PYTHONPATH"] = os.pathsep.join([root, *parts])
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class ChildProcess:
+    """A command whose stdout carries JSON events, one per line."""
+
+    def __init__(self, command: list[str], env: dict | None = None, cwd: str | None = None):
+        self.command = [str(c) for c in command]
+        kwargs = {}
+        if os.name == "nt":
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
+        else:
+            kwargs["start_new_session"] = True  # own process group: kill() reaches grandchildren too
+        self._events: queue.Queue = queue.Queue()
+        self.stdoutTail: collections.deque = collections.deque(maxlen=_TAIL_LINES)
+        self.stderrTail: collections.deque = collections.deque(maxlen=_TAIL_LINES)
+        self.process = subprocess.Popen(
+            self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=env if env is not None else child_environment(), cwd=cwd, text=True, encoding="utf-8",
+            errors="replace", bufsize=1, **kwargs)
+        self._threads = [
+            threading.Thread(target=self._readStdout, name="meddinov3-stdout", daemon=True),
+            threading.Thread(target=self._readStderr, name="meddinov3-stderr", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def _readStdout(self) -> None:
+        for line in self.process.stdout:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = None
+            if isinstance(event, dict) and "event" in event:
+                self._events.put(event)
+            else:
+                self.stdoutTail.append(line)
+
+    def _readStderr(self) -> None:
+        for line in self.process.stderr:
+            line = line.rstrip()
+            if line:
+                self.stderrTail.append(line)
+
+    def drain(self) -> list[dict]:
+        """Events received since the last call (never blocks)."""
+        events = []
+        while True:
+            try:
+                events.append(self._events.get_nowait())
+            except queue.Empty:
+                return events
+
+    def returncode(self) -> int | None:
+        """None while running. Once the process ended, waits briefly for the readers to see the pipes close."""
+        code = self.process.poll()
+        if code is not None:
+            for thread in self._threads:
+                thread.join(timeout=2.0)
+        return code
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        return self.returncode()
+
+    def kill(self, timeout: float = 1.0) -> None:
+        """Kill the process and everything it started; returns once it is gone (or after `timeout`)."""
+        if self.process.poll() is not None:
+            return
+        killTree(self.process.pid)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout)
+
+
+def killTree(pid: int) -> None:
+    """Kill process `pid` and its descendants (psutil when available, else the process group / taskkill)."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            parent = psutil.Process(pid)
+            processes = parent.children(recursive=True) + [parent]
+        except psutil.NoSuchProcess:
+            processes = []
+        for process in processes:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(processes, timeout=1.0)
+    if os.name == "nt":
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], capture_output=True)
+        return
+    try:
+        os.killpg(pid, signal.SIGKILL)  # the child leads its own session: its group id is its pid
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def errorMessageFromChild(returncode: int, failedMessage: str | None, stderrLines: list[str]) -> str:
+    """One line describing why the child failed: its `failed` event, else its last stderr line."""
+    message = (failedMessage or "").strip()
+    if not message:
+        lines = [line.strip() for line in stderrLines if line.strip()]
+        message = lines[-1] if lines else f"the segmentation process exited with code {returncode}"
+    for prefix in ("meddinov3 segment: error: ", "meddinov3 segment: "):
+        if message.startswith(prefix):
+            message = message[len(prefix):]
+    lower = message.lower()
+    if "out of memory" in lower and ("cuda" in lower or "gpu" in lower or "outofmemory" in lower.replace(" ", "")):
+        message = (f"The GPU ran out of memory ({message}). Try a smaller batch size, an ROI, fast mode, "
+                   "or the CPU device.")
+    return message.splitlines()[0] if message else message
+
+
+def waitUntil(predicate, timeout: float, interval: float = 0.02) -> bool:
+    """Poll `predicate` until it is true or `timeout` seconds passed (test and console helper)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
