@@ -1,0 +1,120 @@
+"""`meddinov3 demo [--out DIR]`: segment the bundled LiTS liver CT with the shipped demo model, offline, on CPU.
+
+Writes DIR/segmentation.nii.gz (on the case's own voxel grid: array axes in the source .mrc order),
+DIR/overlay.png (slices with the segments over the CT) and prints Dice per class on the held-out slices.
+`--export-dataset DIR` instead writes the two halves of the volume as the nnU-Net dataset the demo model was
+trained on (see tools/train_demo_model.sh).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+DEMO_MODEL = "demo-liver-ct"
+LABELS = {"background": 0, "liver": 1, "tumour": 2}
+SPLIT = 64  # axial slices [0, 64) train, [64, 128) held out
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("demo", help="segment the bundled liver CT with the shipped demo model (offline, CPU)",
+                       description=__doc__)
+    p.add_argument("--out", default="meddinov3-demo", help="output folder (default meddinov3-demo/)")
+    p.add_argument("--model", default=DEMO_MODEL, help="model to run (default: the shipped demo model)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--export-dataset", metavar="DIR", help="write the demo training dataset (nnU-Net layout) and exit")
+    p.set_defaults(run=run)
+
+
+def export_dataset(out_dir: str | Path) -> Path:
+    """nnU-Net v2 raw dataset: `liver117_train` = axial slices [0, 64), `liver117_heldout` = [64, 128)."""
+    import SimpleITK as sitk
+
+    from ..phantom import load_liver_ct
+
+    out = Path(out_dir)
+    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+    image, labels = load_liver_ct()
+    nz = image.GetSize()[2]
+    for name, (z0, z1) in {"liver117_train": (0, SPLIT), "liver117_heldout": (SPLIT, nz)}.items():
+        sitk.WriteImage(image[:, :, z0:z1], str(out / "imagesTr" / f"{name}_0000.nii.gz"))
+        sitk.WriteImage(labels[:, :, z0:z1], str(out / "labelsTr" / f"{name}.nii.gz"))
+    meta = {"name": "LiTS case 117 (liver-ct-segmentation-package)", "channel_names": {"0": "CT"}, "labels": LABELS,
+            "numTraining": 2, "file_ending": ".nii.gz",
+            "licence": "data: LiTS via liver-ct-segmentation-package (MIT)",
+            "description": "Axial slices [0, 64) for training, [64, 128) held out, of the 128^3 LiTS case 117 crop "
+                           "at the assumed 1 mm spacing (meddinov3.phantom.load_liver_ct)."}
+    (out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def overlay_png(ct: np.ndarray, seg: np.ndarray, path: Path, classes, n: int = 8) -> None:
+    """Montage of `n` axial slices (canonical (z, y, x) arrays) with segment outlines and fills."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    from ..terminology import describe_classes
+
+    entries = describe_classes(classes)
+    colors = [(0, 0, 0, 0)] + [tuple(c / 255 for c in e.color) + (0.45,) for e in entries[1:]]
+    cmap = ListedColormap(colors)
+    zs = np.linspace(4, ct.shape[0] - 5, n).round().astype(int)
+    cols = 4
+    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(3 * cols, 3 * ((n + cols - 1) // cols)))
+    for ax, z in zip(axes.ravel(), zs):
+        ax.imshow(ct[z], cmap="gray", vmin=-200, vmax=300)
+        ax.imshow(seg[z], cmap=cmap, vmin=0, vmax=len(colors) - 1, interpolation="nearest")
+        ax.set_title(f"axial slice {z}" + (" (held out)" if z >= SPLIT else " (trained on)"), fontsize=9)
+        ax.axis("off")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[i][:3]) for i in range(1, len(colors))]
+    fig.legend(handles, [e.name for e in entries[1:]], loc="lower center", ncol=len(handles))
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def run(args) -> int:
+    import SimpleITK as sitk
+
+    from ..checkpoints import load_model
+    from ..engine import segment_image
+    from ..files import atomic_path
+    from ..phantom import load_liver_ct
+    from ..train.losses import dice_per_class
+
+    if args.export_dataset:
+        print(export_dataset(args.export_dataset))
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    image, labels = load_liver_ct()
+    model = load_model(args.model, device=args.device, offline=True)
+    result = segment_image(image, model, device=args.device)
+    seg = sitk.GetArrayFromImage(result.labels)  # (z, y, x) = mrc axes reversed
+    truth = sitk.GetArrayViewFromImage(labels)
+    # back to the source .mrc array order (load_liver_ct transposed it with .transpose(2, 1, 0))
+    seg_mrc = np.ascontiguousarray(seg.transpose(2, 1, 0))
+    native = sitk.GetImageFromArray(seg_mrc)
+    native.SetSpacing(image.GetSpacing()[::-1])
+    with atomic_path(out / "segmentation.nii.gz") as tmp:
+        sitk.WriteImage(native, str(tmp), True)
+    overlay_png(sitk.GetArrayViewFromImage(image), seg, out / "overlay.png", result.classes)
+    values = [c.value for c in result.classes if c.value != 0]
+    names = {c.value: c.name for c in result.classes}
+    held = dice_per_class(seg[SPLIT:], truth[SPLIT:], values)
+    trained = dice_per_class(seg[:SPLIT], truth[:SPLIT], values)
+    print(f"model: {model.path} ({model.spec.name})")
+    print(f"segmentation: {out / 'segmentation.nii.gz'} (array axes in the source .mrc order)")
+    print(f"overlay: {out / 'overlay.png'}")
+    print("Dice on the held-out axial slices [64, 128):")
+    for v in values:
+        print(f"  {names[v]:<10} {held[v]:.4f}   (training slices: {trained[v]:.4f})")
+    print(f"segmentation took {result.stats.get('seconds')} s on {result.stats.get('device')}", file=sys.stderr)
+    return 0

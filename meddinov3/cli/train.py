@@ -1,0 +1,86 @@
+"""`meddinov3 train --data DATASET --out RUN_DIR [...]`: fine-tune a MedDINOv3 segmentation model.
+
+Options given on the command line override `--config FILE.json` (a JSON object of `TrainConfig` fields, or a
+previous run's config.json), which overrides the defaults. `--resume` continues RUN_DIR with its saved config.
+Launch with `torchrun --nproc_per_node N -m meddinov3.cli.main train ...` for several GPUs / processes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune a segmentation model on an nnU-Net dataset or a JSON/CSV case list",
+                       description=__doc__)
+    p.add_argument("--data", help="nnU-Net v2 raw dataset folder, or a .json / .csv list of image,label pairs")
+    p.add_argument("--out", required=True, help="run folder (config.json, checkpoints/, model/, metrics.jsonl...)")
+    p.add_argument("--base", help="starting weights: MedDINOv3/DINOv3 backbone, model package, pretrain run folder")
+    p.add_argument("--size", choices=["tiny", "small", "base", "large"], help="architecture when there is no --base")
+    p.add_argument("--config", help="JSON file of training options (TrainConfig fields)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--epochs", type=int, help="epochs of --steps-per-epoch steps (default 1000 x 250)")
+    g.add_argument("--steps", type=int, help="total optimiser steps")
+    p.add_argument("--steps-per-epoch", type=int)
+    p.add_argument("--batch-size", type=int, help="global batch size (all processes together; default 8)")
+    v = p.add_mutually_exclusive_group()
+    v.add_argument("--val-fraction", type=float, help="fraction of cases held out for validation (default 0.2)")
+    v.add_argument("--val-cases", nargs="+", help="case names held out for validation")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--name", help="name of the exported model package")
+    p.add_argument("--resume", action="store_true", help="continue RUN_DIR from checkpoints/latest.pt")
+    p.add_argument("--json-progress", action="store_true", help="one JSON object per line on stdout")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1...")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=JSON",
+                   help='any other option, e.g. --set lr_decoder=1e-4 \'model={"depth": 2}\'')
+    p.set_defaults(run=run)
+
+
+def build_config(args):
+    from ..train import TrainConfig
+    from .main import CommandError
+
+    cfg = TrainConfig()
+    if args.config:
+        try:
+            cfg = TrainConfig.from_file(args.config)
+        except (OSError, ValueError) as e:
+            raise CommandError(f"--config {args.config}: {e}") from None
+    changes = {}
+    for item in args.set:
+        if "=" not in item:
+            raise CommandError(f"--set {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        try:
+            changes[k] = json.loads(v)
+        except json.JSONDecodeError:
+            changes[k] = v
+    changes.update(data=args.data, out=args.out, base=args.base, size=args.size, epochs=args.epochs, steps=args.steps,
+                   steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size, val_fraction=args.val_fraction,
+                   val_cases=args.val_cases, seed=args.seed, name=args.name, device=args.device)
+    merged = {**cfg.to_dict(), **{k: v for k, v in changes.items() if v is not None}}
+    if args.epochs is not None:
+        merged["steps"] = None  # --epochs replaces a configured step count
+    try:
+        cfg = TrainConfig.from_dict(merged)
+    except (TypeError, ValueError) as e:
+        raise CommandError(str(e)) from None
+    if not cfg.data and not args.resume:
+        raise CommandError("--data is required")
+    return cfg
+
+
+def run(args) -> int:
+    from ..data import DatasetError
+    from ..train import TrainError, train
+    from .main import CommandError
+
+    cfg = build_config(args)
+    try:
+        status = train(cfg, resume=args.resume, json_progress=args.json_progress)
+    except (TrainError, DatasetError) as e:
+        raise CommandError(str(e)) from None
+    if status and status.get("state") == "stopped":
+        print("training stopped; continue with --resume", file=sys.stderr)
+    return 0

@@ -1,0 +1,539 @@
+"""The training loop: config in, RUN_DIR out. No subclasses: every option is a `TrainConfig` field.
+
+RUN_DIR: config.json (resolved config, data summary, base, seed, versions), checkpoints/{latest,best}.pt,
+metrics.jsonl, curves.png, model/ (a package the engine uses directly, exported from the best validation),
+status.json. Works alone, under torchrun (DDP; rank 0 writes), resumes after kill -9, and stops cleanly on
+SIGTERM / SIGINT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.augment import AugmentConfig, augment
+from ..data.cache import SliceCache, build_cache
+from ..data.dataset import Dataset, DatasetError, check_dataset, load_dataset, read_case
+from ..data.sampler import PatchSampler
+from ..files import write_json
+from ..progress import Progress, RunStatus
+from . import distributed as D
+from .checkpoint import load_state, save_state, set_rng_states
+from .curves import plot_curves
+from .losses import DiceCELoss, dice_per_class
+from .optim import freeze_blocks, make_optimizer, make_scheduler
+
+
+class TrainError(Exception):
+    """A problem the user can fix (bad options, existing run folder...)."""
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""
+    out: str = ""
+    base: str | None = None  # backbone / model package / pretrain run; None = from scratch
+    size: str = "base"  # when there is no base
+    model: dict = field(default_factory=dict)  # model_config overrides, e.g. {"depth": 2, "patch_size": 8}
+    name: str | None = None  # model package name (default: the run folder's name)
+    epochs: int = 1000
+    steps_per_epoch: int = 250
+    steps: int | None = None  # total optimiser steps; overrides epochs
+    batch_size: int = 8  # global (all ranks together)
+    micro_batch: int | None = None  # per-rank forward size; None = the whole per-rank batch
+    patch_size: list | None = None  # default: median slice size rounded up to the patch size, at most 512
+    spacing: list | None = None  # in-plane (row, column) mm; default: the dataset's median
+    normalization: dict | None = None  # default: CT -> nnU-Net CTNormalization from the training data
+    val_cases: list | None = None
+    val_fraction: float = 0.2
+    val_every: int | None = None  # steps; default one epoch
+    val_tta: bool = False
+    seed: int = 0
+    lr_decoder: float = 3e-4
+    lr_backbone: float = 3e-5
+    weight_decay: float = 0.05
+    betas: list = field(default_factory=lambda: [0.9, 0.98])
+    grad_clip: float = 12.0
+    freeze_blocks: int = 0
+    foreground_oversampling: float = 0.33
+    loss_weights: list = field(default_factory=lambda: [1.0, 1.0])  # dice, ce
+    checkpoint_every: int = 250
+    log_every: int = 10
+    augment: dict = field(default_factory=dict)  # AugmentConfig overrides
+    amp: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; "bf16", "fp16", "none"
+    device: str = "auto"
+    cache_dir: str | None = None  # default: MEDDINOV3_HOME/cache/slices
+    export_dtype: str = "float32"  # weights of the exported model package ("float16" halves its size)
+    license: str = ""
+    description: str = ""
+
+    @property
+    def total_steps(self) -> int:
+        return int(self.steps) if self.steps else int(self.epochs) * int(self.steps_per_epoch)
+
+    @property
+    def augment_config(self) -> AugmentConfig:
+        return AugmentConfig.from_dict(self.augment)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown training config keys: {sorted(unknown)} (known: {sorted(known)})")
+        cfg = cls(**d)
+        cfg.augment_config  # validate early
+        return cfg
+
+    @classmethod
+    def from_file(cls, path) -> "TrainConfig":
+        with open(path) as f:
+            d = json.load(f)
+        return cls.from_dict(d.get("train", d))
+
+    def merged(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+# ----------------------------------------------------------------------------------------------- set-up
+
+
+def split_cases(ds: Dataset, cfg: TrainConfig) -> tuple[list[str], list[str]]:
+    """(training, validation) case names: `val_cases`, or a seeded `val_fraction` (none when only one case)."""
+    names = [c.name for c in ds.cases]
+    if cfg.val_cases:
+        unknown = [n for n in cfg.val_cases if n not in names]
+        if unknown:
+            raise TrainError(f"validation case(s) {unknown} are not in the dataset (cases: {names[:10]}...)")
+        val = [n for n in names if n in set(cfg.val_cases)]
+    elif len(names) < 2 or cfg.val_fraction <= 0:
+        val = []
+    else:
+        k = min(len(names) - 1, max(1, int(round(len(names) * cfg.val_fraction))))
+        order = np.random.default_rng(cfg.seed).permutation(len(names))
+        val = sorted(names[i] for i in order[:k])
+    train = [n for n in names if n not in set(val)]
+    if not train:
+        raise TrainError("no training cases left after choosing the validation cases")
+    return train, val
+
+
+def default_patch(shapes: list[tuple[int, int]], multiple: int, cap: int = 512) -> tuple[int, int]:
+    med = np.median(np.array(shapes), axis=0)
+    return tuple(int(min(cap, math.ceil(m / multiple) * multiple)) for m in med)
+
+
+def build_network(cfg: TrainConfig, n_classes: int, class_names: list[str], log) -> tuple[torch.nn.Module, dict]:
+    """The network (from scratch, a backbone of any layout, or a previous package) and what was loaded."""
+    from ..checkpoints import load_backbone, read_model
+    from ..checkpoints.convert import load_strict
+    from ..config import model_config
+    from ..model import build_model
+
+    if not cfg.base:
+        mcfg = model_config(cfg.size, n_classes, **cfg.model)
+        return build_model(mcfg), {"base": None, "decoder": "new"}
+    bcfg, backbone_sd, spec = load_backbone(cfg.base)
+    arch_keys = {"embed_dim", "depth", "num_heads", "patch_size", "mlp_ratio", "num_reg_tokens", "qkv_bias"}
+    bad = sorted(set(cfg.model) & arch_keys)
+    if bad:
+        raise TrainError(f"--base fixes the architecture; model option(s) {bad} cannot change it")
+    mcfg = bcfg.replace(num_classes=n_classes, **cfg.model)
+    net = build_model(mcfg)
+    load_strict(net.backbone, backbone_sd, str(cfg.base))
+    info = {"base": str(cfg.base), "base_name": spec.name, "base_kind": spec.kind, "decoder": "new"}
+    if spec.kind == "segmentation" and spec.config.num_classes == n_classes and \
+            [c.name for c in spec.classes] == class_names:
+        _, _, sds, _ = read_model(spec_path(cfg.base))
+        dec = {k[len("decoder."):]: v for k, v in sds[0].items() if k.startswith("decoder.")}
+        net.decoder.load_state_dict(dec)
+        info["decoder"] = "kept"
+    elif spec.kind == "segmentation":
+        log(f"base model classes {[c.name for c in spec.classes]} differ from the dataset's {class_names}: "
+            "new decoder")
+    return net, info
+
+
+def spec_path(ref):
+    from ..checkpoints.package import is_package
+
+    p = Path(os.fspath(ref)).expanduser()
+    if p.is_dir() and not is_package(p):
+        for sub in ("model", "backbone"):
+            if is_package(p / sub):
+                return p / sub
+    return ref
+
+
+def amp_dtype(cfg: TrainConfig, device: torch.device):
+    mode = cfg.amp
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" else "none"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[mode]
+
+
+def versions() -> dict:
+    import timm
+
+    from .. import __version__
+    return {"meddinov3": __version__, "torch": torch.__version__, "timm": timm.__version__, "numpy": np.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "cuda": torch.version.cuda if torch.cuda.is_available() else None}
+
+
+def make_spec(cfg: TrainConfig, mcfg, ds: Dataset, cache: SliceCache, patch, provenance: dict):
+    from ..checkpoints.package import ClassInfo, ModelSpec, provenance_now
+    from ..terminology import lookup
+
+    classes = []
+    for i, (value, name) in enumerate(ds.class_names()):
+        entry = lookup(name, i)
+        classes.append(ClassInfo(value, name, tuple(entry.color) if value else None, entry.terminology if value else None))
+    name = cfg.name or Path(cfg.out).name
+    return ModelSpec(name=name, config=mcfg, classes=classes, modality=ds.modality, spacing=tuple(cache.spacing),
+                     patch_size=tuple(patch), normalization=cache.normalization,
+                     description=cfg.description or f"Fine-tuned with `meddinov3 train` on {Path(ds.source).name}",
+                     license=cfg.license, provenance=provenance_now(**provenance))
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+
+@dataclass
+class _Stop:
+    requested: bool = False
+    signal: str = ""
+
+    def __call__(self, signum, frame):
+        self.requested = True
+        self.signal = signal.Signals(signum).name
+
+
+def _unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def validate(net, spec, ds: Dataset, names: list[str], device, tta: bool = False) -> dict:
+    """Whole-volume inference through the engine on each validation case: Dice per class name (+ mean)."""
+    from ..checkpoints import LoadedModel
+    from ..engine import segment_image
+
+    was_training = net.training
+    net.eval()
+    loaded = LoadedModel(spec, [net], "package", Path(spec.name))
+    per_case = {}
+    try:
+        for case in ds.cases:
+            if case.name not in names:
+                continue
+            image, label = read_case(case, ds.modality)
+            with torch.no_grad():
+                result = segment_image(image, loaded, device=device, tta=tta, source=str(case.image))
+            import SimpleITK as sitk
+
+            pred = sitk.GetArrayViewFromImage(result.labels)
+            truth = sitk.GetArrayViewFromImage(label)
+            per_case[case.name] = dice_per_class(pred, truth, [c.value for c in spec.classes[1:]])
+    finally:
+        net.train(was_training)
+    names_by_value = {c.value: c.name for c in spec.classes}
+    dice = {names_by_value[v]: float(np.mean([d[v] for d in per_case.values()]))
+            for v in names_by_value if v != 0}
+    return {"dice": dice, "mean_dice": float(np.mean(list(dice.values()))) if dice else 0.0,
+            "cases": {n: {names_by_value[v]: s for v, s in d.items()} for n, d in per_case.items()}}
+
+
+def train(cfg: TrainConfig, resume: bool = False, json_progress: bool = False, stream=None) -> dict:
+    """Run (or resume) training into `cfg.out`. Returns the final status dict. Raises TrainError/DatasetError."""
+    dist_info, device = D.init(cfg.device)
+    main = dist_info.is_main
+    run_dir = Path(cfg.out)
+    progress = Progress(json_lines=json_progress, stream=stream, desc="training", enabled=main)
+
+    def log(msg: str) -> None:
+        if main and not json_progress:
+            print(f"[meddinov3 train] {msg}", file=sys.stderr, flush=True)
+
+    latest = run_dir / "checkpoints" / "latest.pt"
+    if resume:
+        if not (run_dir / "config.json").is_file():
+            raise TrainError(f"{run_dir}: nothing to resume (no config.json)")
+        saved = json.loads((run_dir / "config.json").read_text())["train"]
+        saved.update({k: getattr(cfg, k) for k in ("device",)})
+        cfg = TrainConfig.from_dict(saved)
+    elif (run_dir / "config.json").exists():
+        raise TrainError(f"{run_dir}: already holds a training run (pass --resume to continue it, or another --out)")
+    status = RunStatus(run_dir, cfg.total_steps, "train") if main else None
+    try:
+        return _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, log)
+    except BaseException as e:
+        if main and status is not None and not isinstance(e, SystemExit):
+            msg = f"{type(e).__name__}: {e}" if not isinstance(e, (TrainError, DatasetError)) else str(e)
+            status.update(state="failed", error=msg)
+            progress.event("failed", message=msg)
+        raise
+    finally:
+        progress.close()
+        D.cleanup(dist_info)
+
+
+def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, log) -> dict:
+    main = dist_info.is_main
+    if main:
+        status.update(state="starting")
+    # ---- data: checked and cached by rank 0, then opened by every rank
+    ds = load_dataset(cfg.data)
+    train_names, val_names = split_cases(ds, cfg)
+    cache_root = Path(cfg.cache_dir) if cfg.cache_dir else None
+    if cache_root is None:
+        from ..resources import user_dir
+        cache_root = user_dir() / "cache" / "slices"
+    error, folder = None, None
+    if main:
+        try:
+            check_dataset(ds)
+            folder = build_cache(ds.subset(train_names), cache_root, cfg.spacing, cfg.normalization, cfg.seed, log)
+        except (DatasetError, ValueError) as e:
+            error = str(e)
+    error, folder = D.broadcast_object((error, str(folder) if folder else None), dist_info)
+    if error:
+        raise DatasetError(error)
+    cache = SliceCache(Path(folder))
+
+    # ---- network, optimiser, schedule
+    class_names = [n for _, n in ds.class_names()]
+    log_fn = (lambda m: None) if not main else (lambda m: print(f"[meddinov3 train] {m}", file=sys.stderr))
+    torch.manual_seed(cfg.seed)
+    net, base_info = build_network(cfg, len(class_names), class_names, log_fn)
+    mcfg = net.config
+    net.backbone.mask_token.requires_grad_(False)  # pretraining only
+    n_frozen = freeze_blocks(net, cfg.freeze_blocks)
+    net.to(device)
+    patch = tuple(cfg.patch_size) if cfg.patch_size else default_patch(cache.slice_shapes, mcfg.patch_size)
+    if any(p % mcfg.patch_size for p in patch):
+        raise TrainError(f"patch_size {list(patch)} must be a multiple of the network's patch size {mcfg.patch_size}")
+    optimizer = make_optimizer(net, cfg)
+    total = cfg.total_steps
+    scheduler = make_scheduler(optimizer, total)
+    adt = amp_dtype(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=adt == torch.float16)
+    criterion = DiceCELoss(*cfg.loss_weights)
+    aug_cfg = cfg.augment_config
+    world = dist_info.world_size
+    if cfg.batch_size % world:
+        raise TrainError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
+    per_rank = cfg.batch_size // world
+    micro = min(cfg.micro_batch or per_rank, per_rank)
+    sampler = PatchSampler(cache.cases, patch, per_rank, cfg.foreground_oversampling, cfg.seed, dist_info.rank, world)
+    pad_value = float(np.median([c.pad_value for c in cache.cases]))
+    val_every = int(cfg.val_every or cfg.steps_per_epoch)
+
+    step, best = 0, {"mean_dice": -1.0, "step": None, "dice": {}}
+    if resume and latest.is_file():
+        state = load_state(latest)
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        set_rng_states(state["rng"])
+        step, best = int(state["step"]), state["best"]
+        micro = min(state.get("micro_batch", micro), micro)
+        log(f"resumed from {latest} at step {step}")
+    metrics_path = run_dir / "metrics.jsonl"
+    if main:
+        if resume:  # drop records past the checkpoint (they will be produced again)
+            from .curves import read_metrics
+            kept = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= step]
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        spec_provenance = {"base": base_info, "dataset": ds.source, "training_cases": train_names,
+                           "validation_cases": val_names, "steps": total, "seed": cfg.seed}
+        full = {"train": cfg.to_dict(), "resolved": {
+            "model": mcfg.to_dict(), "patch_size": list(patch), "spacing": list(cache.spacing),
+            "normalization": cache.normalization, "statistics": cache.statistics, "cache": str(cache.folder),
+            "total_steps": total, "per_rank_batch": per_rank, "world_size": world, "device": str(device),
+            "amp": str(adt).replace("torch.", "") if adt else "fp32", "frozen_parameters": n_frozen,
+            "augment": aug_cfg.to_dict(), "base": base_info, "training_cases": train_names,
+            "validation_cases": val_names}, "data": ds.summary(), "versions": versions()}
+        if not resume:
+            write_json(run_dir / "config.json", full)
+    spec = make_spec(cfg, mcfg, ds, cache, patch, {"base": base_info, "dataset": ds.source,
+                                                    "training_cases": train_names, "validation_cases": val_names,
+                                                    "seed": cfg.seed, "total_steps": total})
+
+    model = net
+    if dist_info.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(net, device_ids=[device] if device.type == "cuda" else None)
+
+    stopper = _Stop()
+    old_handlers = {s: signal.signal(s, stopper) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def write_metrics(record: dict) -> None:
+        if main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def checkpoint(path: Path, kind: str) -> None:
+        if main:
+            save_state(path, model=net, optimizer=optimizer, scheduler=scheduler, scaler=scaler, step=step,
+                       epoch=step // cfg.steps_per_epoch, sampler=sampler.state_dict(), best=best,
+                       config=cfg.to_dict(), extra={"micro_batch": micro})
+            progress.event("checkpoint", step=step, path=str(path), kind=kind)
+        D.barrier(dist_info)
+
+    def export(weights: dict, dice: dict | None) -> None:
+        from ..checkpoints import write_package
+        prov = {**spec.provenance, "trained_steps": step, "validation_dice": dice}
+        write_package(run_dir / "model", spec.replace(provenance=prov), [weights], overwrite=True,
+                      dtype=torch.float16 if cfg.export_dtype == "float16" else None)
+
+    def run_validation() -> dict | None:
+        nonlocal best
+        result = None
+        if main and val_names:
+            t0 = time.perf_counter()
+            result = validate(net, spec, ds, val_names, device, cfg.val_tta)
+            record = {"kind": "validation", "step": step, "epoch": step / cfg.steps_per_epoch,
+                      "dice": result["dice"], "mean_dice": result["mean_dice"], "cases": result["cases"],
+                      "seconds": round(time.perf_counter() - t0, 2)}
+            write_metrics(record)
+            progress.event("validation", step=step, dice=result["dice"], mean_dice=result["mean_dice"])
+            log(f"step {step}: validation Dice " + ", ".join(f"{k} {v:.4f}" for k, v in result["dice"].items()))
+            if result["mean_dice"] > best["mean_dice"]:
+                best = {"mean_dice": result["mean_dice"], "step": step, "dice": result["dice"]}
+                save_state(run_dir / "checkpoints" / "best.pt", model=net, optimizer=optimizer, scheduler=scheduler,
+                           scaler=scaler, step=step, epoch=step // cfg.steps_per_epoch, sampler=sampler.state_dict(),
+                           best=best, config=cfg.to_dict())
+                export(net.state_dict(), result["dice"])
+                progress.event("checkpoint", step=step, path=str(run_dir / "checkpoints" / "best.pt"), kind="best")
+            status.update(metrics={"validation_dice": result["dice"], "best": best})
+        if main:
+            plot_curves(metrics_path, run_dir / "curves.png")
+        D.barrier(dist_info)
+        return result
+
+    if main:
+        status.update(state="running", step=step)
+        progress.event("started", run_dir=str(run_dir), total_steps=total, step=step, resumed=bool(resume and step),
+                       device=str(device), world_size=world, patch_size=list(patch), spacing=list(cache.spacing),
+                       training_cases=len(train_names), validation_cases=len(val_names))
+    model.train()
+    t_last, n_img, loss_acc, loss_n = time.perf_counter(), 0, 0.0, 0
+    images_per_s = None
+    state_name = "finished"
+    while step < total:
+        imgs, labs = sampler.sample(step)
+        x = torch.from_numpy(imgs).to(device, non_blocking=True)
+        y = torch.from_numpy(labs).to(device, non_blocking=True)
+        gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, step, dist_info.rank, 31]).integers(2 ** 62)))
+        x, y = augment(x, y, gen, aug_cfg, pad_value)
+        while True:
+            try:
+                optimizer.zero_grad(set_to_none=True)
+                parts = range(0, per_rank, micro)
+                step_loss = 0.0
+                for i, start in enumerate(parts):
+                    xs, ys = x[start:start + micro], y[start:start + micro]
+                    last = i == len(parts) - 1
+                    ctx = model.no_sync() if (dist_info.enabled and not last) else contextlib.nullcontext()
+                    with ctx:
+                        with torch.autocast(device.type, dtype=adt, enabled=adt is not None):
+                            logits = model(xs)
+                        loss, _ = criterion(logits, ys)
+                        loss = loss * (len(xs) / per_rank)
+                        scaler.scale(loss).backward()
+                    step_loss += float(loss.detach())
+                break
+            except torch.cuda.OutOfMemoryError:
+                if micro <= 1:
+                    raise
+                optimizer.zero_grad(set_to_none=True)
+                del logits
+                torch.cuda.empty_cache()
+                micro = max(1, micro // 2)
+                progress.event("oom", step=step, micro_batch=micro,
+                               accumulation=math.ceil(per_rank / micro))
+                log(f"CUDA out of memory: micro-batch halved to {micro} (gradient accumulation keeps the batch)")
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        step += 1
+        n_img += cfg.batch_size
+        loss_acc += step_loss
+        loss_n += 1
+        if step % cfg.log_every == 0 or step == total:
+            now = time.perf_counter()
+            images_per_s = n_img / max(now - t_last, 1e-9)
+            lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
+            record = {"kind": "step", "step": step, "epoch": step / cfg.steps_per_epoch, "loss": loss_acc / loss_n,
+                      "lr_decoder": lrs.get("decoder", 0.0), "lr_backbone": lrs.get("backbone", 0.0),
+                      "grad_norm": float(grad_norm), "images_per_s": round(images_per_s, 3), "micro_batch": micro}
+            write_metrics(record)
+            if main:
+                progress.event("step", step=step, total=total, loss=record["loss"], lr=record["lr_decoder"],
+                               lr_backbone=record["lr_backbone"], images_per_s=record["images_per_s"])
+                status.update(step=step, metrics={"loss": record["loss"], "images_per_s": record["images_per_s"]})
+                progress.update(step, total, stage="training", loss=round(record["loss"], 4))
+                if not progress._use_bar:
+                    log(f"step {step}/{total} loss {record['loss']:.4f} lr {record['lr_decoder']:.2e} "
+                        f"{record['images_per_s']:.1f} images/s")
+            t_last, n_img, loss_acc, loss_n = now, 0, 0.0, 0
+        stop = D.any_true(stopper.requested, dist_info, device)
+        if step % cfg.checkpoint_every == 0 and step < total and not stop:
+            checkpoint(latest, "latest")
+        if step % cfg.steps_per_epoch == 0 and main:
+            progress.event("epoch", epoch=step // cfg.steps_per_epoch, step=step)
+        if step % val_every == 0 and step < total and not stop:
+            run_validation()
+        if stop:
+            state_name = "stopped"
+            if main:
+                status.update(state="stopping", step=step)
+            break
+    for s, h in old_handlers.items():
+        signal.signal(s, h)
+
+    checkpoint(latest, "latest")
+    result = None
+    if state_name == "finished":
+        if val_names:
+            if best["step"] != step:
+                result = run_validation()
+        elif main:
+            export(net.state_dict(), None)
+            plot_curves(metrics_path, run_dir / "curves.png")
+    # every rank's weights, to show DDP kept them identical
+    checksum = float(sum(p.detach().double().sum().item() for p in net.parameters()))
+    checksums = D.all_gather_object(checksum, dist_info)
+    final = {}
+    if main:
+        if state_name == "finished" and best["step"] is not None and not (run_dir / "model").exists():
+            export(load_state(run_dir / "checkpoints" / "best.pt")["model"], best["dice"])
+        plot_curves(metrics_path, run_dir / "curves.png")
+        final = status.update(state=state_name, step=step, metrics={"best": best}, rank_checksums=checksums)
+        if state_name == "stopped":
+            progress.event("stopped", step=step, signal=stopper.signal, checkpoint=str(latest))
+            log(f"stopped by {stopper.signal} at step {step}; resume with --resume")
+        else:
+            progress.event("finished", step=step, best=best, model=str(run_dir / "model"),
+                           rank_checksums=checksums, images_per_s=images_per_s)
+            log(f"finished: {step} steps; model package in {run_dir / 'model'}")
+    return final
