@@ -20,7 +20,7 @@ SIZES: dict[str, tuple[int, int, int]] = {
 
 def quartile_blocks(depth: int) -> tuple[int, ...]:
     """Blocks (0-based) at the end of each quarter of the network: (2, 5, 8, 11) for depth 12."""
-    return tuple(round(depth * (k + 1) / 4) - 1 for k in range(4))
+    return tuple(max(0, round(depth * (k + 1) / 4) - 1) for k in range(4))
 
 
 @dataclass(frozen=True)

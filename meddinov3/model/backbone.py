@@ -72,19 +72,18 @@ class DINOv3Backbone(nn.Module):
             x = torch.where(masks.view(B, h, w, 1), self.mask_token.to(x.dtype).view(1, 1, 1, C), x)
         x, rope = vit._pos_embed(x)
         x = vit.norm_pre(x)
-        wanted = set(blocks)
-        last = max(wanted)
-        outputs = []
+        last = max(blocks)
+        taken = {}
         for i, blk in enumerate(vit.blocks):
             if self.grad_checkpointing and self.training:
                 x = checkpoint(blk, x, rope=rope, use_reentrant=False)
             else:
                 x = blk(x, rope=rope)
-            if i in wanted:
-                outputs.append(vit.norm(x) if norm else x)
+            if i in blocks:
+                taken[i] = vit.norm(x) if norm else x
             if i == last:
                 break
-        return outputs, (h, w)
+        return [taken[i] for i in blocks], (h, w)
 
     def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Final-normed CLS, register and patch tokens of the last block (what pretraining heads consume)."""
