@@ -58,11 +58,12 @@ class SegmentTask:
     `error` a MedDINOv3SegmentError otherwise. Callbacks run inside `poll()` / `cancel()`.
     """
 
-    def __init__(self, logic: "MedDINOv3SegmentLogic", workDir: Path, process: ChildProcess, outputPath: Path,
-                 inputVolumeNode, outputSegmentationNode, onProgress: Callable | None, onFinished: Callable | None):
+    def __init__(self, logic: "MedDINOv3SegmentLogic", workDir: Path, process: ChildProcess, inputPath: Path,
+                 outputPath: Path, inputVolumeNode, outputSegmentationNode, onProgress: Callable | None, onFinished: Callable | None):
         self._logic = logic
         self.workDir = workDir
         self.process = process
+        self.inputPath = inputPath
         self.outputPath = outputPath
         self.inputVolumeNode = inputVolumeNode
         self.outputSegmentationNode = outputSegmentationNode
@@ -101,6 +102,8 @@ class SegmentTask:
                 self._finish("failed", MedDINOv3SegmentError(f"Loading the segmentation result failed: {e}"))
         else:
             message = errorMessageFromChild(code, self._failedMessage, list(self.process.stderrTail))
+            # The temporary file means nothing to the user: name the volume instead.
+            message = message.replace(str(self.inputPath), f"Volume '{self.inputVolumeNode.GetName()}'")
             stderr = "\n".join(self.process.stderrTail)
             if stderr:
                 logging.info("MedDINOv3 segment process output:\n%s", stderr)
@@ -231,7 +234,7 @@ class MedDINOv3SegmentLogic(ScriptedLoadableModuleLogic):
         except BaseException:
             shutil.rmtree(workDir, ignore_errors=True)
             raise
-        task = SegmentTask(self, workDir, process, outputPath, inputVolumeNode, outputSegmentationNode,
+        task = SegmentTask(self, workDir, process, inputPath, outputPath, inputVolumeNode, outputSegmentationNode,
                            onProgress, onFinished)
         self._tasks.add(task)
         return task
