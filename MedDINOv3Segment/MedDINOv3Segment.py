@@ -228,8 +228,8 @@ class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _setUpImportMenu(self) -> None:
         menu = qt.QMenu(self.ui.importModelButton)
-        menu.addAction(_("Import model file...")).triggered.connect(lambda: self.onImportModel(folder=False))
-        menu.addAction(_("Import model folder...")).triggered.connect(lambda: self.onImportModel(folder=True))
+        menu.addAction(_("Import model file...")).triggered.connect(lambda checked=False: self.onImportModel(folder=False))
+        menu.addAction(_("Import model folder...")).triggered.connect(lambda checked=False: self.onImportModel(folder=True))
         self.ui.importModelButton.setMenu(menu)
         self.ui.importModelButton.popupMode = qt.QToolButton.InstantPopup
         self._importMenu = menu
