@@ -222,6 +222,11 @@ def fillSegmentationNode(segmentationNode, volumeNode, labels: np.ndarray, segme
     wasModifying = segmentationNode.StartModify()
     try:
         segmentation.RemoveAllSegments()
+        binaryLabelmap = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+        if hasattr(segmentation, "SetSourceRepresentationName"):  # Slicer >= 5.4
+            segmentation.SetSourceRepresentationName(binaryLabelmap)
+        else:
+            segmentation.SetMasterRepresentationName(binaryLabelmap)
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
         ids = vtk.vtkStringArray()
         consecutive = np.zeros(labels.shape, dtype=np.uint16 if len(segments) > 255 else np.uint8)

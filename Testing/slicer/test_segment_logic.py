@@ -146,6 +146,7 @@ def test_segment_matches_cli_for_plain_oblique_and_flipped_volumes(logic, packag
 
     # The plain case replaces the segments of an existing node; another node must stay untouched.
     manual = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "manual")
+    manual.GetSegmentation().SetSourceRepresentationName("Closed surface")  # e.g. imported from a model
     manual.GetSegmentation().AddEmptySegment("old", "old segment")
     other = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "other")
     other.GetSegmentation().AddEmptySegment("keep", "keep me")
