@@ -1,0 +1,393 @@
+"""Training jobs: `meddinov3 train|pretrain` child processes that outlive the GUI (no Slicer, no Qt).
+
+A job is its run folder. The child runs in its own session / process group with stdout and stderr going to
+`RUN_DIR/log.txt` (no pipe the GUI has to drain), so closing the module or Slicer does not stop it. What a later
+session needs to reattach is on disk:
+
+- `job.json`  (written here): mode, command, pid, start time, data, base, launches (one per start / resume),
+  registered model reference.
+- `status.json` (written by the trainer): state, step, total, eta_s, metrics, error, pid.
+- `metrics.jsonl`, `log.txt`, `checkpoints/`, `model/` (fine-tune) or `backbone/` (pretrain).
+
+`TrainJob.status()` merges both: a process that died while status.json still says "running" is reported as
+"failed" with the end of the log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ACTIVE_STATES = ("starting", "running", "stopping")
+FINAL_STATES = ("finished", "stopped", "failed")
+MODES = ("finetune", "pretrain")
+
+#: Popen objects of the children this process launched, by run folder: reaped here so they never linger as
+#: zombies (a zombie still "exists" for os.kill(pid, 0)).
+_CHILDREN: dict[str, subprocess.Popen] = {}
+
+
+class TrainJobError(RuntimeError):
+    """A job request that cannot be done (bad folder, job still running...); one-line message."""
+
+
+def _readJson(path: Path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _writeJson(path: Path, data) -> None:
+    """Atomic write (readers never see half a file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def jobsRoot() -> Path:
+    """Default parent of new run folders: `MEDDINOV3_HOME/jobs`."""
+    from meddinov3.resources import user_dir
+
+    root = user_dir() / "jobs"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def registryPath() -> Path:
+    from meddinov3.resources import user_dir
+
+    return user_dir() / "train_jobs.json"
+
+
+def rememberedFolders() -> list[str]:
+    data = _readJson(registryPath())
+    return [str(p) for p in data] if isinstance(data, list) else []
+
+
+def remember(runDir) -> None:
+    path = str(Path(runDir).resolve())
+    folders = rememberedFolders()
+    if path not in folders:
+        _writeJson(registryPath(), folders + [path])
+
+
+def forget(runDir) -> None:
+    path = str(Path(runDir).resolve())
+    folders = rememberedFolders()
+    if path in folders:
+        _writeJson(registryPath(), [p for p in folders if p != path])
+
+
+def processAlive(pid: int | None, startedAfter: float | None = None) -> bool:
+    """True if `pid` is a live (not zombie) process; with `startedAfter`, also not a reused pid."""
+    if not pid:
+        return False
+    child = next((p for p in _CHILDREN.values() if p.pid == pid), None)
+    if child is not None:
+        return child.poll() is None
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            process = psutil.Process(int(pid))
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return False
+            if startedAfter is not None and process.create_time() > startedAfter + 5.0:
+                return False  # the pid was reused by a process started after ours
+            return True
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return False
+    if os.name == "nt":
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def _tail(path: Path, lines: int) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 200 * max(lines, 1) - 4096))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return []
+    return text.splitlines()[-lines:] if lines > 0 else []
+
+
+def _lastError(lines: list[str]) -> str:
+    """The most telling line of a log tail: a `failed` JSON event, an error line, else the last line."""
+    for line in reversed(lines):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "failed" and event.get("message"):
+            return str(event["message"])
+    for line in reversed(lines):
+        text = line.strip()
+        if "error" in text.lower() and not text.startswith("{"):
+            return text
+    for line in reversed(lines):
+        if line.strip():
+            return line.strip()
+    return "the training process ended without a status"
+
+
+class TrainJob:
+    """One training / pretraining run folder and its (possibly detached) process."""
+
+    def __init__(self, runDir, onFinished=None):
+        self.runDir = Path(runDir).resolve()
+        #: called with (job, status) once when this object first sees the job finished (model registration).
+        self.onFinished = onFinished
+        self._finishedSeen = False
+
+    # -- files ------------------------------------------------------------------------------------
+
+    @property
+    def jobFile(self) -> Path:
+        return self.runDir / "job.json"
+
+    @property
+    def logFile(self) -> Path:
+        return self.runDir / "log.txt"
+
+    def info(self) -> dict:
+        return _readJson(self.jobFile) or {}
+
+    @property
+    def mode(self) -> str:
+        return self.info().get("mode", "finetune")
+
+    @property
+    def name(self) -> str:
+        return self.runDir.name
+
+    def __repr__(self) -> str:
+        return f"TrainJob({str(self.runDir)!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, TrainJob) and other.runDir == self.runDir
+
+    def __hash__(self) -> int:
+        return hash(self.runDir)
+
+    # -- launching --------------------------------------------------------------------------------
+
+    @classmethod
+    def launch(cls, runDir, command: list[str], info: dict, env: dict | None = None, onFinished=None) -> "TrainJob":
+        job = cls(runDir, onFinished=onFinished)
+        job.runDir.mkdir(parents=True, exist_ok=True)
+        record = {**info, "command": [str(c) for c in command], "launches": []}
+        _writeJson(job.jobFile, record)
+        job._spawn(command, env)
+        return job
+
+    def _spawn(self, command: list[str], env: dict | None) -> None:
+        kwargs = {}
+        if os.name == "nt":
+            kwargs["creationflags"] = (subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "DETACHED_PROCESS", 0)
+                                       | getattr(subprocess, "CREATE_NO_WINDOW", 0))
+        else:
+            kwargs["start_new_session"] = True  # own session: closing Slicer (or its terminal) does not reach it
+        started = time.time()
+        with open(self.logFile, "ab") as log:
+            log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(map(str, command))}\n".encode())
+            log.flush()
+            process = subprocess.Popen([str(c) for c in command], stdin=subprocess.DEVNULL, stdout=log,
+                                       stderr=subprocess.STDOUT, cwd=str(self.runDir), env=env, **kwargs)
+        _CHILDREN[str(self.runDir)] = process
+        record = self.info()
+        record.update(pid=process.pid, started=started, lastCommand=[str(c) for c in command])
+        record.setdefault("created", started)
+        record.setdefault("launches", []).append({"pid": process.pid, "started": started,
+                                                   "command": [str(c) for c in command]})
+        _writeJson(self.jobFile, record)
+
+    # -- state ------------------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return self.info().get("pid")
+
+    def isProcessRunning(self) -> bool:
+        info = self.info()
+        return processAlive(info.get("pid"), info.get("started"))
+
+    def rawStatus(self) -> dict | None:
+        """The trainer's status.json as written (None before it exists)."""
+        data = _readJson(self.runDir / "status.json")
+        return data if isinstance(data, dict) else None
+
+    def status(self) -> dict:
+        """state, step, total, eta_s, metrics, error (+ pid, mode, runDir); see the module docstring."""
+        info = self.info()
+        raw = self.rawStatus() or {}
+        alive = processAlive(info.get("pid"), info.get("started"))
+        status = {"state": None, "step": 0, "total": None, "eta_s": None, "metrics": {}, "error": None, **raw}
+        started = info.get("started") or 0
+        fresh = bool(raw) and float(raw.get("updated", raw.get("started", 0)) or 0) >= started - 1.0
+        if alive and not fresh:
+            # status.json is absent or from the previous launch (e.g. just resumed): the child is starting
+            status.update(state="starting", error=None, eta_s=None)
+        elif not alive and (status["state"] not in FINAL_STATES or not fresh):
+            # died without a final status (crash, kill -9, or a relaunch that failed before writing one)
+            tail = self.logTail(40)
+            status["state"] = "failed"
+            status["error"] = (raw.get("error") if fresh else None) or _lastError(tail)
+            status["logTail"] = tail
+        status.update(mode=info.get("mode", "finetune"), runDir=str(self.runDir), pid=info.get("pid"),
+                      processRunning=alive)
+        if status["state"] == "finished" and not self._finishedSeen:
+            self._finishedSeen = True
+            if self.onFinished is not None:
+                self.onFinished(self, status)
+        return status
+
+    @property
+    def state(self) -> str:
+        return self.status()["state"]
+
+    def isRunning(self) -> bool:
+        return self.isProcessRunning()
+
+    def wait(self, timeout: float | None = None, interval: float = 0.5) -> str:
+        """Poll until the job reaches a final state (returned) or `timeout` seconds passed (current state)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            state = self.status()["state"]
+            if state in FINAL_STATES:
+                return state
+            if deadline is not None and time.monotonic() >= deadline:
+                return state
+            time.sleep(interval)
+
+    # -- control ----------------------------------------------------------------------------------
+
+    def stop(self, timeout: float = 15.0) -> str:
+        """Ask the trainer to stop (SIGTERM: it saves a resumable checkpoint); waits up to `timeout` s."""
+        pid = self.pid
+        if not self.isProcessRunning():
+            return self.status()["state"]
+        try:
+            os.kill(int(pid), signal.SIGTERM)  # Windows: TerminateProcess (no checkpoint beyond the last saved)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return self.wait(timeout)
+
+    def kill(self) -> None:
+        """Kill the process group at once (no checkpoint beyond the last periodic one)."""
+        pid = self.pid
+        if not pid or not self.isProcessRunning():
+            return
+        try:
+            if os.name == "nt":
+                subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], capture_output=True)
+            else:
+                os.killpg(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        child = _CHILDREN.get(str(self.runDir))
+        if child is not None:
+            try:
+                child.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def resume(self, python: str | None = None, env: dict | None = None, device: str | None = None) -> "TrainJob":
+        """Relaunch with --resume (continues from checkpoints/latest.pt, step count included)."""
+        if self.isProcessRunning():
+            raise TrainJobError(f"Job {self.name} is still running.")
+        info = self.info()
+        if not info:
+            raise TrainJobError(f"{self.runDir} is not a job folder (no job.json).")
+        if not (self.runDir / "config.json").is_file():
+            raise TrainJobError(f"Job {self.name} cannot be resumed: it stopped before writing its configuration.")
+        command = resumeCommand(info, str(self.runDir), python=python, device=device)
+        self._finishedSeen = False
+        self._spawn(command, env)
+        return self
+
+    def delete(self) -> None:
+        """Remove the run folder (refused while the process runs)."""
+        if self.isProcessRunning():
+            raise TrainJobError(f"Job {self.name} is running: stop it before deleting it.")
+        _CHILDREN.pop(str(self.runDir), None)
+        forget(self.runDir)
+        shutil.rmtree(self.runDir, ignore_errors=True)
+
+    # -- outputs ----------------------------------------------------------------------------------
+
+    def logTail(self, n: int = 50) -> list[str]:
+        return _tail(self.logFile, n)
+
+    def metrics(self) -> list[dict]:
+        """Records of metrics.jsonl (`kind` "step": loss, lr...; "validation": dice per class, mean_dice)."""
+        records = []
+        try:
+            with open(self.runDir / "metrics.jsonl", encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        continue  # a line being written
+                    if isinstance(record, dict):
+                        records.append(record)
+        except OSError:
+            pass
+        return records
+
+    def modelPath(self) -> str:
+        return str(self.runDir / ("backbone" if self.mode == "pretrain" else "model"))
+
+    def hasModel(self) -> bool:
+        return (Path(self.modelPath()) / "model.json").is_file() or Path(self.modelPath()).is_dir() and any(
+            Path(self.modelPath()).iterdir())
+
+
+def resumeCommand(info: dict, runDir: str, python: str | None = None, device: str | None = None) -> list[str]:
+    """The command that continues a job: its original verb, `--out`, `--resume` (and the device)."""
+    original = list(info.get("command") or [])
+    python = python or (original[0] if original else sys.executable)
+    verb = "pretrain" if info.get("mode") == "pretrain" else "train"
+    command = [python, "-m", "meddinov3.cli.main", verb, "--out", runDir, "--resume"]
+    if verb == "pretrain" and info.get("data"):
+        command += ["--data", str(info["data"])]
+        if info.get("stage"):
+            command += ["--stage", str(info["stage"])]
+    device = device or info.get("device")
+    if device:
+        command += ["--device", str(device)]
+    return command + ["--json-progress"]
+
+
+def findJobs(root=None) -> list[TrainJob]:
+    """Job folders (with job.json) under `root` (default jobsRoot()) and in the registry, newest first."""
+    folders = []
+    roots = [Path(root)] if root is not None else [jobsRoot()]
+    for base in roots:
+        if base.is_dir():
+            folders += [p for p in base.iterdir() if (p / "job.json").is_file()]
+    if root is None:
+        folders += [Path(p) for p in rememberedFolders() if (Path(p) / "job.json").is_file()]
+    unique = {}
+    for folder in folders:
+        unique.setdefault(folder.resolve(), folder)
+    jobs = [TrainJob(p) for p in unique]
+    jobs.sort(key=lambda j: j.info().get("created", 0), reverse=True)
+    return jobs

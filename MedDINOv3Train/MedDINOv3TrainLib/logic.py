@@ -1,0 +1,324 @@
+"""MedDINOv3TrainLogic: scene -> dataset export, detached training jobs, jobs on disk, chart nodes. No widgets.
+
+From Slicer's Python console::
+
+    logic = MedDINOv3TrainLogic()
+    print(logic.classPreview([(ct1, seg1), (ct2, seg2)]))
+    folder = logic.exportDataset([(ct1, seg1), (ct2, seg2)], "/data/liver_dataset")
+    job = logic.startJob("finetune", folder, "/runs/liver", size="small", options={"steps": 2000})
+    job.status()       # {"state": "running", "step": 120, "total": 2000, "eta_s": 900, "metrics": {...}}
+    job.stop(); job.resume(); job.wait()
+    logic.jobs()       # every job on disk (a new Slicer session reattaches)
+    logic.updatePlotNodes(job)   # loss / Dice chart node
+
+A finished fine-tune job's model package is registered, so the Segment module lists it as "trained".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from . import export
+from .jobs import MODES, TrainJob, TrainJobError, findJobs, jobsRoot, remember, resumeCommand
+
+#: Option keys given to the CLI as arguments; every other key goes to the --config JSON file.
+CLI_OPTIONS = ("stage", "steps", "epochs", "device")
+#: Recipe defaults shown by the Widget (MedDINOv3 fine-tuning: AdamW, decoder 3e-4, backbone 3e-5).
+DEFAULTS = {"lr_decoder": 3e-4, "lr_backbone": 3e-5, "batch_size": 8, "epochs": 1000, "steps_per_epoch": 250}
+
+
+def _childProcessHelpers():
+    """`python_executable`, `child_environment` of the Segment module's worker (shared, not copied)."""
+    try:
+        from MedDINOv3SegmentLib.worker import child_environment, python_executable
+    except ImportError:  # the Segment module is not on sys.path (plain Python use)
+        import os
+        import sys
+
+        def python_executable() -> str:
+            return sys.executable
+
+        def child_environment() -> dict:
+            return dict(os.environ, PYTHONUNBUFFERED="1")
+    return python_executable, child_environment
+
+
+try:
+    from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic as _LogicBase
+except ImportError:  # plain Python (no Slicer): the Logic still exports nothing but runs jobs
+    _LogicBase = object
+
+
+class MedDINOv3TrainLogic(_LogicBase):
+    """Export training data from the scene, run training jobs in detached processes, follow and chart them."""
+
+    def __init__(self, parent=None):
+        if _LogicBase is not object:
+            _LogicBase.__init__(self, parent)
+        #: Override the child's Python (tests, custom installs); None = PythonSlicer in Slicer, else sys.executable.
+        self.pythonExecutable: str | None = None
+        #: Extra environment variables for the child (e.g. OMP_NUM_THREADS, CUDA_VISIBLE_DEVICES).
+        self.childEnvironment: dict = {}
+        self._jobs: dict[str, TrainJob] = {}
+        self._plotNodes: dict[str, dict] = {}
+
+    def getParameterNode(self):
+        from MedDINOv3Train import MedDINOv3TrainParameterNode
+
+        return MedDINOv3TrainParameterNode(super().getParameterNode())
+
+    # -- data -------------------------------------------------------------------------------------
+
+    def classPreview(self, pairs) -> dict:
+        """{"classes": {name: [cases]}, "labels": {name: value}, "cases": [...], "warnings": [...]}"""
+        return export.classPreview(pairs)
+
+    def exportDataset(self, pairs, outputFolder, modality: str = "CT") -> str:
+        """Write (volume, segmentation) pairs as an nnU-Net dataset folder (see `export`); returns the folder."""
+        return export.exportDataset(pairs, outputFolder, modality=modality)
+
+    # -- jobs -------------------------------------------------------------------------------------
+
+    def _python(self) -> str:
+        python_executable, _ = _childProcessHelpers()
+        return self.pythonExecutable or python_executable()
+
+    def _environment(self) -> dict:
+        _, child_environment = _childProcessHelpers()
+        return {**child_environment(), **{k: str(v) for k, v in self.childEnvironment.items()}}
+
+    def _track(self, job: TrainJob) -> TrainJob:
+        known = self._jobs.get(str(job.runDir))
+        if known is not None:
+            return known
+        job.onFinished = self._onFinished
+        self._jobs[str(job.runDir)] = job
+        return job
+
+    def job(self, runDir) -> TrainJob:
+        """The job of a run folder (reattaching to it if it runs)."""
+        job = TrainJob(runDir)
+        if not job.jobFile.is_file():
+            raise TrainJobError(f"{runDir} is not a MedDINOv3 job folder (no job.json).")
+        return self._track(job)
+
+    @staticmethod
+    def _runFolder(mode: str, outputFolder) -> Path:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        if not outputFolder:
+            folder = jobsRoot() / f"{mode}-{stamp}"
+        else:
+            folder = Path(outputFolder).expanduser().resolve()
+            if (folder / "job.json").exists() or (folder / "config.json").exists():
+                raise TrainJobError(f"{folder} already holds a training job: resume it, or choose another folder.")
+            if folder.is_dir() and any(folder.iterdir()):
+                folder = folder / f"{mode}-{stamp}"  # a parent folder of runs: one sub-folder per job
+        n = 2
+        base = folder
+        while folder.exists() and any(folder.iterdir()):
+            folder, n = base.with_name(f"{base.name}-{n}"), n + 1
+        return folder
+
+    def buildCommand(self, mode: str, data, runDir, base=None, size: str | None = "base", options=None,
+                     configPath=None) -> list[str]:
+        """The `meddinov3 train|pretrain` command line of a new job."""
+        options = dict(options or {})
+        verb = "train" if mode == "finetune" else "pretrain"
+        command = [self._python(), "-m", "meddinov3.cli.main", verb, "--data", str(data), "--out", str(runDir)]
+        if base:
+            command += ["--base", str(base)]
+        elif size:
+            command += ["--size", str(size)]
+        if configPath is not None:
+            command += ["--config", str(configPath)]
+        if mode == "pretrain" and options.get("stage") is not None:
+            command += ["--stage", str(int(options["stage"]))]
+        if options.get("steps") is not None:
+            command += ["--steps", str(int(options["steps"]))]
+        elif options.get("epochs") is not None:
+            command += ["--epochs", str(int(options["epochs"]))]
+        if options.get("device"):
+            command += ["--device", str(options["device"])]
+        return command + ["--json-progress"]
+
+    def startJob(self, mode: str, data, outputFolder=None, base=None, size: str | None = "base",
+                 options: dict | None = None) -> TrainJob:
+        """Launch a detached `meddinov3 train` ("finetune") or `pretrain` job; returns at once.
+
+        `data`: a dataset folder / JSON / CSV (fine-tune), a folder of volumes (pretrain), or a list of
+        (volume, segmentation) node pairs (exported into RUN_DIR/dataset first). `options`: `stage`, `steps`,
+        `epochs`, `device`, and any training-config key (written to RUN_DIR/job_config.json, passed as --config).
+        """
+        if mode not in MODES:
+            raise TrainJobError(f"Unknown mode {mode!r}: use one of {', '.join(MODES)}.")
+        options = dict(options or {})
+        runDir = self._runFolder(mode, outputFolder)
+        runDir.mkdir(parents=True, exist_ok=True)
+        if isinstance(data, (list, tuple)):
+            data = self.exportDataset(data, runDir / "dataset")
+        if not data:
+            raise TrainJobError("No training data given.")
+        data = str(Path(data).expanduser().resolve()) if Path(str(data)).expanduser().exists() else str(data)
+        if not Path(data).exists():
+            raise TrainJobError(f"Training data not found: {data}")
+        config = {k: v for k, v in options.items() if k not in CLI_OPTIONS}
+        configPath = None
+        if config:
+            configPath = runDir / "job_config.json"
+            configPath.write_text(json.dumps(config, indent=2))
+        command = self.buildCommand(mode, data, runDir, base=base, size=size, options=options, configPath=configPath)
+        info = {"mode": mode, "data": data, "base": str(base) if base else None, "size": None if base else size,
+                "stage": options.get("stage"), "device": options.get("device"), "options": options}
+        logging.info("MedDINOv3 Train: %s", " ".join(command))
+        job = TrainJob.launch(runDir, command, info, env=self._environment())
+        remember(runDir)
+        return self._track(job)
+
+    def resumeJob(self, job) -> TrainJob:
+        job = self._track(job if isinstance(job, TrainJob) else TrainJob(job))
+        return job.resume(python=self._python() if self.pythonExecutable else None, env=self._environment())
+
+    def jobs(self, root=None) -> list[TrainJob]:
+        """Jobs on disk (running, finished, stopped, failed) under `root` (default: the jobs root + remembered
+        output folders), newest first. Finished fine-tune models get registered here too."""
+        found = [self._track(job) for job in findJobs(root)]
+        for job in found:
+            try:
+                job.status()
+            except Exception:  # noqa: BLE001 - one broken folder must not hide the others
+                logging.exception("MedDINOv3 Train: reading %s failed", job.runDir)
+        return found
+
+    def _onFinished(self, job: TrainJob, status: dict) -> None:
+        if job.mode != "finetune":
+            return
+        try:
+            self.registerJobModel(job)
+        except Exception as e:  # noqa: BLE001 - the job itself succeeded; say why the model is not listed
+            logging.warning("MedDINOv3 Train: the model of %s could not be registered: %s", job.runDir, e)
+
+    def registerJobModel(self, job: TrainJob) -> str | None:
+        """Register a finished fine-tune job's model package (listed by the Segment module as "trained")."""
+        info = job.info()
+        if info.get("registered"):
+            return info["registered"]
+        path = Path(job.modelPath())
+        if not (path / "model.json").is_file():
+            return None
+        try:
+            from MedDINOv3SegmentLib.models import registerModel
+        except ImportError:
+            from meddinov3.checkpoints import register_model as registerModel
+        reference = str(registerModel(path))
+        info["registered"] = reference
+        from .jobs import _writeJson
+
+        _writeJson(job.jobFile, info)
+        return reference
+
+    # -- charts -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def plotData(metrics: list[dict]) -> dict:
+        """Columns for the charts: {"loss": {"step": [...], "loss": [...]},
+        "validation": {"step": [...], "mean Dice": [...], "<class>": [...]}}."""
+        loss = {"step": [], "loss": []}
+        steps = [r for r in metrics if r.get("kind") == "step" and r.get("loss") is not None]
+        for r in steps:
+            loss["step"].append(float(r["step"]))
+            loss["loss"].append(float(r["loss"]))
+        validation = {"step": [], "mean Dice": []}
+        records = [r for r in metrics if r.get("kind") == "validation"]
+        classes = []
+        for r in records:
+            for name in (r.get("dice") or {}):
+                if name not in classes:
+                    classes.append(name)
+        for name in classes:
+            validation[name] = []
+        for r in records:
+            validation["step"].append(float(r.get("step", 0)))
+            validation["mean Dice"].append(float(r.get("mean_dice") or 0.0))
+            for name in classes:
+                value = (r.get("dice") or {}).get(name)
+                validation[name].append(float("nan") if value is None else float(value))
+        return {"loss": loss, "validation": validation}
+
+    def updatePlotNodes(self, job, chartNode=None, scene=None):
+        """Create or update table, plot series and chart nodes for the job's loss and validation Dice per class.
+
+        Returns the vtkMRMLPlotChartNode (show it in a qMRMLPlotWidget). Called every second by the Widget.
+        """
+        import slicer
+        import vtk
+
+        job = job if isinstance(job, TrainJob) else TrainJob(job)
+        scene = scene or slicer.mrmlScene
+        data = self.plotData(job.metrics())
+        key = str(job.runDir)
+        ids = self._plotNodes.setdefault(key, {})
+
+        def node(role: str, className: str, name: str):
+            existing = scene.GetNodeByID(ids[role]) if role in ids else None
+            if existing is None:
+                existing = scene.AddNewNodeByClass(className, name)
+                existing.SetAttribute("MedDINOv3Train.job", key)
+                existing.SetAttribute("MedDINOv3Train.role", role)
+                ids[role] = existing.GetID()
+            return existing
+
+        if chartNode is not None:
+            ids["chart"] = chartNode.GetID()
+        chart = node("chart", "vtkMRMLPlotChartNode", f"{job.name} training")
+        chart.SetTitle(f"{job.name}: loss and validation Dice")
+        chart.SetXAxisTitle("step")
+        chart.SetYAxisTitle("loss / Dice")
+        chart.SetLegendVisibility(True)
+
+        wanted = []
+        for tableRole, columns in (("lossTable", data["loss"]), ("validationTable", data["validation"])):
+            table = node(tableRole, "vtkMRMLTableNode", f"{job.name} {tableRole[:-5]}")
+            vtable = vtk.vtkTable()
+            for name, values in columns.items():
+                array = vtk.vtkDoubleArray()
+                array.SetName(name)
+                array.SetNumberOfValues(len(values))
+                for i, value in enumerate(values):
+                    array.SetValue(i, value)
+                vtable.AddColumn(array)
+            table.SetAndObserveTable(vtable)
+            for column in columns:
+                if column == "step":
+                    continue
+                role = f"series:{tableRole}:{column}"
+                label = "loss" if column == "loss" else (column if column == "mean Dice" else f"Dice {column}")
+                series = node(role, "vtkMRMLPlotSeriesNode", f"{job.name} {label}")
+                series.SetAndObserveTableNodeID(table.GetID())
+                series.SetXColumnName("step")
+                series.SetYColumnName(column)
+                series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
+                series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone if column == "loss"
+                                      else slicer.vtkMRMLPlotSeriesNode.MarkerStyleCircle)
+                if column == "mean Dice":
+                    series.SetLineStyle(slicer.vtkMRMLPlotSeriesNode.LineStyleDash)
+                wanted.append(series.GetID())
+        present = [chart.GetNthPlotSeriesNodeID(i) for i in range(chart.GetNumberOfPlotSeriesNodes())]
+        for seriesId in wanted:
+            if seriesId not in present:
+                chart.AddAndObservePlotSeriesNodeID(seriesId)
+        return chart
+
+    def removePlotNodes(self, job) -> None:
+        import slicer
+
+        key = str(job.runDir if isinstance(job, TrainJob) else Path(job).resolve())
+        for nodeId in self._plotNodes.pop(key, {}).values():
+            existing = slicer.mrmlScene.GetNodeByID(nodeId)
+            if existing is not None:
+                slicer.mrmlScene.RemoveNode(existing)
+
+
+__all__ = ["MedDINOv3TrainLogic", "TrainJob", "TrainJobError", "resumeCommand"]

@@ -1,0 +1,353 @@
+"""MedDINOv3TrainLogic on a headless Slicer (slicer-core, real MRML nodes) and real training child processes.
+
+- Scene export: segments with different names / label values across cases become one consistent dataset.
+- A tiny fine-tune job runs detached to completion; its model is registered and segments a volume.
+- Stop leaves a resumable checkpoint; Resume continues the step count to completion.
+- A new Logic (a Slicer restart) finds running and finished jobs again.
+- Chart nodes for loss and per-class validation Dice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from Testing.slicer_headless import sitk_from_volume_node, volume_node_from_sitk
+
+
+@pytest.fixture(autouse=True)
+def meddinov3_home(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("MEDDINOV3_HOME", str(home))
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    return home
+
+
+@pytest.fixture
+def logic(headless_slicer):
+    from MedDINOv3TrainLib.logic import MedDINOv3TrainLogic
+
+    return MedDINOv3TrainLogic()
+
+
+# -------------------------------------------------------------------------------------------- scene helpers
+
+
+def _volume(scene, name: str, shape=(6, 20, 24), spacing=(1.5, 1.2, 3.0), direction=None, seed=0):
+    rng = np.random.default_rng(seed)
+    image = sitk.GetImageFromArray(rng.integers(-200, 300, size=shape).astype(np.int16))
+    image.SetSpacing(spacing)
+    image.SetOrigin((10.0 + seed, -5.0, 3.0))
+    if direction is not None:
+        image.SetDirection(direction)
+    return volume_node_from_sitk(image, name)
+
+
+def _segmentation(scene, volumeNode, segments: dict[str, np.ndarray], name: str):
+    """Segmentation node whose segments (in the given order) hold the given (k, j, i) masks on the volume grid."""
+    import slicer
+
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+    for segmentName, mask in segments.items():
+        segmentId = node.GetSegmentation().AddEmptySegment(segmentName, segmentName)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(mask.astype(np.uint8), node, segmentId, volumeNode)
+    return node
+
+
+def _box(shape, k, j, i):
+    mask = np.zeros(shape, dtype=bool)
+    mask[k[0]:k[1], j[0]:j[1], i[0]:i[1]] = True
+    return mask
+
+
+def _three_cases(scene):
+    shape = (6, 20, 24)
+    a = _volume(scene, "case A", shape, seed=1)
+    # left-handed, oblique-free grid: k axis flipped
+    b = _volume(scene, "case B", shape, spacing=(0.8, 0.9, 2.5), direction=(1, 0, 0, 0, 1, 0, 0, 0, -1), seed=2)
+    c = _volume(scene, "case C", shape, seed=3)
+    masks = {
+        "A": {"Liver": _box(shape, (1, 4), (2, 10), (3, 12)), "Tumor": _box(shape, (2, 3), (12, 16), (14, 20))},
+        "B": {"tumor": _box(shape, (0, 2), (1, 5), (1, 6)), "liver": _box(shape, (3, 6), (8, 18), (10, 22))},
+        "C": {"liver": _box(shape, (0, 6), (0, 5), (0, 5))},
+    }
+    pairs = [(a, _segmentation(scene, a, masks["A"], "seg A")), (b, _segmentation(scene, b, masks["B"], "seg B")),
+             (c, _segmentation(scene, c, masks["C"], "seg C"))]
+    return pairs, masks
+
+
+# -------------------------------------------------------------------------------------------- export
+
+
+def test_export_matches_classes_across_cases_voxel_by_voxel(logic, slicer_scene, tmp_path):
+    pairs, masks = _three_cases(slicer_scene)
+    preview = logic.classPreview(pairs)
+    assert preview["labels"] == {"background": 0, "Liver": 1, "Tumor": 2}
+    assert preview["classes"] == {"Liver": ["case_A", "case_B", "case_C"], "Tumor": ["case_A", "case_B"]}
+    assert len(preview["warnings"]) == 1 and "case_C" in preview["warnings"][0] and "Tumor" in preview["warnings"][0]
+
+    folder = Path(logic.exportDataset(pairs, tmp_path / "dataset"))
+    description = json.loads((folder / "dataset.json").read_text())
+    assert description["labels"] == {"background": 0, "Liver": 1, "Tumor": 2}
+    assert description["channel_names"] == {"0": "CT"} and description["numTraining"] == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no staging folder left behind"
+
+    expected_values = {"Liver": 1, "Tumor": 2, "liver": 1, "tumor": 2}
+    for (volumeNode, _), case, key in zip(pairs, ["case_A", "case_B", "case_C"], "ABC"):
+        image = sitk.ReadImage(str(folder / "imagesTr" / f"{case}_0000.nii.gz"))
+        label = sitk.ReadImage(str(folder / "labelsTr" / f"{case}.nii.gz"))
+        reference = sitk_from_volume_node(volumeNode)
+        for img in (image, label):
+            assert img.GetSize() == reference.GetSize()
+            np.testing.assert_allclose(img.GetSpacing(), reference.GetSpacing(), atol=1e-5)
+            np.testing.assert_allclose(img.GetOrigin(), reference.GetOrigin(), atol=1e-4)
+            np.testing.assert_allclose(img.GetDirection(), reference.GetDirection(), atol=1e-6)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(reference))
+        expected = np.zeros(reference.GetSize()[::-1], dtype=np.uint8)
+        for name, mask in masks[key].items():
+            expected[mask] = expected_values[name]
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(label), expected, err_msg=case)
+
+    # the core reads it as a training dataset
+    from meddinov3.data import load_dataset
+
+    ds = load_dataset(str(folder))
+    assert sorted(c.name for c in ds.cases) == ["case_A", "case_B", "case_C"]
+
+    # exporting again replaces the earlier export atomically
+    again = logic.exportDataset(pairs[:2], folder)
+    assert json.loads((Path(again) / "dataset.json").read_text())["numTraining"] == 2
+    assert len(list((Path(again) / "imagesTr").iterdir())) == 2
+
+
+def test_export_refuses_bad_pairs(logic, slicer_scene, tmp_path):
+    from MedDINOv3TrainLib.export import DatasetExportError
+
+    volumeNode = _volume(slicer_scene, "v")
+    with pytest.raises(DatasetExportError, match="no segmentation"):
+        logic.exportDataset([(volumeNode, None)], tmp_path / "x")
+    with pytest.raises(DatasetExportError, match="No training cases"):
+        logic.classPreview([])
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("mine")
+    seg = _segmentation(slicer_scene, volumeNode, {"liver": _box((6, 20, 24), (0, 2), (0, 2), (0, 2))}, "s")
+    with pytest.raises(DatasetExportError, match="not an exported dataset"):
+        logic.exportDataset([(volumeNode, seg)], tmp_path / "other")
+    assert (tmp_path / "other" / "keep.txt").read_text() == "mine"
+
+
+# -------------------------------------------------------------------------------------------- jobs
+
+
+@pytest.fixture(scope="module")
+def phantom_data(tmp_path_factory):
+    from Testing.train._datasets import phantom_dataset
+
+    return phantom_dataset(tmp_path_factory.mktemp("phantom") / "dataset", n=3, shape=(8, 40, 40))
+
+
+def _tiny(cache: Path, **extra) -> dict:
+    return {"model": {"depth": 1}, "batch_size": 2, "val_fraction": 0.34, "patch_size": [32, 32],
+            "checkpoint_every": 2, "log_every": 1, "cache_dir": str(cache), "device": "cpu",
+            "augment": {"enabled": False}, **extra}
+
+
+def test_finetune_job_runs_detached_registers_and_segments(logic, slicer_scene, phantom_data, tmp_path):
+    job = logic.startJob("finetune", phantom_data, tmp_path / "run", size="tiny",
+                         options={"steps": 4, **_tiny(tmp_path / "cache", val_every=2)})
+    info = json.loads((job.runDir / "job.json").read_text())
+    assert info["mode"] == "finetune" and info["pid"] and info["command"][-1] == "--json-progress"
+    assert info["command"][1:5] == ["-m", "meddinov3.cli.main", "train", "--data"]
+    assert os.getsid(info["pid"]) == info["pid"], "the job leads its own session"
+    assert job.status()["state"] in ("starting", "running", "finished")
+    assert job.wait(timeout=240) == "finished", job.logTail(30)
+    status = job.status()
+    assert status["step"] == status["total"] == 4
+    assert (job.runDir / "log.txt").stat().st_size > 0 and job.logTail(5)
+
+    metrics = job.metrics()
+    assert [r["step"] for r in metrics if r["kind"] == "step"] == [1, 2, 3, 4]
+    assert any(r["kind"] == "validation" for r in metrics)
+
+    from MedDINOv3SegmentLib.models import listModels
+
+    assert job.modelPath() == str(job.runDir / "model")
+    rows = [r for r in listModels() if r["source"] == "trained"]
+    assert [Path(r["reference"]) for r in rows] == [job.runDir / "model"]
+    assert set(rows[0]["classes"]) >= {"liver", "spine"}
+
+    # the registered model segments a volume (through the Segment Logic when it loads, else the engine)
+    image = sitk.ReadImage(str(phantom_data / "imagesTr" / "case0_0000.nii.gz"))
+    volumeNode = volume_node_from_sitk(image, "phantom")
+    try:
+        from MedDINOv3SegmentLib.logic import MedDINOv3SegmentLogic
+    except ImportError:
+        MedDINOv3SegmentLogic = None
+    if MedDINOv3SegmentLogic is not None:
+        segmentLogic = MedDINOv3SegmentLogic()
+        assert any(r["reference"] == rows[0]["reference"] for r in segmentLogic.availableModels())
+        segmentation = segmentLogic.segment(volumeNode, rows[0]["reference"], device="cpu")
+        assert segmentation.GetSegmentation().GetNumberOfSegments() >= 0
+    else:
+        from meddinov3.engine import segment_image
+
+        result = segment_image(image, rows[0]["reference"], device="cpu")
+        assert result is not None
+
+
+def test_stop_then_resume_continues_the_step_count(logic, phantom_data, tmp_path):
+    job = logic.startJob("finetune", phantom_data, tmp_path / "run", size="tiny",
+                         options={"steps": 400, **_tiny(tmp_path / "cache", val_fraction=0.0)})
+    deadline = time.monotonic() + 180
+    while job.status()["step"] < 3:
+        assert job.status()["state"] in ("starting", "running"), job.logTail(30)
+        assert time.monotonic() < deadline, job.logTail(30)
+        time.sleep(0.2)
+    assert job.stop(timeout=60) == "stopped", job.logTail(30)
+    stopped = job.status()
+    assert stopped["state"] == "stopped" and 3 <= stopped["step"] < 400
+    assert (job.runDir / "checkpoints" / "latest.pt").is_file()
+    assert not job.isProcessRunning()
+
+    # resume with fewer remaining steps: change nothing but continue to the end of the saved run
+    job.resume()
+    assert job.status()["state"] in ("starting", "running", "stopping", "finished")
+    # let it run a few more steps then stop again, resume and finish quickly by lowering nothing: stop at >= +2
+    deadline = time.monotonic() + 180
+    while job.status()["step"] < stopped["step"] + 2:
+        assert job.status()["state"] in ("starting", "running"), job.logTail(30)
+        assert time.monotonic() < deadline, job.logTail(30)
+        time.sleep(0.2)
+    assert job.stop(timeout=60) == "stopped"
+    steps = [r["step"] for r in job.metrics() if r["kind"] == "step"]
+    assert steps == list(range(1, steps[-1] + 1)), "the step count continues, nothing lost or counted twice"
+    assert steps[-1] > stopped["step"]
+    assert len(json.loads((job.runDir / "job.json").read_text())["launches"]) == 2
+
+
+def test_resume_runs_to_completion(logic, phantom_data, tmp_path):
+    job = logic.startJob("finetune", phantom_data, tmp_path / "run", size="tiny",
+                         options={"steps": 8, **_tiny(tmp_path / "cache", val_fraction=0.0, checkpoint_every=1)})
+    deadline = time.monotonic() + 180
+    while job.status()["step"] < 2 and job.status()["state"] != "finished":
+        assert time.monotonic() < deadline, job.logTail(30)
+        time.sleep(0.1)
+    state = job.stop(timeout=60)
+    if state == "finished":
+        pytest.skip("the job finished before it could be stopped")
+    assert state == "stopped"
+    first = job.status()["step"]
+    logic.resumeJob(job)
+    assert job.wait(timeout=240) == "finished", job.logTail(30)
+    assert job.status()["step"] == 8 > first
+    steps = [r["step"] for r in job.metrics() if r["kind"] == "step"]
+    assert steps == list(range(1, 9))
+    assert (job.runDir / "model" / "model.json").is_file()
+
+
+def test_new_logic_reattaches_to_running_and_finished_jobs(headless_slicer, phantom_data, tmp_path):
+    from MedDINOv3TrainLib.logic import MedDINOv3TrainLogic
+
+    first = MedDINOv3TrainLogic()
+    running = first.startJob("finetune", phantom_data, None, size="tiny",
+                             options={"steps": 400, **_tiny(tmp_path / "cache", val_fraction=0.0)})
+    assert running.runDir.parent.name == "jobs"  # default: MEDDINOV3_HOME/jobs
+    outside = first.startJob("finetune", phantom_data, tmp_path / "elsewhere", size="tiny",
+                             options={"steps": 2, **_tiny(tmp_path / "cache", val_fraction=0.0)})
+    assert outside.wait(timeout=240) == "finished", outside.logTail(30)
+    del first  # "Slicer restarts": a new Logic knows only what is on disk
+
+    second = MedDINOv3TrainLogic()
+    found = {job.runDir: job for job in second.jobs()}
+    assert set(found) == {running.runDir, outside.runDir}
+    assert found[running.runDir].status()["state"] in ("starting", "running")
+    assert found[outside.runDir].status()["state"] == "finished"
+    with pytest.raises(Exception, match="running"):
+        found[running.runDir].delete()
+    assert found[running.runDir].stop(timeout=60) == "stopped"
+
+    # a job whose process died without saying so is reported as failed with the log tail
+    (outside.runDir / "status.json").write_text(json.dumps({"state": "running", "step": 1, "total": 2}))
+    dead = second.job(outside.runDir).status()
+    assert dead["state"] == "failed" and dead["error"] and dead["logTail"]
+
+    found[running.runDir].delete()
+    assert not running.runDir.exists()
+    assert [job.runDir for job in MedDINOv3TrainLogic().jobs()] == [outside.runDir]
+
+
+def test_start_job_refuses_an_existing_job_folder(logic, phantom_data, tmp_path):
+    from MedDINOv3TrainLib.jobs import TrainJobError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "job.json").write_text("{}")
+    with pytest.raises(TrainJobError, match="already holds"):
+        logic.startJob("finetune", phantom_data, run)
+    with pytest.raises(TrainJobError, match="Unknown mode"):
+        logic.startJob("distill", phantom_data, tmp_path / "x")
+
+
+def test_pretrain_command_and_config_file(logic, tmp_path):
+    logic.pythonExecutable = "/opt/PythonSlicer"
+    command = logic.buildCommand("pretrain", tmp_path, tmp_path / "run", size="small",
+                                 options={"stage": 2, "steps": 10, "device": "cuda:1", "lr": 1e-4},
+                                 configPath=tmp_path / "c.json")
+    assert command == ["/opt/PythonSlicer", "-m", "meddinov3.cli.main", "pretrain", "--data", str(tmp_path), "--out",
+                       str(tmp_path / "run"), "--size", "small", "--config", str(tmp_path / "c.json"), "--stage", "2",
+                       "--steps", "10", "--device", "cuda:1", "--json-progress"]
+    from MedDINOv3TrainLib.jobs import TrainJob, resumeCommand
+
+    info = {"mode": "pretrain", "data": "/d", "stage": 2, "command": command}
+    assert resumeCommand(info, "/r") == ["/opt/PythonSlicer", "-m", "meddinov3.cli.main", "pretrain", "--out", "/r",
+                                         "--resume", "--data", "/d", "--stage", "2", "--json-progress"]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "job.json").write_text(json.dumps(info))
+    assert TrainJob(tmp_path / "run").modelPath() == str(tmp_path / "run" / "backbone")
+
+
+# -------------------------------------------------------------------------------------------- charts
+
+
+def test_update_plot_nodes_builds_loss_and_dice_series(logic, slicer_scene, tmp_path):
+    from MedDINOv3TrainLib.jobs import TrainJob
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "job.json").write_text(json.dumps({"mode": "finetune"}))
+    records = [{"kind": "step", "step": s, "loss": 1.0 / s} for s in range(1, 5)]
+    records.insert(2, {"kind": "validation", "step": 2, "dice": {"liver": 0.5, "spine": 0.25}, "mean_dice": 0.375})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "st')
+    job = TrainJob(run)
+
+    chart = logic.updatePlotNodes(job)
+    assert chart.IsA("vtkMRMLPlotChartNode")
+    series = [chart.GetNthPlotSeriesNode(i) for i in range(chart.GetNumberOfPlotSeriesNodes())]
+    names = {s.GetYColumnName(): s for s in series}
+    assert set(names) == {"loss", "mean Dice", "liver", "spine"}
+    lossTable = names["loss"].GetTableNode()
+    assert lossTable.GetNumberOfRows() == 4
+    assert lossTable.GetTable().GetColumnByName("loss").GetValue(3) == pytest.approx(0.25)
+    diceTable = names["liver"].GetTableNode()
+    assert diceTable.GetTable().GetColumnByName("liver").GetValue(0) == pytest.approx(0.5)
+    assert diceTable.GetTable().GetColumnByName("step").GetValue(0) == 2
+
+    # polling again updates the same nodes in place
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('\n{"kind": "step", "step": 5, "loss": 0.1}\n')
+        f.write(json.dumps({"kind": "validation", "step": 5, "dice": {"liver": 0.7, "spine": 0.5}, "mean_dice": 0.6})
+                + "\n")
+    nodes_before = slicer_scene.GetNumberOfNodes()
+    assert logic.updatePlotNodes(job) is chart
+    assert slicer_scene.GetNumberOfNodes() == nodes_before
+    assert lossTable.GetNumberOfRows() == 5 and diceTable.GetNumberOfRows() == 2
+    logic.removePlotNodes(job)
+    assert slicer_scene.GetNodesByClass("vtkMRMLPlotChartNode").GetNumberOfItems() == 0
