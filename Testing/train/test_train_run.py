@@ -1,0 +1,193 @@
+"""End-to-end runs through the CLI: a short real run on the LiTS liver CT, SIGTERM, kill -9 + --resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from ._datasets import REPO, events, phantom_dataset, popen_cli, run_cli, tiny_args
+
+
+@pytest.fixture(scope="module")
+def liver_run(tmp_path_factory):
+    """One short real run on the liver CT: train on axial slices [0, 64), validate on [64, 128)."""
+    from meddinov3.cli.demo import export_dataset
+
+    root = tmp_path_factory.mktemp("liver")
+    ds = export_dataset(root / "dataset")
+    out = root / "run"
+    r = run_cli(["train", "--data", str(ds), "--out", str(out), "--steps", "12", "--steps-per-epoch", "6",
+                 "--batch-size", "4", "--val-cases", "liver117_heldout", "--json-progress",
+                 *tiny_args(root / "cache", depth=2), "--set", 'model={"depth": 2, "patch_size": 8}',
+                 "checkpoint_every=6", "log_every=1", "lr_decoder=2e-3", "lr_backbone=1e-3",
+                 'augment={"enabled": false}'], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, ds, events(r.stdout)
+
+
+def test_run_writes_every_file(liver_run):
+    out, _, _ = liver_run
+    for name in ("config.json", "checkpoints/latest.pt", "checkpoints/best.pt", "metrics.jsonl", "curves.png",
+                 "model/model.json", "model/model.safetensors", "status.json"):
+        assert (out / name).is_file(), name
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["train"]["steps"] == 12 and cfg["train"]["seed"] == 0
+    assert cfg["resolved"]["spacing"] == [1.0, 1.0] and cfg["resolved"]["normalization"]["scheme"] == "ct"
+    assert {"torch", "timm", "meddinov3"} <= set(cfg["versions"])
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "finished" and status["step"] == status["total"] == 12
+    spec = json.loads((out / "model" / "model.json").read_text())
+    assert [c["name"] for c in spec["classes"]] == ["background", "liver", "tumour"]
+    assert spec["classes"][1].get("color") and spec["spacing"] == [1.0, 1.0] and spec["patch_size"] == [128, 128]
+    assert spec["normalization"]["scheme"] == "ct" and spec["provenance"]["validation_cases"] == ["liver117_heldout"]
+
+
+def test_loss_goes_down_and_progress_lines_parse(liver_run):
+    _, _, evs = liver_run
+    kinds = [e["event"] for e in evs]
+    for k in ("started", "step", "epoch", "validation", "checkpoint", "finished"):
+        assert k in kinds, k
+    losses = [e["loss"] for e in evs if e["event"] == "step"]
+    assert len(losses) == 12
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    val = [e for e in evs if e["event"] == "validation"]
+    assert set(val[-1]["dice"]) == {"liver", "tumour"}
+    assert all(0 <= v <= 1 for v in val[-1]["dice"].values())
+    step = next(e for e in evs if e["event"] == "step")
+    assert {"loss", "lr", "images_per_s"} <= set(step)
+
+
+def test_package_segments_through_engine(liver_run):
+    import SimpleITK as sitk
+
+    from meddinov3.checkpoints import load_model
+    from meddinov3.engine import segment_image
+
+    out, ds, _ = liver_run
+    image = sitk.ReadImage(str(ds / "imagesTr" / "liver117_heldout_0000.nii.gz"))
+    result = segment_image(image, load_model(out / "model"), device="cpu")
+    assert result.labels.GetSize() == image.GetSize()
+    assert set(np.unique(sitk.GetArrayViewFromImage(result.labels))) <= {0, 1, 2}
+
+
+def test_continue_from_package_keeps_decoder(liver_run, tmp_path):
+    out, ds, _ = liver_run
+    r = run_cli(["train", "--data", str(ds), "--out", str(tmp_path / "again"), "--base", str(out), "--steps", "1",
+                 "--batch-size", "2", "--val-cases", "liver117_heldout", "--set",
+                 f"cache_dir={json.dumps(str(tmp_path / 'cache'))}", 'augment={"enabled": false}'], timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert cfg["resolved"]["base"]["decoder"] == "kept"
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    return phantom_dataset(tmp_path_factory.mktemp("phantom") / "ds", n=3, shape=(8, 48, 48))
+
+
+def _wait_for(proc: subprocess.Popen, predicate, timeout: float = 240) -> list[dict]:
+    seen = []
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(json.loads(line))
+        if predicate(seen[-1]):
+            return seen
+    proc.kill()
+    raise AssertionError(f"event not seen; got {[e['event'] for e in seen]}; stderr: {proc.stderr.read()[-2000:]}")
+
+
+def _common(phantom, tmp_path, steps: int) -> list[str]:
+    return ["--data", str(phantom), "--steps", str(steps), "--batch-size", "2", "--val-fraction", "0",
+            "--json-progress", *tiny_args(tmp_path / "cache"), "--set", "checkpoint_every=3", "log_every=1",
+            "patch_size=[32, 32]"]
+
+
+def test_kill9_then_resume_gives_same_step_count(phantom, tmp_path):
+    out = tmp_path / "run"
+    proc = popen_cli(["train", "--out", str(out), *_common(phantom, tmp_path, 12)])
+    _wait_for(proc, lambda e: e["event"] == "checkpoint" and e["step"] >= 3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    r = run_cli(["train", "--out", str(out), "--resume", "--json-progress"], timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    evs = events(r.stdout)
+    started = next(e for e in evs if e["event"] == "started")
+    assert started["resumed"] and started["step"] >= 3
+    finished = next(e for e in evs if e["event"] == "finished")
+    assert finished["step"] == 12
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["kind"] == "step"]
+    assert steps == list(range(1, 13))  # nothing lost, nothing counted twice
+
+
+def test_resume_continues_the_same_trajectory(phantom, tmp_path):
+    """An interrupted + resumed run ends with the weights of an uninterrupted one (sampler/RNG/optimiser restored)."""
+    import torch
+
+    ref = tmp_path / "ref"
+    r = run_cli(["train", "--out", str(ref), *_common(phantom, tmp_path, 6)], timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cut = tmp_path / "cut"
+    args = _common(phantom, tmp_path, 6)
+    proc = popen_cli(["train", "--out", str(cut), *args])
+    _wait_for(proc, lambda e: e["event"] == "checkpoint" and e["step"] == 3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert run_cli(["train", "--out", str(cut), "--resume"], timeout=300).returncode == 0
+    a = torch.load(ref / "checkpoints" / "latest.pt", weights_only=False)["model"]
+    b = torch.load(cut / "checkpoints" / "latest.pt", weights_only=False)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_sigterm_saves_and_exits_cleanly(phantom, tmp_path):
+    out = tmp_path / "run"
+    proc = popen_cli(["train", "--out", str(out), *_common(phantom, tmp_path, 500)])
+    _wait_for(proc, lambda e: e["event"] == "step" and e["step"] >= 2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    evs = events(stdout)
+    stopped = next(e for e in evs if e["event"] == "stopped")
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "stopped" and status["step"] == stopped["step"] < 500
+    import torch
+    assert torch.load(out / "checkpoints" / "latest.pt", weights_only=False)["step"] == stopped["step"]
+
+
+def test_bad_dataset_is_refused_by_the_cli(phantom, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(phantom, bad)
+    (bad / "labelsTr" / "case2.nii.gz").unlink()
+    r = run_cli(["train", "--data", str(bad), "--out", str(tmp_path / "run"), "--steps", "1", "--json-progress",
+                 *tiny_args(tmp_path / "cache")], timeout=120)
+    assert r.returncode == 2
+    assert "case 'case2'" in r.stderr and "missing" in r.stderr
+    failed = [e for e in events(r.stdout) if e["event"] == "failed"]
+    assert failed and "case2" in failed[0]["message"]
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "failed"
+
+
+def test_ddp_two_cpu_processes_agree(phantom, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "meddinov3.cli.main", "train", "--out", str(out), *_common(phantom, tmp_path, 4), "--device", "cpu"]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    finished = next(e for e in events(r.stdout) if e["event"] == "finished")
+    a, b = finished["rank_checksums"]
+    assert a == pytest.approx(b, rel=0, abs=0)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["resolved"]["world_size"] == 2 and cfg["resolved"]["per_rank_batch"] == 1

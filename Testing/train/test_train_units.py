@@ -1,0 +1,103 @@
+"""Loss, optimiser groups, sampler determinism and augmentation on small tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from meddinov3.config import model_config
+from meddinov3.data.augment import AugmentConfig, augment, gaussian_blur
+from meddinov3.data.cache import CachedCase
+from meddinov3.data.sampler import PatchSampler
+from meddinov3.model import build_model
+from meddinov3.train.losses import DiceCELoss, dice_per_class, soft_dice
+from meddinov3.train.optim import freeze_blocks, make_optimizer, make_scheduler
+from meddinov3.train.loop import TrainConfig
+
+
+def test_soft_dice_perfect_and_loss_parts():
+    target = torch.randint(0, 3, (2, 16, 16))
+    logits = torch.nn.functional.one_hot(target, 3).permute(0, 3, 1, 2).float() * 50
+    assert soft_dice(logits, target) == pytest.approx(torch.ones(2), abs=1e-4)
+    loss, parts = DiceCELoss()(logits, target)
+    assert float(loss) == pytest.approx(0.0, abs=1e-3)
+    bad, _ = DiceCELoss()(-logits, target)
+    assert float(bad) > 1.0
+    assert dice_per_class(np.array([1, 1, 0]), np.array([1, 0, 0]), [1, 2]) == {1: pytest.approx(2 / 3), 2: 1.0}
+
+
+def test_optimizer_groups_schedule_and_freezing():
+    net = build_model(model_config("tiny", 3, depth=2))
+    net.backbone.mask_token.requires_grad_(False)
+    n = freeze_blocks(net, 1)
+    assert n > 0 and not any(p.requires_grad for p in net.backbone.vit.blocks[0].parameters())
+    cfg = TrainConfig()
+    opt = make_optimizer(net, cfg)
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs["decoder"] == 3e-4 and lrs["backbone"] == 3e-5 and opt.defaults["betas"] == (0.9, 0.98)
+    assert {g["name"]: g["weight_decay"] for g in opt.param_groups}["decoder_no_decay"] == 0.0
+    sched = make_scheduler(opt, 10)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * lrs[opt.param_groups[0]["name"]])
+
+
+def _cases():
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(2):
+        img = rng.normal(size=(5, 40, 36)).astype(np.float16)
+        lab = np.zeros((5, 40, 36), np.uint8)
+        lab[2, 10:14, 20:24] = 1
+        out.append(CachedCase(f"c{i}", img, lab, {1: np.argwhere(lab == 1).astype(np.int32)}, -3.0))
+    return out
+
+
+def test_sampler_is_a_function_of_step_and_rank():
+    cases = _cases()
+    s = PatchSampler(cases, (32, 48), 6, fg_fraction=0.33, seed=1)
+    a, la = s.sample(7)
+    b, lb = PatchSampler(cases, (32, 48), 6, fg_fraction=0.33, seed=1).sample(7)
+    assert np.array_equal(a, b) and np.array_equal(la, lb)
+    assert a.shape == (6, 1, 32, 48) and la.shape == (6, 32, 48)
+    assert not np.array_equal(a, s.sample(8)[0])
+    other = PatchSampler(cases, (32, 48), 6, fg_fraction=0.33, seed=1, rank=1, world_size=2).sample(7)[0]
+    assert not np.array_equal(a, other)
+    # the last round(6 * 0.33) = 2 samples are centred on foreground
+    assert all(la[i].any() for i in (4, 5))
+    # padding (patch wider than the slice) uses the case's air value
+    assert (a[:, 0, :, :] == -3.0).any()
+
+
+def test_augment_is_reproducible_and_keeps_labels_valid():
+    x = torch.randn(4, 1, 32, 32)
+    y = torch.randint(0, 3, (4, 32, 32))
+    cfg = AugmentConfig(p_rotation=1, p_scale=1, p_noise=1, p_blur=1, p_brightness=1, p_contrast=1, p_lowres=1,
+                        p_gamma=1, p_gamma_inverted=1)
+    a = augment(x, y, torch.Generator().manual_seed(3), cfg, pad_value=-1.0)
+    b = augment(x, y, torch.Generator().manual_seed(3), cfg, pad_value=-1.0)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert a[0].shape == x.shape and a[1].dtype == y.dtype
+    assert set(a[1].unique().tolist()) <= {0, 1, 2}
+    assert torch.isfinite(a[0]).all() and not torch.equal(a[0], x)
+    off = augment(x, y, torch.Generator(), AugmentConfig(enabled=False))
+    assert off[0] is x
+
+
+def test_mirroring_moves_image_and_label_together():
+    x = torch.zeros(1, 1, 8, 8)
+    x[..., 0, 0] = 1
+    y = (x[:, 0] > 0).long()
+    cfg = AugmentConfig(p_rotation=0, p_scale=0, p_noise=0, p_blur=0, p_brightness=0, p_contrast=0, p_lowres=0,
+                        p_gamma=0, p_gamma_inverted=0, p_mirror=1.0)
+    a, b = augment(x, y, torch.Generator().manual_seed(0), cfg)
+    assert a[0, 0, 7, 7] == 1 and b[0, 7, 7] == 1
+
+
+def test_blur_sigma_zero_is_identity():
+    x = torch.randn(2, 1, 16, 16)
+    out = gaussian_blur(x, torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(out[0], x[0])
+    assert not torch.allclose(out[1], x[1])
