@@ -1,0 +1,80 @@
+"""`meddinov3 pretrain --data DIR_OR_LIST --out RUN_DIR [...]`: self-supervised pretraining of the backbone on CT.
+
+Stage 1: DINO + iBOT + KoLeo self-distillation with an EMA teacher; stage 2 adds Gram anchoring; stage 3 is
+high-resolution adaptation (larger crops, Gram anchoring kept). Continue a stage with `--base PREV_RUN --stage 2`.
+Options given on the command line override `--config FILE.json` (PretrainConfig fields, or a previous run's
+config.json), which overrides the defaults. Launch with `torchrun --nproc_per_node N -m meddinov3.cli.main
+pretrain ...` for several GPUs / processes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("pretrain", help="self-supervised pretraining (DINOv3 recipe) of the backbone on CT volumes",
+                       description=__doc__)
+    p.add_argument("--data", help="folder of CT volumes (NIfTI/NRRD/MHA/DICOM series) or a .txt/.json list")
+    p.add_argument("--out", required=True, help="run folder (config.json, checkpoints/, backbone/, metrics.jsonl...)")
+    p.add_argument("--base", help="starting weights: MedDINOv3/DINOv3 backbone (any layout) or a previous run folder")
+    p.add_argument("--size", choices=["tiny", "small", "base", "large"], help="architecture from scratch")
+    p.add_argument("--stage", type=int, choices=[1, 2, 3], help="1 DINO+iBOT, 2 + Gram anchoring, 3 high resolution")
+    p.add_argument("--config", help="JSON file of options (PretrainConfig fields)")
+    p.add_argument("--steps", type=int, help="total optimiser steps")
+    p.add_argument("--batch-size", type=int, help="images per step, all processes together")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--name", help="name of the exported backbone package")
+    p.add_argument("--resume", action="store_true", help="continue RUN_DIR from checkpoints/latest.pt")
+    p.add_argument("--json-progress", action="store_true", help="one JSON object per line on stdout")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1...")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=JSON",
+                   help='any other option, e.g. --set lr=1e-4 \'head={"out_dim": 4096}\'')
+    p.set_defaults(run=run)
+
+
+def build_config(args):
+    from ..pretrain.loop import PretrainConfig
+    from .main import CommandError
+
+    cfg = PretrainConfig()
+    if args.config:
+        try:
+            cfg = PretrainConfig.from_file(args.config)
+        except (OSError, ValueError) as e:
+            raise CommandError(f"--config {args.config}: {e}") from None
+    changes = {}
+    for item in args.set:
+        if "=" not in item:
+            raise CommandError(f"--set {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        try:
+            changes[k] = json.loads(v)
+        except json.JSONDecodeError:
+            changes[k] = v
+    changes.update(data=args.data, out=args.out, base=args.base, size=args.size, stage=args.stage, steps=args.steps,
+                   batch_size=args.batch_size, seed=args.seed, name=args.name, device=args.device)
+    merged = {**cfg.to_dict(), **{k: v for k, v in changes.items() if v is not None}}
+    try:
+        cfg = PretrainConfig.from_dict(merged)
+    except (TypeError, ValueError) as e:
+        raise CommandError(str(e)) from None
+    if not cfg.data and not args.resume:
+        raise CommandError("--data is required")
+    return cfg
+
+
+def run(args) -> int:
+    from ..pretrain.data import PretrainDataError
+    from ..pretrain.loop import PretrainError, pretrain
+    from .main import CommandError
+
+    cfg = build_config(args)
+    try:
+        status = pretrain(cfg, resume=args.resume, json_progress=args.json_progress)
+    except (PretrainError, PretrainDataError) as e:
+        raise CommandError(str(e)) from None
+    if status and status.get("state") == "stopped":
+        print("pretraining stopped; continue with --resume", file=sys.stderr)
+    return 0

@@ -1,0 +1,24 @@
+"""Export the EMA teacher backbone of a pretraining run as a model package (kind "backbone").
+
+``RUN_DIR/backbone/`` is what ``meddinov3 train --base RUN_DIR`` (``checkpoints.load_backbone``) reads:
+weights keyed ``backbone.*``, HU normalisation, the architecture, and provenance (stage, step).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..checkpoints.package import ModelSpec, provenance_now, write_package
+from ..config import ModelConfig
+
+
+def export_backbone(out_dir: str | os.PathLike, backbone: torch.nn.Module, mcfg: ModelConfig, name: str,
+                    **provenance) -> Path:
+    sd = {f"backbone.{k}": v.detach().float().cpu() for k, v in backbone.state_dict().items()}
+    spec = ModelSpec(name=name, config=mcfg, classes=[], kind="backbone", normalization={"scheme": "ct_hu"},
+                     description=f"Backbone pretrained with `meddinov3 pretrain` (stage {provenance.get('stage')})",
+                     provenance=provenance_now(**provenance))
+    return write_package(out_dir, spec, [sd], overwrite=True)

@@ -1,0 +1,538 @@
+"""The pretraining loop (stages 1-3): config in, RUN_DIR out.
+
+RUN_DIR: config.json (fully resolved), checkpoints/latest.pt (atomic: student, teacher, heads, Gram teacher,
+centres, optimiser, step = data position, RNG), metrics.jsonl, curves.png, status.json, backbone/ (the EMA
+teacher backbone as a model package, refreshed at every checkpoint and at the end), slices/ (the slice index,
+unless ``cache_dir`` is set). Alone or under torchrun (gloo on CPU, NCCL on CUDA; gradients averaged over
+ranks, rank 0 writes), resumable after kill -9, stops cleanly on SIGTERM / SIGINT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..files import atomic_path, write_json
+from ..progress import Progress, RunStatus
+from ..train import distributed as D
+from ..train.checkpoint import rng_states, set_rng_states
+from .crops import MultiCropAugmentation, collate_crops
+from .data import PretrainDataError, SliceIndex, StepSampler, build_slice_index, collect_volumes, crop_generator
+from .masking import sample_masks
+from .meta_arch import HeadConfig, SSLMetaArch
+from .schedules import cosine_schedule
+
+FORMAT = "meddinov3-pretrain-state"
+OFFICIAL_BASE = "meddinov3-vitb16-ct3m"
+
+
+class PretrainError(Exception):
+    """A problem the user can fix (bad options, existing run folder, unusable base...)."""
+
+
+@dataclass
+class PretrainConfig:
+    data: str | list = ""
+    out: str = ""
+    base: str | None = None  # backbone of any layout or a previous pretrain run; None: official, else scratch
+    size: str | None = None  # architecture from scratch (default "base")
+    model: dict = field(default_factory=dict)  # model_config overrides (from scratch only)
+    stage: int = 1
+    name: str | None = None
+    steps: int = 10000
+    batch_size: int = 64  # images per step, all ranks together
+    micro_batch: int | None = None  # per-rank forward size (OOM back-off halves it)
+    seed: int = 0
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    warmup_steps: int = 1000
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.2
+    momentum: float = 0.992
+    momentum_end: float = 1.0
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    teacher_temp_warmup_steps: int = 3000
+    student_temp: float = 0.1
+    centering: str = "sinkhorn"  # or "centering" (DINO centre + sharpen), "none"
+    center_momentum: float = 0.9
+    head: dict = field(default_factory=lambda: {"out_dim": 65536, "hidden_dim": 2048, "bottleneck_dim": 256,
+                                                "nlayers": 3})
+    loss_weights: dict = field(default_factory=lambda: {"dino": 1.0, "ibot": 1.0, "koleo": 0.1, "gram": 1.0})
+    global_size: int = 224
+    local_size: int = 96
+    n_local: int = 8
+    global_scale: list = field(default_factory=lambda: [0.32, 1.0])
+    local_scale: list = field(default_factory=lambda: [0.05, 0.32])
+    highres_factor: float = 2.0  # stage 3 multiplies both crop sizes by this
+    mask_ratio: list = field(default_factory=lambda: [0.1, 0.5])
+    mask_probability: float = 0.5
+    grad_clip: float = 3.0
+    freeze_last_layer_steps: int = 0
+    grad_checkpointing: bool = False
+    gram_teacher: str | None = None  # stage >= 2: Gram teacher weights; None = the teacher at stage start
+    amp: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; "bf16", "none"
+    device: str = "auto"
+    checkpoint_every: int = 500
+    log_every: int = 10
+    probe_every: int = 500  # 0: never
+    probe_size: int = 64
+    collapse_std: float = 0.02  # teacher CLS feature spread below this ...
+    collapse_usage: float = 0.02  # ... or prototype-usage entropy (fraction of log K) below this ...
+    collapse_patience: int = 3  # ... for this many logged steps in a row: collapse_warning
+    cache_dir: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PretrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown pretraining config keys: {sorted(unknown)} (known: {sorted(known)})")
+        cfg = cls(**d)
+        if cfg.stage not in (1, 2, 3):
+            raise ValueError(f"stage must be 1, 2 or 3, got {cfg.stage}")
+        if cfg.centering not in ("sinkhorn", "centering", "none"):
+            raise ValueError(f"centering must be sinkhorn, centering or none, got {cfg.centering!r}")
+        return cfg
+
+    @classmethod
+    def from_file(cls, path) -> "PretrainConfig":
+        with open(path) as f:
+            d = json.load(f)
+        return cls.from_dict(d.get("pretrain", d))
+
+    def crop_sizes(self, patch: int) -> tuple[int, int]:
+        f = self.highres_factor if self.stage == 3 else 1.0
+        return tuple(max(patch, int(round(s * f / patch)) * patch) for s in (self.global_size, self.local_size))
+
+
+# ----------------------------------------------------------------------------------------------- set-up
+
+
+def _read_state(path: Path) -> dict:
+    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise PretrainError(f"{path}: not a MedDINOv3 pretraining checkpoint")
+    return state
+
+
+def resolve_base(cfg: PretrainConfig, log) -> tuple[object, dict | None, dict | None, dict]:
+    """(ModelConfig, backbone weights or None, previous run's full state or None, info)."""
+    from ..checkpoints import load_backbone
+    from ..config import model_config
+
+    if cfg.base:
+        prev = Path(cfg.base).expanduser() / "checkpoints" / "latest.pt"
+        if prev.is_file():
+            try:
+                state = _read_state(prev)
+            except PretrainError:
+                state = None
+            if state is not None:
+                from ..config import ModelConfig
+                mcfg = ModelConfig.from_dict(state["model_config"])
+                return mcfg, None, state, {"base": str(cfg.base), "kind": "pretrain-run",
+                                           "stage": state.get("stage"), "step": state.get("step")}
+        try:
+            mcfg, sd, spec = load_backbone(cfg.base)
+        except Exception as e:  # noqa: BLE001 - any unusable base is the user's to fix
+            raise PretrainError(f"--base {cfg.base}: {e}") from None
+        return mcfg, sd, None, {"base": str(cfg.base), "kind": spec.kind, "name": spec.name}
+    if cfg.size is None:
+        try:
+            mcfg, sd, spec = load_backbone(OFFICIAL_BASE, offline=True)
+            return mcfg, sd, None, {"base": OFFICIAL_BASE, "kind": "backbone", "name": spec.name}
+        except Exception as e:  # noqa: BLE001
+            log(f"WARNING: the official MedDINOv3 backbone ({OFFICIAL_BASE}) is not available offline ({e}); "
+                "starting from random initialisation (size base)")
+    mcfg = model_config(cfg.size or "base", 1, **cfg.model)
+    return mcfg, None, None, {"base": None, "kind": "random", "size": cfg.size or "base"}
+
+
+def make_optimizer(meta: SSLMetaArch) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in meta.student.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") or "token" in name else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "name": "decay"},
+                              {"params": no_decay, "name": "no_decay", "weight_decay": 0.0}],
+                             lr=0.0, betas=(0.9, 0.999))
+
+
+def amp_dtype(cfg: PretrainConfig, device: torch.device):
+    mode = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[mode]
+
+
+def _select(batch: dict, masks: torch.Tensor, b: int, j0: int, j1: int, n_local: int):
+    """Rows of images j0:j1 from view-major global (2b, ...) / local (n b, ...) / masks (2b, N)."""
+    g = torch.cat([batch["global"][v * b + j0:v * b + j1] for v in range(2)])
+    m = torch.cat([masks[v * b + j0:v * b + j1] for v in range(2)])
+    loc = batch["local"]
+    if n_local:
+        loc = torch.cat([loc[v * b + j0:v * b + j1] for v in range(n_local)])
+    return g, loc, m
+
+
+def _all_reduce_grads(params: list, world: int) -> None:
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    off = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[off:off + n].view_as(p).clone()
+        off += n
+
+
+def plot_curves(metrics_path: Path, out_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from ..train.curves import read_metrics
+
+    recs = read_metrics(metrics_path)
+    steps = [r for r in recs if r.get("kind") == "step"]
+    probes = [r for r in recs if r.get("kind") == "probe"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for key in ("loss", "dino", "ibot", "koleo", "gram"):
+        pts = [(r["step"], r[key]) for r in steps if r.get(key) is not None]
+        if pts:
+            axes[0].plot(*zip(*pts), lw=0.8, label=key)
+    axes[0].set_title("losses"), axes[0].set_xlabel("step"), axes[0].grid(alpha=0.3)
+    if steps:
+        axes[0].legend(fontsize=7)
+        for key in ("teacher_entropy", "prototype_usage", "teacher_feature_std"):
+            axes[1].plot([r["step"] for r in steps], [r[key] for r in steps], lw=0.8, label=key)
+        axes[1].legend(fontsize=7)
+    axes[1].set_title("teacher (collapse monitor)"), axes[1].set_xlabel("step"), axes[1].grid(alpha=0.3)
+    if probes:
+        axes[2].plot([r["step"] for r in probes], [r["probe_dice"] for r in probes], marker="o", label="Dice")
+        axes[2].plot([r["step"] for r in probes], [r["probe_accuracy"] for r in probes], marker="o", label="accuracy")
+        axes[2].legend(fontsize=7)
+    axes[2].set_ylim(0, 1), axes[2].set_title("dense probe (liver CT)"), axes[2].grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(out_path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+
+
+@dataclass
+class _Stop:
+    requested: bool = False
+    signal: str = ""
+
+    def __call__(self, signum, frame):
+        self.requested = True
+        self.signal = signal.Signals(signum).name
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+
+def pretrain(cfg: PretrainConfig, resume: bool = False, json_progress: bool = False, stream=None,
+             hooks: dict | None = None) -> dict:
+    """Run (or resume) pretraining into ``cfg.out``; returns the final status dict.
+
+    ``hooks``: test seams, e.g. ``{"meta": fn(meta)}`` called once the meta-architecture is built.
+    """
+    dist_info, device = D.init(cfg.device)
+    main = dist_info.is_main
+    run_dir = Path(cfg.out)
+    progress = Progress(json_lines=json_progress, stream=stream, desc="pretraining", enabled=main)
+
+    def log(msg: str) -> None:
+        if main:
+            print(f"[meddinov3 pretrain] {msg}", file=sys.stderr, flush=True)
+
+    if resume:
+        if not (run_dir / "config.json").is_file():
+            raise PretrainError(f"{run_dir}: nothing to resume (no config.json)")
+        saved = json.loads((run_dir / "config.json").read_text())["pretrain"]
+        saved["device"] = cfg.device
+        cfg = PretrainConfig.from_dict(saved)
+    elif (run_dir / "config.json").exists():
+        raise PretrainError(f"{run_dir}: already holds a pretraining run (pass --resume to continue it)")
+    status = RunStatus(run_dir, cfg.steps, "pretrain") if main else None
+    try:
+        return _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks or {})
+    except BaseException as e:
+        if main and status is not None and not isinstance(e, SystemExit):
+            msg = str(e) if isinstance(e, (PretrainError, PretrainDataError)) else f"{type(e).__name__}: {e}"
+            status.update(state="failed", error=msg)
+            progress.event("failed", message=msg)
+        raise
+    finally:
+        progress.close()
+        D.cleanup(dist_info)
+
+
+def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) -> dict:
+    main, world, rank = dist_info.is_main, dist_info.world_size, dist_info.rank
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        status.update(state="starting")
+    # ---- data: indexed by rank 0, opened by every rank
+    folder = Path(cfg.cache_dir) if cfg.cache_dir else run_dir / "slices"
+    error = None
+    if main:
+        try:
+            build_slice_index(collect_volumes(cfg.data), folder, log)
+        except PretrainDataError as e:
+            error = str(e)
+    error = D.broadcast_object(error, dist_info)
+    if error:
+        raise PretrainDataError(error)
+    index = SliceIndex(folder)
+
+    # ---- model
+    torch.manual_seed(cfg.seed)
+    mcfg, base_sd, prev_state, base_info = resolve_base(cfg, log)
+    head = HeadConfig(**cfg.head)
+    meta = SSLMetaArch(mcfg, head, cfg.centering, cfg.student_temp, cfg.center_momentum, cfg.loss_weights)
+    if base_sd is not None:
+        meta.load_backbone_weights(base_sd)
+    if prev_state is not None:
+        sd = {k: v for k, v in prev_state["meta"].items() if not k.startswith("gram_teacher.")}
+        try:
+            meta.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            raise PretrainError(f"--base {cfg.base}: its heads differ from this config's ({str(e)[:300]})") from None
+    if cfg.stage >= 2:
+        gsd = None
+        if cfg.gram_teacher:
+            from ..checkpoints import load_backbone
+            _, gsd, _ = load_backbone(cfg.gram_teacher)
+        meta.enable_gram(gsd)
+    meta.student["backbone"].grad_checkpointing = cfg.grad_checkpointing
+    if "meta" in hooks:
+        hooks["meta"](meta)
+    meta.to(device)
+    params = meta.trainable()
+    optimizer = make_optimizer(meta)
+    total = int(cfg.steps)
+    lr_s = cosine_schedule(cfg.lr, cfg.min_lr, total, cfg.warmup_steps)
+    wd_s = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, total)
+    mom_s = cosine_schedule(cfg.momentum, cfg.momentum_end, total)
+    tt_s = cosine_schedule(cfg.teacher_temp, cfg.teacher_temp, total, cfg.teacher_temp_warmup_steps,
+                           start_warmup=cfg.warmup_teacher_temp)
+    adt = amp_dtype(cfg, device)
+    if cfg.batch_size % world:
+        raise PretrainError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
+    per_rank = cfg.batch_size // world
+    if per_rank < 2:
+        raise PretrainError("each process needs at least 2 images per step (KoLeo and Sinkhorn compare images)")
+    micro = min(cfg.micro_batch or per_rank, per_rank)
+    g_size, l_size = cfg.crop_sizes(mcfg.patch_size)
+    aug = MultiCropAugmentation(g_size, l_size, cfg.n_local, tuple(cfg.global_scale), tuple(cfg.local_scale),
+                                patch_size=mcfg.patch_size)
+    grid = (g_size // mcfg.patch_size, g_size // mcfg.patch_size)
+    sampler = StepSampler(len(index), per_rank, cfg.seed, rank, world)
+
+    probe = None
+    if cfg.probe_every:
+        try:
+            from .probe import DenseProbe
+            probe = DenseProbe.liver(size=max(mcfg.patch_size, cfg.probe_size // mcfg.patch_size * mcfg.patch_size))
+        except (FileNotFoundError, ImportError, ValueError) as e:
+            log(f"dense probe disabled: {e}")
+
+    step, collapse = 0, {"count": 0, "warned": None}
+    latest = run_dir / "checkpoints" / "latest.pt"
+    if resume and latest.is_file():
+        state = _read_state(latest)
+        meta.load_state_dict(state["meta"])
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_states(state["rng"])
+        step, micro, collapse = int(state["step"]), min(int(state["micro_batch"]), micro), state["collapse"]
+        log(f"resumed from {latest} at step {step}")
+    metrics_path = run_dir / "metrics.jsonl"
+    name = cfg.name or run_dir.name
+    if main:
+        if resume:
+            from ..train.curves import read_metrics
+            kept = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= step]
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if not resume:
+            from ..train.loop import versions
+            write_json(run_dir / "config.json", {"pretrain": cfg.to_dict(), "resolved": {
+                "model": mcfg.to_dict(), "base": base_info, "global_size": g_size, "local_size": l_size,
+                "mask_grid": list(grid), "total_steps": total, "per_rank_batch": per_rank, "world_size": world,
+                "device": str(device), "amp": str(adt).replace("torch.", "") if adt else "fp32",
+                "gram_anchoring": cfg.stage >= 2, "data": index.summary(),
+                "probe": "liver CT ridge probe" if probe else None}, "versions": versions()})
+
+    stopper = _Stop()
+    old_handlers = {s: signal.signal(s, stopper) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def write_metrics(record: dict) -> None:
+        if main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def checkpoint() -> None:
+        if main:
+            state = {"format": FORMAT, "step": step, "stage": cfg.stage, "model_config": mcfg.to_dict(),
+                     "meta": {k: v.detach().cpu() for k, v in meta.state_dict().items()},
+                     "optimizer": optimizer.state_dict(), "rng": rng_states(), "micro_batch": micro,
+                     "collapse": collapse, "data_position": {"step": step, "seed": cfg.seed},
+                     "config": cfg.to_dict()}
+            with atomic_path(latest, suffix=".pt") as tmp:
+                torch.save(state, tmp)
+            from .export import export_backbone
+            export_backbone(run_dir / "backbone", meta.teacher["backbone"], mcfg, name, stage=cfg.stage,
+                            step=step, base=base_info, data=index.summary())
+            progress.event("checkpoint", step=step, path=str(latest), backbone=str(run_dir / "backbone"))
+            plot_curves(metrics_path, run_dir / "curves.png")
+        D.barrier(dist_info)
+
+    def run_probe() -> None:
+        if probe is None or not main:
+            return
+        t0 = time.perf_counter()
+        res = probe(meta.teacher["backbone"], device)
+        write_metrics({"kind": "probe", "step": step, **res, "seconds": round(time.perf_counter() - t0, 2)})
+        progress.event("probe", step=step, **res)
+        status.update(metrics=res)
+
+    if main:
+        status.update(state="running", step=step)
+        progress.event("started", run_dir=str(run_dir), stage=cfg.stage, total_steps=total, step=step,
+                       resumed=bool(resume and step), device=str(device), world_size=world, base=base_info,
+                       slices=len(index), global_size=g_size, local_size=l_size)
+    meta.train()
+    t_last, n_img, acc = time.perf_counter(), 0, {}
+    state_name = "finished"
+    while step < total:
+        idx = sampler.indices(step)
+        batch = collate_crops([aug(index.slice(i), crop_generator(cfg.seed, step, rank, j))
+                               for j, i in enumerate(idx)])
+        masks = sample_masks(2 * per_rank, grid, tuple(cfg.mask_ratio), cfg.mask_probability,
+                             generator=np.random.default_rng([cfg.seed, step, rank, 5]))
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        masks = masks.to(device)
+        for g in optimizer.param_groups:
+            g["lr"] = float(lr_s[step])
+            if g["name"] == "decay":
+                g["weight_decay"] = float(wd_s[step])
+        while True:
+            try:
+                optimizer.zero_grad(set_to_none=True)
+                stats_sum: dict = {}
+                parts = list(range(0, per_rank, micro))
+                for j0 in parts:
+                    j1 = min(per_rank, j0 + micro)
+                    g, loc, m = _select(batch, masks, per_rank, j0, j1, cfg.n_local)
+                    with torch.autocast(device.type, dtype=adt, enabled=adt is not None):
+                        loss, stats = meta.forward_losses(g, loc, m, float(tt_s[step]))
+                    (loss * ((j1 - j0) / per_rank)).backward()
+                    stats["loss"] = float(loss.detach())
+                    for k, v in stats.items():
+                        stats_sum[k] = stats_sum.get(k, 0.0) + v * (j1 - j0) / per_rank
+                break
+            except torch.cuda.OutOfMemoryError:
+                if micro <= 1:
+                    raise
+                optimizer.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                micro = max(1, micro // 2)
+                progress.event("oom", step=step, micro_batch=micro, accumulation=math.ceil(per_rank / micro))
+                log(f"CUDA out of memory: micro-batch halved to {micro} (gradient accumulation keeps the batch)")
+        if dist_info.enabled:
+            _all_reduce_grads(params, world)
+        if step < cfg.freeze_last_layer_steps:
+            for hname in ("dino_head", "ibot_head"):
+                meta.student[hname].last_layer.weight.grad = None
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else torch.zeros(())
+        optimizer.step()
+        meta.update_teacher(float(mom_s[step]))
+        step += 1
+        n_img += cfg.batch_size
+        for k, v in stats_sum.items():
+            acc.setdefault(k, []).append(v)
+        # ---- collapse monitor (every step; stats are all-rank already)
+        # Random init (layer scale 1e-5) starts with a near-constant CLS: the spread counts as collapsed when it
+        # is numerically zero, or below collapse_std after falling to a tenth of its best so far.
+        spread = stats_sum["teacher_feature_std"]
+        collapse["max_std"] = max(collapse.get("max_std", 0.0), spread)
+        collapsed = (spread < 1e-6 or (spread < cfg.collapse_std and spread < 0.1 * collapse["max_std"])
+                     or stats_sum["prototype_usage"] < cfg.collapse_usage)
+        collapse["count"] = collapse["count"] + 1 if collapsed else 0
+        if collapse["count"] == cfg.collapse_patience and main:
+            reason = (f"teacher CLS feature spread {spread:.2e} (best {collapse['max_std']:.2e}) "
+                      f"or prototype usage {stats_sum['prototype_usage']:.3f} "
+                      f"(< {cfg.collapse_usage}) for {cfg.collapse_patience} steps")
+            collapse["warned"] = {"step": step, "reason": reason}
+            progress.event("collapse_warning", step=step, reason=reason,
+                           teacher_feature_std=stats_sum["teacher_feature_std"],
+                           prototype_usage=stats_sum["prototype_usage"])
+            status.update(collapse=collapse["warned"])
+            log(f"WARNING: possible collapse at step {step}: {reason}")
+        if step % cfg.log_every == 0 or step == total:
+            now = time.perf_counter()
+            rec = {"kind": "step", "step": step, "epoch": round(sampler.epoch(step), 4),
+                   **{k: float(np.mean(v)) for k, v in acc.items()}, "lr": float(lr_s[step - 1]),
+                   "weight_decay": float(wd_s[step - 1]), "momentum": float(mom_s[step - 1]),
+                   "teacher_temp": float(tt_s[step - 1]), "grad_norm": float(grad_norm),
+                   "images_per_s": round(n_img / max(now - t_last, 1e-9), 3), "micro_batch": micro}
+            write_metrics(rec)
+            if main:
+                progress.event("step", **{k: v for k, v in rec.items() if k != "kind"}, total=total)
+                status.update(step=step, metrics={k: rec[k] for k in ("loss", "dino", "ibot", "teacher_entropy",
+                                                                     "teacher_feature_std", "images_per_s")})
+                if not json_progress_enabled(progress):
+                    log(f"step {step}/{total} loss {rec['loss']:.4f} (dino {rec['dino']:.3f} ibot {rec['ibot']:.3f}"
+                        f"{' gram %.4f' % rec['gram'] if 'gram' in rec else ''}) lr {rec['lr']:.2e} "
+                        f"{rec['images_per_s']:.1f} img/s")
+            t_last, n_img, acc = now, 0, {}
+        if cfg.probe_every and step % cfg.probe_every == 0:
+            run_probe()
+        stop = D.any_true(stopper.requested, dist_info, device)
+        if step % cfg.checkpoint_every == 0 and step < total and not stop:
+            checkpoint()
+        if stop:
+            state_name = "stopped"
+            if main:
+                status.update(state="stopping", step=step)
+            break
+    for s, h in old_handlers.items():
+        signal.signal(s, h)
+    if state_name == "finished" and probe is not None and cfg.probe_every and step % cfg.probe_every:
+        run_probe()
+    checkpoint()
+    checksum = float(sum(p.detach().double().sum().item() for p in meta.student.parameters()))
+    checksums = D.all_gather_object(checksum, dist_info)
+    final = {}
+    if main:
+        plot_curves(metrics_path, run_dir / "curves.png")
+        final = status.update(state=state_name, step=step, rank_checksums=checksums, collapse=collapse["warned"])
+        if state_name == "stopped":
+            progress.event("stopped", step=step, signal=stopper.signal, checkpoint=str(latest))
+            log(f"stopped by {stopper.signal} at step {step}; continue with --resume")
+        else:
+            progress.event("finished", step=step, backbone=str(run_dir / "backbone"), rank_checksums=checksums,
+                           collapse=collapse["warned"])
+            log(f"finished: {step} steps; backbone package in {run_dir / 'backbone'}")
+    return final
+
+
+def json_progress_enabled(progress: Progress) -> bool:
+    return progress.json_lines
+
