@@ -22,20 +22,7 @@ from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmen
 from MedDINOv3SegmentLib.errors import MedDINOv3SegmentCancelled, MedDINOv3SegmentError
 from MedDINOv3SegmentLib.logic import MedDINOv3SegmentLogic, SegmentTask  # noqa: F401 - re-exported
 
-try:
-    from slicer.util import VTKObservationMixin
-except ImportError:  # headless stand-in environment
-    class VTKObservationMixin:  # type: ignore[no-redef]
-        def __init__(self):
-            self.Observations = []
-
-        def addObserver(self, obj, event, method, priority=0.0):
-            self.Observations.append((obj, event, obj.AddObserver(event, method, priority)))
-
-        def removeObservers(self, method=None):
-            for obj, event, tag in self.Observations:
-                obj.RemoveObserver(tag)
-            self.Observations = []
+from slicer.util import VTKObservationMixin
 
 
 class MedDINOv3Segment(ScriptedLoadableModule):
