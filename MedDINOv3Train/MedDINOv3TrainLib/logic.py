@@ -139,6 +139,8 @@ class MedDINOv3TrainLogic(_LogicBase):
         if options.get("steps") is not None:
             command += ["--steps", str(int(options["steps"]))]
         elif options.get("epochs") is not None:
+            if mode == "pretrain":
+                raise TrainJobError("Pretraining counts optimiser steps: give `steps`, not `epochs`.")
             command += ["--epochs", str(int(options["epochs"]))]
         if options.get("device"):
             command += ["--device", str(options["device"])]

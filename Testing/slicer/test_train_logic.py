@@ -154,15 +154,21 @@ def phantom_data(tmp_path_factory):
     return phantom_dataset(tmp_path_factory.mktemp("phantom") / "dataset", n=3, shape=(8, 40, 40))
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One slice cache for every job of this file (the phantom is cached once)."""
+    return tmp_path_factory.mktemp("cache")
+
+
 def _tiny(cache: Path, **extra) -> dict:
-    return {"model": {"depth": 1}, "batch_size": 2, "val_fraction": 0.34, "patch_size": [32, 32],
+    return {"model": {"depth": 1}, "batch_size": 2, "val_fraction": 0.0, "patch_size": [32, 32],
             "checkpoint_every": 2, "log_every": 1, "cache_dir": str(cache), "device": "cpu",
             "augment": {"enabled": False}, **extra}
 
 
-def test_finetune_job_runs_detached_registers_and_segments(logic, slicer_scene, phantom_data, tmp_path):
-    job = logic.startJob("finetune", phantom_data, tmp_path / "run", size="tiny",
-                         options={"steps": 4, **_tiny(tmp_path / "cache", val_every=2)})
+def test_finetune_job_runs_detached_registers_and_segments(logic, slicer_scene, phantom_data, cache, meddinov3_home):
+    job = logic.startJob("finetune", phantom_data, None, size="tiny", options={"steps": 4, **_tiny(cache)})
+    assert job.runDir.parent == meddinov3_home / "jobs"  # default: MEDDINOV3_HOME/jobs
     info = json.loads((job.runDir / "job.json").read_text())
     assert info["mode"] == "finetune" and info["pid"] and info["command"][-1] == "--json-progress"
     assert info["command"][1:5] == ["-m", "meddinov3.cli.main", "train", "--data"]
@@ -173,9 +179,7 @@ def test_finetune_job_runs_detached_registers_and_segments(logic, slicer_scene, 
     assert status["step"] == status["total"] == 4
     assert (job.runDir / "log.txt").stat().st_size > 0 and job.logTail(5)
 
-    metrics = job.metrics()
-    assert [r["step"] for r in metrics if r["kind"] == "step"] == [1, 2, 3, 4]
-    assert any(r["kind"] == "validation" for r in metrics)
+    assert [r["step"] for r in job.metrics() if r["kind"] == "step"] == [1, 2, 3, 4]
 
     from MedDINOv3SegmentLib.models import listModels
 
@@ -203,85 +207,70 @@ def test_finetune_job_runs_detached_registers_and_segments(logic, slicer_scene, 
         assert result is not None
 
 
-def test_stop_then_resume_continues_the_step_count(logic, phantom_data, tmp_path):
-    job = logic.startJob("finetune", phantom_data, tmp_path / "run", size="tiny",
-                         options={"steps": 400, **_tiny(tmp_path / "cache", val_fraction=0.0)})
-    deadline = time.monotonic() + 180
-    while job.status()["step"] < 3:
-        assert job.status()["state"] in ("starting", "running"), job.logTail(30)
-        assert time.monotonic() < deadline, job.logTail(30)
-        time.sleep(0.2)
-    assert job.stop(timeout=60) == "stopped", job.logTail(30)
-    stopped = job.status()
-    assert stopped["state"] == "stopped" and 3 <= stopped["step"] < 400
-    assert (job.runDir / "checkpoints" / "latest.pt").is_file()
-    assert not job.isProcessRunning()
-
-    # resume with fewer remaining steps: change nothing but continue to the end of the saved run
-    job.resume()
-    assert job.status()["state"] in ("starting", "running", "stopping", "finished")
-    # let it run a few more steps then stop again, resume and finish quickly by lowering nothing: stop at >= +2
-    deadline = time.monotonic() + 180
-    while job.status()["step"] < stopped["step"] + 2:
-        assert job.status()["state"] in ("starting", "running"), job.logTail(30)
-        assert time.monotonic() < deadline, job.logTail(30)
-        time.sleep(0.2)
-    assert job.stop(timeout=60) == "stopped"
-    steps = [r["step"] for r in job.metrics() if r["kind"] == "step"]
-    assert steps == list(range(1, steps[-1] + 1)), "the step count continues, nothing lost or counted twice"
-    assert steps[-1] > stopped["step"]
-    assert len(json.loads((job.runDir / "job.json").read_text())["launches"]) == 2
-
-
-def test_resume_runs_to_completion(logic, phantom_data, tmp_path):
-    job = logic.startJob("finetune", phantom_data, tmp_path / "run", size="tiny",
-                         options={"steps": 8, **_tiny(tmp_path / "cache", val_fraction=0.0, checkpoint_every=1)})
-    deadline = time.monotonic() + 180
-    while job.status()["step"] < 2 and job.status()["state"] != "finished":
+def _wait_for_step(job, step: int, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = job.status()
+        if status["step"] >= step or status["state"] not in ("starting", "running"):
+            return
         assert time.monotonic() < deadline, job.logTail(30)
         time.sleep(0.1)
-    state = job.stop(timeout=60)
-    if state == "finished":
-        pytest.skip("the job finished before it could be stopped")
-    assert state == "stopped"
-    first = job.status()["step"]
-    logic.resumeJob(job)
-    assert job.wait(timeout=240) == "finished", job.logTail(30)
-    assert job.status()["step"] == 8 > first
-    steps = [r["step"] for r in job.metrics() if r["kind"] == "step"]
-    assert steps == list(range(1, 9))
-    assert (job.runDir / "model" / "model.json").is_file()
 
 
-def test_new_logic_reattaches_to_running_and_finished_jobs(headless_slicer, phantom_data, tmp_path):
+def test_stop_reattach_resume_to_completion(headless_slicer, phantom_data, cache, tmp_path):
+    """Start; "restart Slicer" (a new Logic finds the running job); Stop -> resumable "stopped"; Resume -> the
+    step count continues to the end; a third Logic sees it finished."""
     from MedDINOv3TrainLib.logic import MedDINOv3TrainLogic
 
     first = MedDINOv3TrainLogic()
-    running = first.startJob("finetune", phantom_data, None, size="tiny",
-                             options={"steps": 400, **_tiny(tmp_path / "cache", val_fraction=0.0)})
-    assert running.runDir.parent.name == "jobs"  # default: MEDDINOV3_HOME/jobs
-    outside = first.startJob("finetune", phantom_data, tmp_path / "elsewhere", size="tiny",
-                             options={"steps": 2, **_tiny(tmp_path / "cache", val_fraction=0.0)})
-    assert outside.wait(timeout=240) == "finished", outside.logTail(30)
-    del first  # "Slicer restarts": a new Logic knows only what is on disk
+    started = first.startJob("finetune", phantom_data, tmp_path / "run", size="tiny",
+                             options={"steps": 12, **_tiny(cache, val_fraction=0.0, checkpoint_every=1)})
+    _wait_for_step(started, 2)
+    del first
 
     second = MedDINOv3TrainLogic()
-    found = {job.runDir: job for job in second.jobs()}
-    assert set(found) == {running.runDir, outside.runDir}
-    assert found[running.runDir].status()["state"] in ("starting", "running")
-    assert found[outside.runDir].status()["state"] == "finished"
+    found = {job.runDir: job for job in second.jobs()}  # an output folder outside the jobs root is remembered
+    assert set(found) == {started.runDir}
+    job = found[started.runDir]
+    assert job.status()["state"] == "running", job.logTail(30)
     with pytest.raises(Exception, match="running"):
-        found[running.runDir].delete()
-    assert found[running.runDir].stop(timeout=60) == "stopped"
+        job.delete()
+    assert job.stop(timeout=60) == "stopped", job.logTail(30)
+    stopped = job.status()
+    assert stopped["state"] == "stopped" and 2 <= stopped["step"] < 12
+    assert (job.runDir / "checkpoints" / "latest.pt").is_file() and not job.isProcessRunning()
 
-    # a job whose process died without saying so is reported as failed with the log tail
-    (outside.runDir / "status.json").write_text(json.dumps({"state": "running", "step": 1, "total": 2}))
-    dead = second.job(outside.runDir).status()
-    assert dead["state"] == "failed" and dead["error"] and dead["logTail"]
+    second.resumeJob(job)
+    assert job.status()["state"] in ("starting", "running", "finished")
+    assert job.wait(timeout=240) == "finished", job.logTail(30)
+    steps = [r["step"] for r in job.metrics() if r["kind"] == "step"]
+    assert steps == list(range(1, 13)), "the step count continues: nothing lost, nothing counted twice"
+    assert len(json.loads((job.runDir / "job.json").read_text())["launches"]) == 2
+    assert job.logTail(200)[0].startswith("#") and any("--resume" in line for line in job.logTail(200))
 
-    found[running.runDir].delete()
-    assert not running.runDir.exists()
-    assert [job.runDir for job in MedDINOv3TrainLogic().jobs()] == [outside.runDir]
+    third = MedDINOv3TrainLogic()
+    (again,) = third.jobs()
+    assert again.runDir == started.runDir and again.status()["state"] == "finished"
+    from MedDINOv3SegmentLib.models import listModels
+
+    assert [Path(r["reference"]) for r in listModels() if r["source"] == "trained"] == [job.runDir / "model"]
+    again.delete()
+    assert not started.runDir.exists() and MedDINOv3TrainLogic().jobs() == []
+
+
+def test_dead_process_is_reported_failed_with_the_log_tail(logic, tmp_path):
+    import subprocess
+    import sys
+
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "job.json").write_text(json.dumps({"mode": "finetune", "pid": finished.pid, "started": time.time() - 5}))
+    (run / "status.json").write_text(json.dumps({"state": "running", "step": 1, "total": 2, "updated": time.time()}))
+    (run / "log.txt").write_text("step 1\nRuntimeError: CUDA error: no kernel image\n")
+    status = logic.job(run).status()
+    assert status["state"] == "failed" and "no kernel image" in status["error"] and status["logTail"]
 
 
 def test_start_job_refuses_an_existing_job_folder(logic, phantom_data, tmp_path):
@@ -304,11 +293,13 @@ def test_pretrain_command_and_config_file(logic, tmp_path):
     assert command == ["/opt/PythonSlicer", "-m", "meddinov3.cli.main", "pretrain", "--data", str(tmp_path), "--out",
                        str(tmp_path / "run"), "--size", "small", "--config", str(tmp_path / "c.json"), "--stage", "2",
                        "--steps", "10", "--device", "cuda:1", "--json-progress"]
-    from MedDINOv3TrainLib.jobs import TrainJob, resumeCommand
+    from MedDINOv3TrainLib.jobs import TrainJob, TrainJobError, resumeCommand
 
     info = {"mode": "pretrain", "data": "/d", "stage": 2, "command": command}
     assert resumeCommand(info, "/r") == ["/opt/PythonSlicer", "-m", "meddinov3.cli.main", "pretrain", "--out", "/r",
-                                         "--resume", "--data", "/d", "--stage", "2", "--json-progress"]
+                                         "--resume", "--json-progress"]
+    with pytest.raises(TrainJobError, match="steps"):
+        logic.buildCommand("pretrain", tmp_path, tmp_path / "run", options={"epochs": 3})
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "job.json").write_text(json.dumps(info))
     assert TrainJob(tmp_path / "run").modelPath() == str(tmp_path / "run" / "backbone")
