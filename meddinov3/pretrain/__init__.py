@@ -2,8 +2,9 @@
 
 Building blocks, each testable alone: projection head (``heads``), losses (``losses``),
 multi-crop augmentation (``crops``), block masking (``masking``) and per-iteration
-schedules (``schedules``). The meta-architecture (student, EMA teacher) and the loop
-build on these.
+schedules (``schedules``). The meta-architecture (student, EMA teacher; ``meta_arch``), the slice
+index (``data``), the loop (``loop.pretrain``), the dense probe (``probe``) and the backbone export
+(``export``) build on these; ``meddinov3 pretrain`` is the command line.
 """
 
 from .crops import MultiCropAugmentation, collate_crops, normalize_hu
@@ -12,7 +13,21 @@ from .losses import DINOLoss, GramLoss, KoLeoLoss, iBOTPatchLoss
 from .masking import MaskingGenerator, sample_masks
 from .schedules import cosine_schedule
 
+
+
+def __getattr__(name: str):
+    # The loop pulls in training/IO modules: imported on first use only.
+    if name in ("PretrainConfig", "pretrain", "PretrainError"):
+        from . import loop
+        return getattr(loop, name)
+    if name in ("SSLMetaArch", "HeadConfig"):
+        from . import meta_arch
+        return getattr(meta_arch, name)
+    raise AttributeError(name)
+
+
 __all__ = [
+    "PretrainConfig", "pretrain", "PretrainError", "SSLMetaArch", "HeadConfig",
     "DINOHead", "DINOLoss", "iBOTPatchLoss", "KoLeoLoss", "GramLoss",
     "MultiCropAugmentation", "collate_crops", "normalize_hu",
     "MaskingGenerator", "sample_masks", "cosine_schedule",

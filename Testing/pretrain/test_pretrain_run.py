@@ -1,0 +1,220 @@
+"""End-to-end pretraining on the real LiTS liver CT slices (tiny ViT, small heads and crops, CPU).
+
+Stages 1-3 reduce their loss, the collapse detector fires on a collapsed backbone and not on the normal run,
+kill -9 + --resume continues at the same step, 2-process DDP (gloo) ranks agree, and the exported backbone
+fine-tunes through `meddinov3 train --base RUN_DIR`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+TINY = {"size": "tiny", "model": {"depth": 2, "patch_size": 8},
+        "head": {"out_dim": 256, "hidden_dim": 64, "bottleneck_dim": 32, "nlayers": 3},
+        "global_size": 64, "local_size": 32, "n_local": 2, "batch_size": 4, "lr": 1e-3, "warmup_steps": 2,
+        "teacher_temp_warmup_steps": 4, "log_every": 1, "seed": 0}
+SETS = ['model={"depth": 2, "patch_size": 8}', 'head={"out_dim": 256, "hidden_dim": 64, "bottleneck_dim": 32}',
+        "global_size=64", "local_size=32", "n_local=2", "lr=1e-3", "warmup_steps=2", "log_every=1", "probe_every=0"]
+
+
+def _events(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip().startswith("{")]
+
+
+def _run(data, out, resume=False, hooks=None, **over):
+    from meddinov3.pretrain.loop import PretrainConfig, pretrain
+
+    cfg = PretrainConfig.from_dict({**TINY, "data": str(data), "out": str(out), "device": "cpu", **over})
+    stream = io.StringIO()
+    status = pretrain(cfg, resume=resume, json_progress=True, stream=stream, hooks=hooks)
+    return status, _events(stream.getvalue())
+
+
+def _losses(out: Path) -> list[float]:
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in recs if r["kind"] == "step"]
+
+
+def _cli(args, timeout=300, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "meddinov3.cli.main", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+@pytest.fixture(scope="module")
+def liver(tmp_path_factory):
+    """The liver CT training half (axial slices [0, 64)) as one NIfTI volume, and the exported dataset."""
+    from meddinov3.cli.demo import export_dataset
+
+    root = tmp_path_factory.mktemp("pretrain")
+    ds = export_dataset(root / "dataset")
+    return root, ds, ds / "imagesTr" / "liver117_train_0000.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def stage1(liver):
+    root, _, vol = liver
+    out = root / "stage1"
+    status, ev = _run(vol, out, steps=10, checkpoint_every=5, probe_every=5)
+    return out, status, ev
+
+
+def test_stage1_writes_run_and_reduces_loss(stage1):
+    out, status, ev = stage1
+    for name in ("config.json", "checkpoints/latest.pt", "metrics.jsonl", "curves.png", "status.json",
+                 "backbone/model.json", "slices/index.npy"):
+        assert (out / name).exists(), name
+    assert status["state"] == "finished" and status["step"] == 10
+    names = [e["event"] for e in ev]
+    assert names[0] == "started" and names[-1] == "finished"
+    assert {"step", "probe", "checkpoint"} <= set(names)
+    assert "collapse_warning" not in names and status.get("collapse") is None
+    step = next(e for e in ev if e["event"] == "step")
+    for k in ("loss", "dino", "ibot", "koleo", "lr", "images_per_s", "teacher_entropy", "teacher_feature_std"):
+        assert k in step
+    losses = _losses(out)
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3, losses
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["resolved"]["model"]["depth"] == 2 and cfg["resolved"]["global_size"] == 64
+    probes = [e for e in ev if e["event"] == "probe"]
+    assert 0.0 <= probes[-1]["probe_accuracy"] <= 1.0
+
+
+def test_exported_backbone_loads_as_teacher(stage1):
+    from meddinov3.checkpoints import load_backbone
+
+    out, _, _ = stage1
+    mcfg, sd, spec = load_backbone(out)
+    assert spec.kind == "backbone" and mcfg.depth == 2
+    state = torch.load(out / "checkpoints" / "latest.pt", weights_only=False)
+    t = state["meta"]["teacher.backbone.vit.patch_embed.proj.weight"]
+    assert torch.equal(sd["vit.patch_embed.proj.weight"], t)
+
+
+def test_stage2_gram_and_stage3_highres_reduce_loss(stage1, liver):
+    root, _, vol = liver
+    out2 = root / "stage2"
+    status, ev = _run(vol, out2, base=str(stage1[0]), stage=2, steps=8, size=None, lr=5e-4)
+    assert status["state"] == "finished"
+    step = next(e for e in ev if e["event"] == "step")
+    assert "gram" in step and step["gram"] >= 0
+    started = ev[0]
+    assert started["base"]["kind"] == "pretrain-run"
+    losses = _losses(out2)
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+
+    out3 = root / "stage3"
+    status, ev = _run(vol, out3, base=str(out2), stage=3, steps=6, size=None, lr=5e-4, highres_factor=1.5)
+    assert status["state"] == "finished"
+    assert ev[0]["global_size"] == 96 and ev[0]["local_size"] == 48
+    assert "gram" in next(e for e in ev if e["event"] == "step")
+    losses = _losses(out3)
+    assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
+
+
+def test_collapse_detector_fires_on_constant_backbone(liver):
+    root, _, vol = liver
+
+    def collapse(meta):
+        for part in (meta.student, meta.teacher):
+            bb = part["backbone"]
+            orig = bb.forward_features
+            bb.forward_features = lambda x, masks=None, _o=orig: _o(torch.zeros_like(x), masks)
+
+    status, ev = _run(vol, root / "collapsed", hooks={"meta": collapse}, steps=4, collapse_patience=2,
+                      centering="none", teacher_temp=1e-3, warmup_teacher_temp=1e-3)
+    warn = [e for e in ev if e["event"] == "collapse_warning"]
+    assert warn and warn[0]["step"] == 2 and warn[0]["teacher_feature_std"] < 1e-6
+    assert status["collapse"]["step"] == 2
+    assert json.loads((root / "collapsed" / "status.json").read_text())["collapse"]["step"] == 2
+
+
+def test_kill9_then_resume_continues_at_same_step(liver):
+    root, _, vol = liver
+    out = root / "killed"
+    args = ["pretrain", "--data", str(vol), "--out", str(out), "--size", "tiny", "--steps", "8", "--batch-size", "4",
+            "--device", "cpu", "--json-progress", "--set", *SETS, "checkpoint_every=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "meddinov3.cli.main", *args], cwd=REPO, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 200
+    ckpt_step = None
+    for line in p.stdout:
+        e = json.loads(line)
+        if e["event"] == "checkpoint" and e["step"] >= 4:
+            ckpt_step = e["step"]
+            os.kill(p.pid, signal.SIGKILL)
+            break
+        assert time.time() < deadline
+    p.wait(timeout=30)
+    assert ckpt_step is not None
+    r = _cli(["pretrain", "--out", str(out), "--resume", "--json-progress", "--device", "cpu"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    ev = _events(r.stdout)
+    started = ev[0]
+    assert started["event"] == "started" and started["resumed"] and started["step"] >= ckpt_step
+    steps = [e["step"] for e in ev if e["event"] == "step"]
+    assert steps[0] == started["step"] + 1 and steps[-1] == 8
+    recs = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert recs == list(range(1, 9))
+    assert json.loads((out / "status.json").read_text())["state"] == "finished"
+
+
+def test_sigterm_saves_and_exits_zero(liver):
+    root, _, vol = liver
+    out = root / "sigterm"
+    args = ["pretrain", "--data", str(vol), "--out", str(out), "--size", "tiny", "--steps", "200", "--batch-size",
+            "4", "--device", "cpu", "--json-progress", "--set", *SETS, "checkpoint_every=100"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "meddinov3.cli.main", *args], cwd=REPO, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if json.loads(line)["event"] == "step":
+            p.send_signal(signal.SIGTERM)
+            break
+    rest, _ = p.communicate(timeout=120)
+    assert p.returncode == 0
+    assert any(e["event"] == "stopped" for e in _events(rest))
+    st = json.loads((out / "status.json").read_text())
+    assert st["state"] == "stopped" and (out / "checkpoints" / "latest.pt").exists()
+
+
+def test_ddp_two_cpu_processes_agree(liver):
+    root, _, vol = liver
+    out = root / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "meddinov3.cli.main", "pretrain", "--data", str(vol), "--out", str(out), "--size", "tiny",
+           "--steps", "3", "--batch-size", "4", "--device", "cpu", "--json-progress", "--set", *SETS]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    fin = next(e for e in _events(r.stdout) if e["event"] == "finished")
+    a, b = fin["rank_checksums"]
+    assert a == b
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["resolved"]["world_size"] == 2 and cfg["resolved"]["per_rank_batch"] == 2
+
+
+def test_exported_backbone_finetunes_with_train(stage1, liver, tmp_path):
+    root, ds, _ = liver
+    r = _cli(["train", "--data", str(ds), "--out", str(tmp_path / "ft"), "--base", str(stage1[0]), "--steps", "2",
+              "--steps-per-epoch", "2", "--batch-size", "2", "--val-cases", "liver117_heldout", "--device", "cpu",
+              "--set", f"cache_dir={json.dumps(str(tmp_path / 'cache'))}", 'augment={"enabled": false}',
+              "patch_size=[64, 64]"], timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert cfg["resolved"]["base"]["base_kind"] == "backbone"
+    assert (tmp_path / "ft" / "model" / "model.json").exists()
