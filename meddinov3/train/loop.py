@@ -233,8 +233,9 @@ def validate(net, spec, ds: Dataset, names: list[str], device, tta: bool = False
     from ..checkpoints import LoadedModel
     from ..engine import segment_image
 
-    was_training = net.training
-    net.eval()
+    import copy
+
+    net = copy.deepcopy(net).eval()  # the engine may cast / compile its networks: never touch the trained one
     loaded = LoadedModel(spec, [net], "package", Path(spec.name))
     per_case = {}
     try:
@@ -250,7 +251,7 @@ def validate(net, spec, ds: Dataset, names: list[str], device, tta: bool = False
             truth = sitk.GetArrayViewFromImage(label)
             per_case[case.name] = dice_per_class(pred, truth, [c.value for c in spec.classes[1:]])
     finally:
-        net.train(was_training)
+        del loaded, net
     names_by_value = {c.value: c.name for c in spec.classes}
     dice = {names_by_value[v]: float(np.mean([d[v] for d in per_case.values()]))
             for v in names_by_value if v != 0}
