@@ -33,13 +33,19 @@ from meddinov3.engine import resolve_device, segment_image  # noqa: E402
 from meddinov3.engine.inference import SlicePredictor  # noqa: E402
 from meddinov3.engine.preprocess import resampled_shape, target_spacing  # noqa: E402
 from meddinov3.model import build_model  # noqa: E402
-from meddinov3.phantom import load_liver_ct  # noqa: E402
+from meddinov3.phantom import load_liver_ct, make_phantom_ct  # noqa: E402
 
 
-def big_ct(slices: int) -> sitk.Image:
-    """512 x 512 x `slices` CT at 0.75 x 0.75 x 1 mm: the 1 mm liver CT upsampled in-plane (384 px, air around), mirrored and tiled along z."""
-    ct, _ = load_liver_ct()
-    arr = sitk.GetArrayFromImage(ct)  # (128, 128, 128) at 1 mm
+def big_ct(slices: int) -> tuple[sitk.Image, str]:
+    """512 x 512 x `slices` CT at 0.75 x 0.75 x 1 mm: a 1 mm 128-slice CT upsampled in-plane (384 px, air around),
+    mirrored and tiled along z. The LiTS liver CT when its package is installed, else the phantom."""
+    try:
+        ct, _ = load_liver_ct()
+        source = "LiTS liver CT (tiled)"
+    except FileNotFoundError:
+        ct, _ = make_phantom_ct((128, 128, 128), spacing=(1.0, 1.0, 1.0), seed=0)
+        source = "phantom CT (tiled)"
+    arr = sitk.GetArrayFromImage(ct).astype(np.float32)  # (128, 128, 128) at 1 mm
     t = torch.from_numpy(arr)[:, None]
     up = torch.nn.functional.interpolate(t, size=(384, 384), mode="bilinear", align_corners=False)[:, 0]
     canvas = np.full((128, 512, 512), -1000, np.int16)
@@ -48,7 +54,7 @@ def big_ct(slices: int) -> sitk.Image:
     vol = np.concatenate([canvas, canvas[::-1]] * reps)[:slices]
     image = sitk.GetImageFromArray(vol)
     image.SetSpacing((0.75, 0.75, 1.0))
-    return image
+    return image, source
 
 
 def peak_rss_mib() -> float:
@@ -95,7 +101,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         pkg = write_package(Path(tmp) / "pkg", spec, [build_model(cfg).state_dict()])
         model = load_model(str(pkg), device=dev)
-    image = big_ct(args.slices)
+    image, source = big_ct(args.slices)
     rss_before = peak_rss_mib()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -143,7 +149,7 @@ def main(argv=None) -> int:
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     print("| " + " | ".join(row) + " |")
-    print(f"(peak RSS of setup {rss_before:.0f} MiB; labels {sitk.GetArrayViewFromImage(result.labels).shape}, "
+    print(f"({source}; peak RSS of setup {rss_before:.0f} MiB; labels {sitk.GetArrayViewFromImage(result.labels).shape}, "
           f"stats {result.stats})")
     return 0
 
