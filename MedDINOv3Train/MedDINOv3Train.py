@@ -278,11 +278,18 @@ class MedDINOv3TrainWidget(ScriptedLoadableModuleWidget):
             else:
                 data = p.dataFolder
             base = self._baseReferences.get(self.ui.baseModelSelector.currentText, "") or None
-            with slicer.util.tryWithErrorDisplay(_("Failed to start the job."), waitCursor=True):
+            qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
+            try:  # exporting scene pairs takes a moment; training itself runs in its own process
                 self._job = self.logic.startJob(mode, data, p.outputFolder or None, base=base,
                                                 size=self.ui.sizeSelector.currentText, options=self._options(mode, stage))
+            finally:
+                qt.QApplication.restoreOverrideCursor()
         except (ValueError, TrainJobError) as e:
             slicer.util.errorDisplay(str(e))
+            return
+        except Exception as e:  # noqa: BLE001 - shown with details, the GUI stays usable
+            logging.exception("MedDINOv3 Train: starting the job failed")
+            slicer.util.errorDisplay(_("Failed to start the job: {error}").format(error=e))
             return
         self.ui.logText.clear()
         self._refreshJobs()
@@ -405,8 +412,9 @@ class MedDINOv3TrainWidget(ScriptedLoadableModuleWidget):
         for name, value in (metrics.get("validation_dice") or {}).items():
             parts.append(f"Dice {name} {value:.3f}")
         self.ui.metricsLabel.text = ", ".join(parts)
-        memory = metrics.get("gpu_memory_gb") or metrics.get("max_memory_gb")
-        self.ui.gpuMemoryLabel.text = f"GPU memory {memory:.1f} GB" if memory else ""
+        if self._ticks % 5 == 1:  # nvidia-smi is not free: every 5 s
+            memory = job.gpuMemoryMB()
+            self.ui.gpuMemoryLabel.text = f"GPU memory {memory / 1024:.1f} GB" if memory else ""
         self.ui.logText.setPlainText("\n".join(job.logTail(200)))
         self.ui.logText.verticalScrollBar().setValue(self.ui.logText.verticalScrollBar().maximum)
         chart = self.logic.updatePlotNodes(job)

@@ -267,12 +267,14 @@ class TrainJob:
         return self.isProcessRunning()
 
     def wait(self, timeout: float | None = None, interval: float = 0.5) -> str:
-        """Poll until the job reaches a final state (returned) or `timeout` seconds passed (current state)."""
+        """Poll until the job reaches a final state and its process exited (returns the state), or `timeout`
+        seconds passed (returns the current state)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            state = self.status()["state"]
-            if state in FINAL_STATES:
-                return state
+            status = self.status()
+            state = status["state"]
+            if state in FINAL_STATES and not status["processRunning"]:
+                return state  # the process has also exited (it writes its final status just before)
             if deadline is not None and time.monotonic() >= deadline:
                 return state
             time.sleep(interval)
@@ -351,6 +353,26 @@ class TrainJob:
         except OSError:
             pass
         return records
+
+    def gpuMemoryMB(self) -> float | None:
+        """GPU memory used by the job's processes (nvidia-smi), or None when unknown / no NVIDIA GPU."""
+        if not self.isProcessRunning() or shutil.which("nvidia-smi") is None:
+            return None
+        pids = {int(self.pid)}
+        try:
+            import psutil
+
+            pids |= {p.pid for p in psutil.Process(int(self.pid)).children(recursive=True)}
+        except Exception:  # noqa: BLE001 - psutil missing or the process just ended
+            pass
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=5).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+        used = [float(parts[1]) for parts in (line.split(",") for line in out.splitlines())
+                if len(parts) == 2 and parts[0].strip().isdigit() and int(parts[0]) in pids]
+        return sum(used) if used else None
 
     def modelPath(self) -> str:
         return str(self.runDir / ("backbone" if self.mode == "pretrain" else "model"))
