@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,7 @@ def auto_batch_size(device: torch.device, cfg, tile: tuple[int, int]) -> int:
     """Items (slices or tiles) per forward: from free memory on CUDA, a fixed modest number elsewhere."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached by PyTorch
         pixels = tile[0] * tile[1]
         # bf16 decoder activations dominate: ~ pixels * embed_dim/4 channels * 2 bytes, x6 for temporaries,
         # plus float32 logits and their stitched copies.
@@ -59,6 +61,16 @@ def auto_batch_size(device: torch.device, cfg, tile: tuple[int, int]) -> int:
     if device.type == "mps":
         return 8
     return CPU_BATCH
+
+
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _compiled(net):
+    """One torch.compile wrapper per network, reused across volumes (compiling costs tens of seconds)."""
+    if net not in _COMPILED:
+        _COMPILED[net] = torch.compile(net, dynamic=False)
+    return _COMPILED[net]
 
 
 class SlicePredictor:
@@ -79,7 +91,7 @@ class SlicePredictor:
             net = net.to(device).eval()
             if device.type == "cuda":
                 net = net.to(memory_format=torch.channels_last)
-            nets.append(torch.compile(net, dynamic=False) if self.compiled else net)
+            nets.append(_compiled(net) if self.compiled else net)
         self.networks = nets
         self.requested_batch = batch_size
         self.batch_size: int | None = None if batch_size == "auto" else int(batch_size)

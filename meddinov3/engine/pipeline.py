@@ -171,12 +171,17 @@ def segment_image(image: sitk.Image, model, device: str | torch.device = "auto",
                 continue
         return False
 
+    # CPU: the reader normalises and resamples. CUDA: it gathers raw voxels (int16 stays int16: half the bytes)
+    # into pinned memory, and the GPU converts, normalises and resamples them.
+    raw_dtype = volume.dtype if volume.dtype in (np.int16, np.uint8, np.float16, np.float32) else np.float32
+
     def reader():
         for zs in batches:
-            x = torch.from_numpy(np.asarray(volume[zs], dtype=np.float32))[:, None]
-            x = normalize(x)
             if resize_on_cpu:
-                x = resize(x, model_hw)
+                x = torch.from_numpy(np.asarray(volume[zs], dtype=np.float32))[:, None]
+                x = resize(normalize(x), model_hw)
+            else:
+                x = torch.from_numpy(np.asarray(volume[zs], dtype=raw_dtype))[:, None]
             if pin:
                 x = x.pin_memory()
             if not put(prepared, (zs, x)):
@@ -216,7 +221,7 @@ def segment_image(image: sitk.Image, model, device: str | torch.device = "auto",
             t0 = time.perf_counter()
             x = x.to(dev, non_blocking=True)
             if not resize_on_cpu:
-                x = resize(x, model_hw)
+                x = resize(normalize(x.float()), model_hw)
             p = predictor.predict(x)
             p = resize(p, (H, W))
             idx = p.argmax(1).to(torch.uint8 if n_classes <= 256 else torch.int16)
