@@ -33,13 +33,13 @@ def tiny_args(cache: Path, depth: int = 1) -> list[str]:
 
 def run_cli(args: list[str], timeout: float = 300, env_extra: dict | None = None, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "meddinov3.cli.main", *args], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "meddinov3.cli", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout, **kw)
 
 
 def popen_cli(args: list[str], env_extra: dict | None = None) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "meddinov3.cli.main", *args], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "meddinov3.cli", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
