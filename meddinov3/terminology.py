@@ -19,6 +19,7 @@ ALTERED = ("SCT", "49755003", "Morphologically Altered Structure")
 TISSUE = ("SCT", "85756007", "Tissue")
 LEFT = ("SCT", "7771000", "Left")
 RIGHT = ("SCT", "24028007", "Right")
+REGION_CONTEXT = "Anatomic codes - DICOM master list"
 
 # name -> (category, type code, type meaning, colour)
 _BUILTIN: dict[str, tuple[tuple[str, str, str], str, str, tuple[int, int, int]]] = {
@@ -155,15 +156,24 @@ def shared_table() -> dict[str, Entry]:
             "type": r.get("type") or _join(r, "type"),
             "typeModifier": r.get("modifier") or r.get("typeModifier") or _join(r, "modifier"),
         }
-        color = _parse_color(r.get("color") or r.get("colour"))
-        table[_key(str(name))] = Entry(
-            str(name), color or (128, 128, 128), slicer_terminology(term))
+        term = slicer_terminology(term)
+        region = r.get("anatomicRegion") or _join(r, "region")
+        if term is not None and region:
+            term["anatomicContextName"] = REGION_CONTEXT
+            term["anatomicRegion"] = _code(region)
+        entry = Entry(str(name), _parse_color(r.get("color") or r.get("colour")) or (128, 128, 128), term)
+        synonyms = r.get("synonyms") or []
+        if isinstance(synonyms, str):
+            synonyms = synonyms.split("|")
+        for key in [str(name), *synonyms]:
+            if key.strip():
+                table.setdefault(simple_name(key), entry)
     return table
 
 
-def _key(name: str) -> str:
-    base, side = normalize_name(name)
-    return f"{base}|{side[2].lower()}" if side else base
+def simple_name(name: str) -> str:
+    """The shared table's matching rule: lower case, '_' and '-' and repeated spaces -> one space."""
+    return " ".join(re.sub(r"[_\-]+", " ", name.strip().lower()).split())
 
 
 def _join(row: dict, prefix: str) -> list[str] | None:
@@ -178,7 +188,9 @@ def lookup(name: str, index: int = 0, color=None, terminology: dict | None = Non
     given_color = _parse_color(color) if color is not None else None
     given_term = slicer_terminology(terminology)
     base, side = normalize_name(name)
-    entry = shared_table().get(_key(name)) or shared_table().get(base)
+    entry = shared_table().get(simple_name(name))
+    if entry is None and side is not None and base not in _BUILTIN:
+        entry = shared_table().get(base)
     if entry is None and base in _BUILTIN:
         category, code, meaning, rgb = _BUILTIN[base]
         term = {"contextName": CONTEXT, "category": list(category), "type": ["SCT", code, meaning]}
