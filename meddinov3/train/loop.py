@@ -444,6 +444,7 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
         y = torch.from_numpy(labs).to(device, non_blocking=True)
         gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, step, dist_info.rank, 31]).integers(2 ** 62)))
         x, y = augment(x, y, gen, aug_cfg, pad_value)
+        logits = loss = None
         while True:
             try:
                 optimizer.zero_grad(set_to_none=True)
@@ -465,7 +466,7 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
                 if micro <= 1:
                     raise
                 optimizer.zero_grad(set_to_none=True)
-                del logits
+                logits = loss = None
                 torch.cuda.empty_cache()
                 micro = max(1, micro // 2)
                 progress.event("oom", step=step, micro_batch=micro,
