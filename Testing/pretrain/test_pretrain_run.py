@@ -68,7 +68,7 @@ def liver(tmp_path_factory):
 def stage1(liver):
     root, _, vol = liver
     out = root / "stage1"
-    status, ev = _run(vol, out, steps=10, checkpoint_every=5, probe_every=5)
+    status, ev = _run(vol, out, steps=8, checkpoint_every=4, probe_every=4)
     return out, status, ev
 
 
@@ -77,7 +77,7 @@ def test_stage1_writes_run_and_reduces_loss(stage1):
     for name in ("config.json", "checkpoints/latest.pt", "metrics.jsonl", "curves.png", "status.json",
                  "backbone/model.json", "slices/index.npy"):
         assert (out / name).exists(), name
-    assert status["state"] == "finished" and status["step"] == 10
+    assert status["state"] == "finished" and status["step"] == 8
     names = [e["event"] for e in ev]
     assert names[0] == "started" and names[-1] == "finished"
     assert {"step", "probe", "checkpoint"} <= set(names)
@@ -107,7 +107,7 @@ def test_exported_backbone_loads_as_teacher(stage1):
 def test_stage2_gram_and_stage3_highres_reduce_loss(stage1, liver):
     root, _, vol = liver
     out2 = root / "stage2"
-    status, ev = _run(vol, out2, base=str(stage1[0]), stage=2, steps=8, size=None, lr=5e-4)
+    status, ev = _run(vol, out2, base=str(stage1[0]), stage=2, steps=6, size=None, lr=5e-4)
     assert status["state"] == "finished"
     step = next(e for e in ev if e["event"] == "step")
     assert "gram" in step and step["gram"] >= 0
@@ -117,7 +117,7 @@ def test_stage2_gram_and_stage3_highres_reduce_loss(stage1, liver):
     assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
 
     out3 = root / "stage3"
-    status, ev = _run(vol, out3, base=str(out2), stage=3, steps=6, size=None, lr=5e-4, highres_factor=1.5)
+    status, ev = _run(vol, out3, base=str(out2), stage=3, steps=5, size=None, lr=5e-4, highres_factor=1.5)
     assert status["state"] == "finished"
     assert ev[0]["global_size"] == 96 and ev[0]["local_size"] == 48
     assert "gram" in next(e for e in ev if e["event"] == "step")
@@ -145,7 +145,7 @@ def test_collapse_detector_fires_on_constant_backbone(liver):
 def test_kill9_then_resume_continues_at_same_step(liver):
     root, _, vol = liver
     out = root / "killed"
-    args = ["pretrain", "--data", str(vol), "--out", str(out), "--size", "tiny", "--steps", "8", "--batch-size", "4",
+    args = ["pretrain", "--data", str(vol), "--out", str(out), "--size", "tiny", "--steps", "6", "--batch-size", "4",
             "--device", "cpu", "--json-progress", "--set", *SETS, "checkpoint_every=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen([sys.executable, "-m", "meddinov3.cli.main", *args], cwd=REPO, env=env,
@@ -167,9 +167,9 @@ def test_kill9_then_resume_continues_at_same_step(liver):
     started = ev[0]
     assert started["event"] == "started" and started["resumed"] and started["step"] >= ckpt_step
     steps = [e["step"] for e in ev if e["event"] == "step"]
-    assert steps[0] == started["step"] + 1 and steps[-1] == 8
+    assert steps[0] == started["step"] + 1 and steps[-1] == 6
     recs = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert recs == list(range(1, 9))
+    assert recs == list(range(1, 7))
     assert json.loads((out / "status.json").read_text())["state"] == "finished"
 
 
