@@ -45,4 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main: verbs raise `meddinov3.cli.main.CommandError`, which is not this
+    # `__main__` module's class under `python -m meddinov3.cli.main` (the form torchrun needs).
+    from meddinov3.cli.main import main as _main
+
+    sys.exit(_main())
