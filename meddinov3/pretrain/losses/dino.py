@@ -78,8 +78,12 @@ def sinkhorn_knopp(
     return q.t()
 
 
-class DINOLoss(nn.Module):
-    """Cross-entropy between student crops and teacher global crops (DINO multi-crop pairing)."""
+class TeacherCentering(nn.Module):
+    """Teacher-side target sharpening shared by the DINO and iBOT losses: an EMA centre of teacher logits.
+
+    Centring (subtracting the running mean logit before a low-temperature softmax) keeps one prototype from
+    winning every sample; the sharpening keeps the targets from going uniform.
+    """
 
     center: torch.Tensor
 
@@ -100,14 +104,17 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_logits: torch.Tensor) -> None:
-        """EMA of the (global, all-rank) batch mean of the teacher logits."""
+        """EMA of the (global, all-rank) mean teacher logit over every sample or token given."""
         flat = teacher_logits.detach().float().reshape(-1, self.out_dim)
-        stats = torch.cat([flat.sum(dim=0), flat.new_tensor([flat.shape[0]])])
-        stats = all_reduce_sum(stats)
+        stats = all_reduce_sum(torch.cat([flat.sum(dim=0), flat.new_tensor([flat.shape[0]])]))
         if stats[-1] <= 0:
             return
         batch_center = (stats[:-1] / stats[-1]).reshape(1, -1)
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+
+
+class DINOLoss(TeacherCentering):
+    """Cross-entropy between student crops and teacher global crops (DINO multi-crop pairing)."""
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(

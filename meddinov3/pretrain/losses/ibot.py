@@ -10,37 +10,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .dino import all_reduce_sum, sinkhorn_knopp
+from .dino import TeacherCentering, sinkhorn_knopp
 
 
-class iBOTPatchLoss(nn.Module):  # noqa: N801  (the method's own spelling)
+class iBOTPatchLoss(TeacherCentering):  # noqa: N801  (the method's own spelling)
     """Cross-entropy on masked patch tokens, each image weighted equally."""
 
-    center: torch.Tensor
-
     def __init__(self, patch_out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
-        super().__init__()
-        self.patch_out_dim = patch_out_dim
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, patch_out_dim))
-
-    @torch.no_grad()
-    def softmax_center_teacher(self, teacher_patch_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        """Centred, sharpened teacher probabilities for (..., K) patch logits."""
-        return F.softmax((teacher_patch_logits.float() - self.center) / teacher_temp, dim=-1)
-
-    @torch.no_grad()
-    def update_center(self, teacher_patch_logits: torch.Tensor) -> None:
-        """EMA of the (all-rank) mean teacher patch logit over every token given."""
-        flat = teacher_patch_logits.detach().float().reshape(-1, self.patch_out_dim)
-        stats = all_reduce_sum(torch.cat([flat.sum(dim=0), flat.new_tensor([flat.shape[0]])]))
-        if stats[-1] <= 0:
-            return
-        batch_center = (stats[:-1] / stats[-1]).reshape(1, -1)
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+        super().__init__(patch_out_dim, student_temp, center_momentum)
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(
