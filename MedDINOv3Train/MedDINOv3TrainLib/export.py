@@ -13,14 +13,13 @@ half-written dataset).
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from meddinov3.files import atomic_dir
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
@@ -228,9 +227,10 @@ def exportDataset(pairs, outputFolder, modality: str = "CT") -> str:
     if len(classes) > 255:
         raise DatasetExportError(f"{len(classes)} classes: at most 255 are supported.")
     outputFolder = Path(outputFolder).expanduser().resolve()
-    outputFolder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{outputFolder.name}.", dir=outputFolder.parent))
-    try:
+    if outputFolder.exists() and (not outputFolder.is_dir() or (
+            any(outputFolder.iterdir()) and not (outputFolder / "dataset.json").is_file())):
+        raise DatasetExportError(f"{outputFolder} exists and is not an exported dataset: choose another folder.")
+    with atomic_dir(outputFolder, overwrite=True) as staging:
         (staging / "imagesTr").mkdir()
         (staging / "labelsTr").mkdir()
         for caseName, (volumeNode, segmentationNode), mapping in zip(names, pairs, mappings):
@@ -249,25 +249,4 @@ def exportDataset(pairs, outputFolder, modality: str = "CT") -> str:
             "terminology": {info.name: sorted(info.codes) for info in classes if info.codes},
         }
         (staging / "dataset.json").write_text(json.dumps(description, indent=2))
-        _replaceFolder(staging, outputFolder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return str(outputFolder)
-
-
-def _replaceFolder(staging: Path, destination: Path) -> None:
-    """Move `staging` to `destination`, replacing an earlier export there (never a folder of other files)."""
-    if destination.exists():
-        if not destination.is_dir() or (any(destination.iterdir()) and not (destination / "dataset.json").is_file()):
-            raise DatasetExportError(f"{destination} exists and is not an exported dataset: choose another folder.")
-        old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
-        os.replace(destination, old)
-        try:
-            os.replace(staging, destination)
-        except BaseException:
-            os.replace(old, destination)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, destination)

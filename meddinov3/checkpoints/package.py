@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import ModelConfig
+from ..files import atomic_dir
 from .safe_load import CheckpointError
 
 PACKAGE_FORMAT = "meddinov3-model"
@@ -168,9 +167,7 @@ def write_package(out_dir: str | os.PathLike, spec: ModelSpec, state_dicts: list
     if len(state_dicts) != len(spec.weights):
         spec = spec.replace(weights=["model.safetensors"] if len(state_dicts) == 1
                             else [f"fold_{f}.safetensors" for f in spec.folds])
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         for name, sd in zip(spec.weights, state_dicts):
             tensors = {}
             for k, v in sd.items():
@@ -182,16 +179,6 @@ def write_package(out_dir: str | os.PathLike, spec: ModelSpec, state_dicts: list
         (tmp / MODEL_JSON).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        if out_dir.exists():
-            backup = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(out_dir, backup)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from ..files import atomic_dir
 from ..engine.preprocess import make_normalizer, resampled_shape, resize
 from ..volumes import Orientation
 from .dataset import Case, Dataset, label_array, read_case
@@ -158,35 +157,30 @@ def build_cache(ds: Dataset, root: str | os.PathLike, spacing=None, normalizatio
         if log:
             log(f"reusing slice cache {folder}")
         return folder
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
     try:
-        if log:
-            log(f"preprocessing {len(ds.cases)} case(s) into {folder}")
-        stats = dataset_statistics(ds, seed)
-        target = tuple(float(s) for s in spacing) if spacing else tuple(stats["median_spacing"])
-        norm = resolve_normalization(normalization, ds.modality, stats)
-        n_classes = len(ds.label_values)
-        rng = np.random.default_rng(seed)
-        entries = []
-        for case in ds.cases:
-            vol, lab, sp = _canonical(case, ds)
-            img, seg = preprocess_case(vol, lab, sp, target, norm, n_classes)
-            np.save(tmp / f"{case.name}_image.npy", img)
-            np.save(tmp / f"{case.name}_label.npy", seg)
-            np.savez(tmp / f"{case.name}_locs.npz", **foreground_locations(seg, n_classes, rng))
-            entries.append({"name": case.name, "image": f"{case.name}_image.npy", "label": f"{case.name}_label.npy",
-                            "locations": f"{case.name}_locs.npz", "shape": list(img.shape),
-                            "pad_value": float(img.min()) if img.size else 0.0,
-                            "source_spacing": list(sp), "source": str(case.image)})
-        index = {"version": CACHE_VERSION, "key": key, "spacing": list(target), "normalization": norm,
-                 "statistics": stats, "labels": ds.labels, "modality": ds.modality, "cases": entries}
-        (tmp / "index.json").write_text(json.dumps(index, indent=2) + "\n")
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process finished the same cache first
-            if not (folder / "index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(folder) as tmp:
+            if log:
+                log(f"preprocessing {len(ds.cases)} case(s) into {folder}")
+            stats = dataset_statistics(ds, seed)
+            target = tuple(float(s) for s in spacing) if spacing else tuple(stats["median_spacing"])
+            norm = resolve_normalization(normalization, ds.modality, stats)
+            n_classes = len(ds.label_values)
+            rng = np.random.default_rng(seed)
+            entries = []
+            for case in ds.cases:
+                vol, lab, sp = _canonical(case, ds)
+                img, seg = preprocess_case(vol, lab, sp, target, norm, n_classes)
+                np.save(tmp / f"{case.name}_image.npy", img)
+                np.save(tmp / f"{case.name}_label.npy", seg)
+                np.savez(tmp / f"{case.name}_locs.npz", **foreground_locations(seg, n_classes, rng))
+                entries.append({"name": case.name, "image": f"{case.name}_image.npy", "label": f"{case.name}_label.npy",
+                                "locations": f"{case.name}_locs.npz", "shape": list(img.shape),
+                                "pad_value": float(img.min()) if img.size else 0.0,
+                                "source_spacing": list(sp), "source": str(case.image)})
+            index = {"version": CACHE_VERSION, "key": key, "spacing": list(target), "normalization": norm,
+                     "statistics": stats, "labels": ds.labels, "modality": ds.modality, "cases": entries}
+            (tmp / "index.json").write_text(json.dumps(index, indent=2) + "\n")
+    except (FileExistsError, OSError):  # another process finished the same cache first
+        if not (folder / "index.json").is_file():
+            raise
     return folder
