@@ -6,7 +6,6 @@ is glue: module metadata, the parameter node, a thin Widget, and the self-test S
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from typing import Annotated, Optional
@@ -20,7 +19,7 @@ from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadab
 from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
 from MedDINOv3SegmentLib.errors import MedDINOv3SegmentCancelled, MedDINOv3SegmentError
-from MedDINOv3SegmentLib.logic import MedDINOv3SegmentLogic, SegmentTask  # noqa: F401 - re-exported
+from MedDINOv3SegmentLib.logic import MedDINOv3SegmentLogic
 
 from slicer.util import VTKObservationMixin
 

@@ -15,7 +15,6 @@ from typing import Annotated
 
 import qt
 import slicer
-import vtk  # noqa: F401 - used by Slicer's widgets
 from slicer.i18n import tr as _
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget

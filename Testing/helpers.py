@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 import torch
 from torch import nn

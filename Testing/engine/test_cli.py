@@ -1,7 +1,6 @@
 """`meddinov3 segment` end to end: real liver CT, .seg.nrrd, probabilities, batch folders, DICOM, bad inputs."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

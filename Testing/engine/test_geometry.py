@@ -1,6 +1,5 @@
 """Geometry: output grid equals input grid; any axis order / flips / oblique cosines give the same labels in patient space."""
 
-import itertools
 
 import numpy as np
 import pytest

@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from meddinov3.checkpoints import LoadedModel, load_model
+from meddinov3.checkpoints import load_model
 from meddinov3.engine import Cancelled, SlicePredictor, gaussian_weights, segment_image, tile_starts
 from meddinov3.engine.postprocess import fill_holes, keep_largest_component
 from meddinov3.phantom import make_phantom_ct

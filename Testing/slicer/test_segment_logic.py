@@ -20,7 +20,6 @@ import SimpleITK as sitk
 import slicer
 import vtk
 
-from Testing.slicer_headless import volume_node_from_sitk
 
 REPO = Path(__file__).resolve().parents[2]
 CLASS_NAMES = ["liver", "tumour"]

@@ -362,8 +362,6 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
             from .curves import read_metrics
             kept = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= step]
             metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        spec_provenance = {"base": base_info, "dataset": ds.source, "training_cases": train_names,
-                           "validation_cases": val_names, "steps": total, "seed": cfg.seed}
         full = {"train": cfg.to_dict(), "resolved": {
             "model": mcfg.to_dict(), "patch_size": list(patch), "spacing": list(cache.spacing),
             "normalization": cache.normalization, "statistics": cache.statistics, "cache": str(cache.folder),
@@ -514,11 +512,10 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
         signal.signal(s, h)
 
     checkpoint(latest, "latest")
-    result = None
     if state_name == "finished":
         if val_names:
             if best["step"] != step:
-                result = run_validation()
+                run_validation()
         elif main:
             export(net.state_dict(), None)
             plot_curves(metrics_path, run_dir / "curves.png")
