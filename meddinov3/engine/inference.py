@@ -48,6 +48,9 @@ def mirror_variants(axes: tuple[int, ...], tta: bool) -> list[tuple[int, ...]]:
     return [tuple(c) for r in range(len(dims) + 1) for c in itertools.combinations(dims, r)]
 
 
+DEFAULT_VRAM_BUDGET_GB = 4.0  # the issue's bound for a default ViT-B run; MEDDINOV3_MAX_VRAM_GB raises it
+
+
 def auto_batch_size(device: torch.device, cfg, tile: tuple[int, int]) -> int:
     """Items (slices or tiles) per forward: from free memory on CUDA, a fixed modest number elsewhere."""
     if device.type == "cuda":
@@ -57,7 +60,12 @@ def auto_batch_size(device: torch.device, cfg, tile: tuple[int, int]) -> int:
         # bf16 decoder activations dominate: ~ pixels * embed_dim/4 channels * 2 bytes, x6 for temporaries,
         # plus float32 logits and their stitched copies.
         per_item = pixels * (cfg.embed_dim // 4 * 2 * 6 + cfg.num_classes * 4 * 4) + 64 * 2**20
-        return int(max(1, min(64, (free * 0.6) // per_item)))
+        # Stay within a VRAM budget (default 4 GiB, so small GPUs and shared GPUs work) unless raised.
+        budget = float(os.environ.get("MEDDINOV3_MAX_VRAM_GB", DEFAULT_VRAM_BUDGET_GB)) * 2**30
+        weights = 4 * (cfg.embed_dim ** 2 * 12 * cfg.depth + sum(a * b * 4 for a, b in zip(
+            cfg.decoder_channels[:-1], cfg.decoder_channels[1:])))
+        usable = min(free * 0.6, budget - weights - 512 * 2**20)
+        return int(max(1, min(64, usable // per_item)))
     if device.type == "mps":
         return 8
     return CPU_BATCH
