@@ -1,9 +1,14 @@
 """`meddinov3 demo [--out DIR]`: segment the bundled LiTS liver CT with the shipped demo model, offline, on CPU.
 
 Writes DIR/segmentation.nii.gz (on the case's own voxel grid: array axes in the source .mrc order),
-DIR/overlay.png (slices with the segments over the CT) and prints Dice per class on the held-out slices.
-`--export-dataset DIR` instead writes the two halves of the volume as the nnU-Net dataset the demo model was
-trained on (see tools/train_demo_model.sh).
+DIR/overlay.png (slices with the segments over the CT) and prints Dice per class on the held-out part.
+
+Split (literally "axis-0 indices of the source array"): the .mrc's axis 0 is the patient's right->left axis
+(axis 2 is the body axis, see meddinov3.phantom.load_liver_ct), so the training labels are the right half of the
+body, `mrc[0:64, :, :]`, and the held-out part is `mrc[64:128, :, :]` (the left half). The network still works on
+true axial slices; only which voxels are trained on / held out follows the source array's axis 0.
+`--export-dataset DIR` instead writes the nnU-Net dataset the demo model was trained on (see
+tools/train_demo_model.sh).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import numpy as np
 
 DEMO_MODEL = "demo-liver-ct"
 LABELS = {"background": 0, "liver": 1, "tumour": 2}
-SPLIT = 64  # axial slices [0, 64) train, [64, 128) held out
+SPLIT = 64  # source .mrc array axis-0 indices [0, 64) train, [64, 128) held out (= canonical x / SimpleITK index 0)
 
 
 def add_parser(sub) -> None:
@@ -30,24 +35,33 @@ def add_parser(sub) -> None:
 
 
 def export_dataset(out_dir: str | Path) -> Path:
-    """nnU-Net v2 raw dataset: `liver117_train` = axial slices [0, 64), `liver117_heldout` = [64, 128)."""
+    """nnU-Net v2 raw dataset of the source-array axis-0 split.
+
+    imagesTr/labelsTr: `liver117_train` = `mrc[0:64, :, :]`, the only training case (the demo model is the final
+    checkpoint: no model selection, so no held-out labels are ever read in training); imagesTs/labelsTs:
+    `liver117_heldout` = `mrc[64:128, :, :]`. Source axis 0 is SimpleITK index 0 of `load_liver_ct()` (canonical x);
+    cropping with SimpleITK index slicing keeps each crop's origin where it lies in the full volume.
+    """
     import SimpleITK as sitk
 
     from ..phantom import load_liver_ct
 
     out = Path(out_dir)
-    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
     image, labels = load_liver_ct()
-    nz = image.GetSize()[2]
-    for name, (z0, z1) in {"liver117_train": (0, SPLIT), "liver117_heldout": (SPLIT, nz)}.items():
-        sitk.WriteImage(image[:, :, z0:z1], str(out / "imagesTr" / f"{name}_0000.nii.gz"))
-        sitk.WriteImage(labels[:, :, z0:z1], str(out / "labelsTr" / f"{name}.nii.gz"))
+    nx = image.GetSize()[0]
+    crops = {("Tr", "liver117_train"): slice(0, SPLIT), ("Ts", "liver117_heldout"): slice(SPLIT, nx)}
+    for (part, name), xs in crops.items():
+        sitk.WriteImage(image[xs, :, :], str(out / f"images{part}" / f"{name}_0000.nii.gz"))
+        sitk.WriteImage(labels[xs, :, :], str(out / f"labels{part}" / f"{name}.nii.gz"))
     meta = {"name": "LiTS case 117 (liver-ct-segmentation-package)", "channel_names": {"0": "CT"}, "labels": LABELS,
-            "numTraining": 2, "file_ending": ".nii.gz",
+            "numTraining": 1, "file_ending": ".nii.gz",
             "licence": "data: LiTS via liver-ct-segmentation-package (MIT)",
-            "description": "Axial slices [0, 64) for training, [64, 128) held out, of the 128^3 LiTS case 117 crop "
-                           "at the assumed 1 mm spacing (meddinov3.phantom.load_liver_ct)."}
+            "description": f"Source .mrc array axis-0 indices [0, {SPLIT}) (patient right half) for training: "
+                           f"liver117_train = mrc[0:{SPLIT}, :, :]; held out (imagesTs/labelsTs): liver117_heldout = "
+                           f"mrc[{SPLIT}:{nx}, :, :]; of the 128^3 LiTS case 117 crop at the assumed 1 mm spacing "
+                           "(meddinov3.phantom.load_liver_ct)."}
     (out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
@@ -71,7 +85,8 @@ def overlay_png(ct: np.ndarray, seg: np.ndarray, path: Path, classes, n: int = 8
     for ax, z in zip(axes.ravel(), zs):
         ax.imshow(ct[z], cmap="gray", vmin=-200, vmax=300)
         ax.imshow(seg[z], cmap=cmap, vmin=0, vmax=len(colors) - 1, interpolation="nearest")
-        ax.set_title(f"axial slice {z}" + (" (held out)" if z >= SPLIT else " (trained on)"), fontsize=9)
+        ax.axvline(SPLIT - 0.5, color="yellow", lw=0.8, ls="--")  # columns >= SPLIT: source axis-0 [64, 128), held out
+        ax.set_title(f"axial slice {z} (right of line: held out)", fontsize=9)
         ax.axis("off")
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[i][:3]) for i in range(1, len(colors))]
     fig.legend(handles, [e.name for e in entries[1:]], loc="lower center", ncol=len(handles))
@@ -108,13 +123,18 @@ def run(args) -> int:
     overlay_png(sitk.GetArrayViewFromImage(image), seg, out / "overlay.png", result.classes)
     values = [c.value for c in result.classes if c.value != 0]
     names = {c.value: c.name for c in result.classes}
-    held = dice_per_class(seg[SPLIT:], truth[SPLIT:], values)
-    trained = dice_per_class(seg[:SPLIT], truth[:SPLIT], values)
+    truth_mrc = truth.transpose(2, 1, 0)
+    held = dice_per_class(seg_mrc[SPLIT:], truth_mrc[SPLIT:], values)
+    trained = dice_per_class(seg_mrc[:SPLIT], truth_mrc[:SPLIT], values)
     print(f"model: {model.path} ({model.spec.name})")
     print(f"segmentation: {out / 'segmentation.nii.gz'} (array axes in the source .mrc order)")
     print(f"overlay: {out / 'overlay.png'}")
-    print("Dice on the held-out axial slices [64, 128):")
+    n = seg_mrc.shape[0]
+    print(f"Dice held-out (source array axis-0 indices {SPLIT}-{n - 1}):")
     for v in values:
-        print(f"  {names[v]:<10} {held[v]:.4f}   (training slices: {trained[v]:.4f})")
+        print(f"  {names[v]:<10} {held[v]:.4f}")
+    print(f"Dice training part, for reference (source array axis-0 indices 0-{SPLIT - 1}):")
+    for v in values:
+        print(f"  {names[v]:<10} {trained[v]:.4f}")
     print(f"segmentation took {result.stats.get('seconds')} s on {result.stats.get('device')}", file=sys.stderr)
     return 0
