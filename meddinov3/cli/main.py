@@ -13,6 +13,40 @@ class CommandError(Exception):
     """A problem the user can fix; printed as one line, exit code 2."""
 
 
+def config_from_args(config_cls, args, overrides: dict, clear: dict | None = None):
+    """Defaults < `--config FILE.json` < `--set KEY=JSON` < explicit flags (`overrides` that are not None).
+
+    Shared by `train` and `pretrain`, whose config classes have `from_file`, `from_dict` and `to_dict`.
+    `clear` sets keys after merging (e.g. `--epochs` clears a configured step count).
+    """
+    import json
+
+    cfg = config_cls()
+    if args.config:
+        try:
+            cfg = config_cls.from_file(args.config)
+        except (OSError, ValueError) as e:
+            raise CommandError(f"--config {args.config}: {e}") from None
+    changes = {}
+    for item in args.set:
+        if "=" not in item:
+            raise CommandError(f"--set {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        try:
+            changes[key] = json.loads(value)
+        except json.JSONDecodeError:
+            changes[key] = value
+    changes.update({k: v for k, v in overrides.items() if v is not None})
+    merged = {**cfg.to_dict(), **changes, **(clear or {})}
+    try:
+        cfg = config_cls.from_dict(merged)
+    except (TypeError, ValueError) as e:
+        raise CommandError(str(e)) from None
+    if not cfg.data and not args.resume:
+        raise CommandError("--data is required")
+    return cfg
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 

@@ -9,7 +9,6 @@ pretrain ...` for several GPUs / processes.
 
 from __future__ import annotations
 
-import json
 import sys
 
 
@@ -36,33 +35,11 @@ def add_parser(sub) -> None:
 
 def build_config(args):
     from ..pretrain.loop import PretrainConfig
-    from .main import CommandError
+    from .main import config_from_args
 
-    cfg = PretrainConfig()
-    if args.config:
-        try:
-            cfg = PretrainConfig.from_file(args.config)
-        except (OSError, ValueError) as e:
-            raise CommandError(f"--config {args.config}: {e}") from None
-    changes = {}
-    for item in args.set:
-        if "=" not in item:
-            raise CommandError(f"--set {item!r}: expected KEY=VALUE")
-        k, v = item.split("=", 1)
-        try:
-            changes[k] = json.loads(v)
-        except json.JSONDecodeError:
-            changes[k] = v
-    changes.update(data=args.data, out=args.out, base=args.base, size=args.size, stage=args.stage, steps=args.steps,
-                   batch_size=args.batch_size, seed=args.seed, name=args.name, device=args.device)
-    merged = {**cfg.to_dict(), **{k: v for k, v in changes.items() if v is not None}}
-    try:
-        cfg = PretrainConfig.from_dict(merged)
-    except (TypeError, ValueError) as e:
-        raise CommandError(str(e)) from None
-    if not cfg.data and not args.resume:
-        raise CommandError("--data is required")
-    return cfg
+    return config_from_args(PretrainConfig, args, dict(
+        data=args.data, out=args.out, base=args.base, size=args.size, stage=args.stage, steps=args.steps,
+        batch_size=args.batch_size, seed=args.seed, name=args.name, device=args.device))
 
 
 def run(args) -> int:

@@ -7,7 +7,6 @@ Launch with `torchrun --nproc_per_node N -m meddinov3.cli.main train ...` for se
 
 from __future__ import annotations
 
-import json
 import sys
 
 
@@ -39,36 +38,13 @@ def add_parser(sub) -> None:
 
 def build_config(args):
     from ..train import TrainConfig
-    from .main import CommandError
+    from .main import config_from_args
 
-    cfg = TrainConfig()
-    if args.config:
-        try:
-            cfg = TrainConfig.from_file(args.config)
-        except (OSError, ValueError) as e:
-            raise CommandError(f"--config {args.config}: {e}") from None
-    changes = {}
-    for item in args.set:
-        if "=" not in item:
-            raise CommandError(f"--set {item!r}: expected KEY=VALUE")
-        k, v = item.split("=", 1)
-        try:
-            changes[k] = json.loads(v)
-        except json.JSONDecodeError:
-            changes[k] = v
-    changes.update(data=args.data, out=args.out, base=args.base, size=args.size, epochs=args.epochs, steps=args.steps,
-                   steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size, val_fraction=args.val_fraction,
-                   val_cases=args.val_cases, seed=args.seed, name=args.name, device=args.device)
-    merged = {**cfg.to_dict(), **{k: v for k, v in changes.items() if v is not None}}
-    if args.epochs is not None:
-        merged["steps"] = None  # --epochs replaces a configured step count
-    try:
-        cfg = TrainConfig.from_dict(merged)
-    except (TypeError, ValueError) as e:
-        raise CommandError(str(e)) from None
-    if not cfg.data and not args.resume:
-        raise CommandError("--data is required")
-    return cfg
+    return config_from_args(TrainConfig, args, dict(
+        data=args.data, out=args.out, base=args.base, size=args.size, epochs=args.epochs, steps=args.steps,
+        steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size, val_fraction=args.val_fraction,
+        val_cases=args.val_cases, seed=args.seed, name=args.name, device=args.device),
+        clear={"steps": None} if args.epochs is not None else None)  # --epochs replaces a configured step count
 
 
 def run(args) -> int:
