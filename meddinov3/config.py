@@ -7,6 +7,7 @@ Everything needed to rebuild a network lives here, so a model package's `model.j
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 
 # embed_dim, depth, num_heads. `tiny` exists for tests and CPU demos; `base` is the paper's ViT-B/16.
@@ -94,3 +95,37 @@ def model_config(size: str = "base", num_classes: int = 2, multiscale: bool = Tr
     blocks = overrides.pop("feature_blocks", quartile_blocks(depth) if multiscale else (depth - 1,))
     return ModelConfig(size=size, num_classes=num_classes, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
                        feature_blocks=blocks, **overrides)
+
+
+class JsonOptions:
+    """JSON round trip for the option dataclasses of `train` and `pretrain` (mixin).
+
+    Unknown keys are an error that names them (a typo must not silently fall back to a default). `SECTION` is
+    the key under which a run's `config.json` stores these options, so a run's config can be passed back with
+    `--config`; `KIND` names the options in messages.
+    """
+
+    SECTION = ""
+    KIND = "config"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown {cls.KIND} config keys: {sorted(unknown)} (known: {sorted(known)})")
+        options = cls(**d)
+        options.validate()
+        return options
+
+    @classmethod
+    def from_file(cls, path):
+        with open(path) as f:
+            d = json.load(f)
+        return cls.from_dict(d.get(cls.SECTION, d))
+
+    def validate(self) -> None:
+        """Raise ValueError for inconsistent options (subclasses add their checks)."""

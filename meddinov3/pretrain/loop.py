@@ -9,7 +9,6 @@ ranks, rank 0 writes), resumable after kill -9, stops cleanly on SIGTERM / SIGIN
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import signal
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..config import JsonOptions
 from ..files import atomic_path, write_json
 from ..progress import Progress, RunStatus
 from ..train import distributed as D
@@ -41,7 +41,10 @@ class PretrainError(Exception):
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(JsonOptions):
+    SECTION = "pretrain"  # key of these options in the run's config.json
+    KIND = "pretraining"
+
     data: str | list = ""
     out: str = ""
     base: str | None = None  # backbone of any layout or a previous pretrain run; None: official, else scratch
@@ -92,27 +95,11 @@ class PretrainConfig:
     collapse_patience: int = 3  # ... for this many logged steps in a row: collapse_warning
     cache_dir: str | None = None
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PretrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown pretraining config keys: {sorted(unknown)} (known: {sorted(known)})")
-        cfg = cls(**d)
-        if cfg.stage not in (1, 2, 3):
-            raise ValueError(f"stage must be 1, 2 or 3, got {cfg.stage}")
-        if cfg.centering not in ("sinkhorn", "centering", "none"):
-            raise ValueError(f"centering must be sinkhorn, centering or none, got {cfg.centering!r}")
-        return cfg
-
-    @classmethod
-    def from_file(cls, path) -> "PretrainConfig":
-        with open(path) as f:
-            d = json.load(f)
-        return cls.from_dict(d.get("pretrain", d))
+    def validate(self) -> None:
+        if self.stage not in (1, 2, 3):
+            raise ValueError(f"stage must be 1, 2 or 3, got {self.stage}")
+        if self.centering not in ("sinkhorn", "centering", "none"):
+            raise ValueError(f"centering must be sinkhorn, centering or none, got {self.centering!r}")
 
     def crop_sizes(self, patch: int) -> tuple[int, int]:
         f = self.highres_factor if self.stage == 3 else 1.0

@@ -9,7 +9,6 @@ SIGTERM / SIGINT.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -27,6 +26,7 @@ from ..data.augment import AugmentConfig, augment
 from ..data.cache import SliceCache, build_cache
 from ..data.dataset import Dataset, DatasetError, check_dataset, load_dataset, read_case
 from ..data.sampler import PatchSampler
+from ..config import JsonOptions
 from ..files import write_json
 from ..progress import Progress, RunStatus
 from . import distributed as D
@@ -41,7 +41,10 @@ class TrainError(Exception):
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(JsonOptions):
+    SECTION = "train"  # key of these options in the run's config.json
+    KIND = "training"
+
     data: str = ""
     out: str = ""
     base: str | None = None  # backbone / model package / pretrain run; None = from scratch
@@ -87,27 +90,9 @@ class TrainConfig:
     def augment_config(self) -> AugmentConfig:
         return AugmentConfig.from_dict(self.augment)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def validate(self) -> None:
+        self.augment_config  # noqa: B018 - parsing the augmentation options validates them
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown training config keys: {sorted(unknown)} (known: {sorted(known)})")
-        cfg = cls(**d)
-        cfg.augment_config  # validate early
-        return cfg
-
-    @classmethod
-    def from_file(cls, path) -> "TrainConfig":
-        with open(path) as f:
-            d = json.load(f)
-        return cls.from_dict(d.get("train", d))
-
-    def merged(self, **changes) -> "TrainConfig":
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
 # ----------------------------------------------------------------------------------------------- set-up
