@@ -56,11 +56,11 @@ def _cli(args, timeout=300, **kw):
 
 @pytest.fixture(scope="module")
 def liver(tmp_path_factory):
-    """The liver CT training half (axial slices [0, 64)) as one NIfTI volume, and the exported dataset."""
-    from meddinov3.cli.demo import export_dataset
+    """The demo training half of the liver CT as one NIfTI volume, and a dataset with both halves."""
+    from Testing.train._datasets import liver_dataset
 
     root = tmp_path_factory.mktemp("pretrain")
-    ds = export_dataset(root / "dataset")
+    ds = liver_dataset(root / "dataset")
     return root, ds, ds / "imagesTr" / "liver117_train_0000.nii.gz"
 
 

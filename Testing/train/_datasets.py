@@ -27,6 +27,24 @@ def phantom_dataset(folder: Path, n: int = 3, shape=(10, 48, 48)) -> Path:
     return folder
 
 
+def liver_dataset(folder: Path) -> Path:
+    """The demo export with its held-out half moved into imagesTr/labelsTr as case `liver117_heldout`.
+
+    The pipeline tests need a validation case on real CT; the demo model itself never reads that half.
+    """
+    from meddinov3.cli.demo import export_dataset
+
+    ds = export_dataset(folder)
+    for kind in ("images", "labels"):
+        for f in (ds / f"{kind}Ts").iterdir():
+            f.rename(ds / f"{kind}Tr" / f.name)
+        (ds / f"{kind}Ts").rmdir()
+    info = json.loads((ds / "dataset.json").read_text())
+    info["numTraining"] = len(list((ds / "labelsTr").iterdir()))
+    (ds / "dataset.json").write_text(json.dumps(info))
+    return ds
+
+
 def tiny_args(cache: Path, depth: int = 1) -> list[str]:
     return ["--size", "tiny", "--set", f'model={{"depth": {depth}}}', f"cache_dir={json.dumps(str(cache))}"]
 

@@ -13,16 +13,14 @@ import time
 import numpy as np
 import pytest
 
-from ._datasets import REPO, events, phantom_dataset, popen_cli, run_cli, tiny_args
+from ._datasets import REPO, events, liver_dataset, phantom_dataset, popen_cli, run_cli, tiny_args
 
 
 @pytest.fixture(scope="module")
 def liver_run(tmp_path_factory):
-    """One short real run on the liver CT: train on axial slices [0, 64), validate on [64, 128)."""
-    from meddinov3.cli.demo import export_dataset
-
+    """One short real run on the liver CT: train on the demo training half, validate on the other half."""
     root = tmp_path_factory.mktemp("liver")
-    ds = export_dataset(root / "dataset")
+    ds = liver_dataset(root / "dataset")
     out = root / "run"
     r = run_cli(["train", "--data", str(ds), "--out", str(out), "--steps", "12", "--steps-per-epoch", "6",
                  "--batch-size", "4", "--val-cases", "liver117_heldout", "--json-progress",
@@ -46,7 +44,8 @@ def test_run_writes_every_file(liver_run):
     assert status["state"] == "finished" and status["step"] == status["total"] == 12
     spec = json.loads((out / "model" / "model.json").read_text())
     assert [c["name"] for c in spec["classes"]] == ["background", "liver", "tumour"]
-    assert spec["classes"][1].get("color") and spec["spacing"] == [1.0, 1.0] and spec["patch_size"] == [128, 128]
+    assert spec["classes"][1].get("color") and spec["spacing"] == [1.0, 1.0]
+    assert spec["patch_size"] == [128, 64]  # default: the training half's axial slice size (rows y, columns x)
     assert spec["normalization"]["scheme"] == "ct" and spec["provenance"]["validation_cases"] == ["liver117_heldout"]
 
 
