@@ -6,6 +6,7 @@ Three consumers: a person at a terminal (tqdm bar), the Slicer modules (one JSON
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -128,3 +129,20 @@ class RunStatus:
     def read(run_dir: str | os.PathLike) -> dict | None:
         path = Path(run_dir) / "status.json"
         return read_json(path) if path.exists() else None
+
+
+@contextlib.contextmanager
+def report_failure(status: RunStatus | None, progress: Progress, user_errors: tuple[type, ...] = ()):
+    """Record an exception escaping a run as its "failed" state (status.json and a `failed` event), then re-raise.
+
+    A user error (one of `user_errors`) is reported by its message alone, anything else with its type name.
+    `status` is None on the ranks of a distributed run that do not report.
+    """
+    try:
+        yield
+    except BaseException as e:
+        if status is not None and not isinstance(e, SystemExit):
+            message = str(e) if isinstance(e, user_errors) else f"{type(e).__name__}: {e}"
+            status.update(state="failed", error=message)
+            progress.event("failed", message=message)
+        raise

@@ -54,3 +54,30 @@ def test_run_status_is_rewritten_atomically_with_eta(tmp_path):
     assert RunStatus.read(tmp_path)["pid"] == os.getpid()
     write_json(tmp_path / "other.json", {"a": 1})
     assert RunStatus.read(tmp_path / "missing") is None
+
+
+def test_report_failure_records_the_error_and_reraises(tmp_path):
+    from meddinov3.progress import report_failure
+
+    class UserError(Exception):
+        pass
+
+    stream = io.StringIO()
+    progress = Progress(json_lines=True, stream=stream)
+    status = RunStatus(tmp_path, total=10, kind="train")
+    with pytest.raises(UserError):
+        with report_failure(status, progress, (UserError,)):
+            raise UserError("case7: label value 9 is not declared")
+    assert read_json(tmp_path / "status.json")["error"] == "case7: label value 9 is not declared"
+    with pytest.raises(ZeroDivisionError):
+        with report_failure(status, progress, (UserError,)):
+            1 / 0
+    data = read_json(tmp_path / "status.json")
+    assert data["state"] == "failed" and data["error"].startswith("ZeroDivisionError: ")
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [e["event"] for e in events] == ["failed", "failed"]
+    status.update(state="stopped", error="")
+    with pytest.raises(SystemExit):
+        with report_failure(status, progress, (UserError,)):
+            raise SystemExit(0)
+    assert read_json(tmp_path / "status.json")["state"] == "stopped"

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from ..config import JsonOptions
 from ..files import atomic_path, write_json
-from ..progress import Progress, RunStatus
+from ..progress import Progress, RunStatus, report_failure
 from ..train import distributed as D
 from ..train.checkpoint import rng_states, set_rng_states
 from .crops import MultiCropAugmentation, collate_crops
@@ -259,13 +259,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, json_progress: bool = Fa
         raise PretrainError(f"{run_dir}: already holds a pretraining run (pass --resume to continue it)")
     status = RunStatus(run_dir, cfg.steps, "pretrain") if main else None
     try:
-        return _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks or {})
-    except BaseException as e:
-        if main and status is not None and not isinstance(e, SystemExit):
-            msg = str(e) if isinstance(e, (PretrainError, PretrainDataError)) else f"{type(e).__name__}: {e}"
-            status.update(state="failed", error=msg)
-            progress.event("failed", message=msg)
-        raise
+        with report_failure(status, progress, (PretrainError, PretrainDataError)):
+            return _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks or {})
     finally:
         progress.close()
         D.cleanup(dist_info)

@@ -28,7 +28,7 @@ from ..data.dataset import Dataset, DatasetError, check_dataset, load_dataset, r
 from ..data.sampler import PatchSampler
 from ..config import JsonOptions
 from ..files import write_json
-from ..progress import Progress, RunStatus
+from ..progress import Progress, RunStatus, report_failure
 from . import distributed as D
 from .checkpoint import load_state, save_state, set_rng_states
 from .curves import plot_curves
@@ -266,13 +266,8 @@ def train(cfg: TrainConfig, resume: bool = False, json_progress: bool = False, s
         raise TrainError(f"{run_dir}: already holds a training run (pass --resume to continue it, or another --out)")
     status = RunStatus(run_dir, cfg.total_steps, "train") if main else None
     try:
-        return _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, log)
-    except BaseException as e:
-        if main and status is not None and not isinstance(e, SystemExit):
-            msg = f"{type(e).__name__}: {e}" if not isinstance(e, (TrainError, DatasetError)) else str(e)
-            status.update(state="failed", error=msg)
-            progress.event("failed", message=msg)
-        raise
+        with report_failure(status, progress, (TrainError, DatasetError)):
+            return _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, log)
     finally:
         progress.close()
         D.cleanup(dist_info)
