@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -146,3 +147,25 @@ def report_failure(status: RunStatus | None, progress: Progress, user_errors: tu
             status.update(state="failed", error=message)
             progress.event("failed", message=message)
         raise
+
+
+class StopRequest:
+    """SIGTERM / SIGINT during a training or pretraining run: remembered, so the loop saves and stops cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal = ""
+        self._previous: dict = {}
+
+    def __call__(self, signum, frame) -> None:
+        self.requested = True
+        self.signal = signal.Signals(signum).name
+
+    def install(self) -> "StopRequest":
+        self._previous = {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}

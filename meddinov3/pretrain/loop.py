@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ import torch.distributed as dist
 
 from ..config import JsonOptions
 from ..files import atomic_path, write_json
-from ..progress import Progress, RunStatus, report_failure
+from ..progress import Progress, RunStatus, StopRequest, report_failure
 from ..train import distributed as D
 from ..train.checkpoint import rng_states, set_rng_states
 from .crops import MultiCropAugmentation, collate_crops
@@ -221,16 +220,6 @@ def plot_curves(metrics_path: Path, out_path: Path) -> None:
     plt.close(fig)
 
 
-@dataclass
-class _Stop:
-    requested: bool = False
-    signal: str = ""
-
-    def __call__(self, signum, frame):
-        self.requested = True
-        self.signal = signal.Signals(signum).name
-
-
 # ----------------------------------------------------------------------------------------------- the run
 
 
@@ -361,8 +350,7 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
                 "gram_anchoring": cfg.stage >= 2, "data": index.summary(),
                 "probe": "liver CT ridge probe" if probe else None}, "versions": versions()})
 
-    stopper = _Stop()
-    old_handlers = {s: signal.signal(s, stopper) for s in (signal.SIGTERM, signal.SIGINT)}
+    stopper = StopRequest().install()
 
     def write_metrics(record: dict) -> None:
         if main:
@@ -494,8 +482,7 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
             if main:
                 status.update(state="stopping", step=step)
             break
-    for s, h in old_handlers.items():
-        signal.signal(s, h)
+    stopper.restore()
     if state_name == "finished" and probe is not None and cfg.probe_every and step % cfg.probe_every:
         run_probe()
     checkpoint()

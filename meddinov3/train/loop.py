@@ -13,7 +13,6 @@ import json
 import math
 import os
 import platform
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from ..data.dataset import Dataset, DatasetError, check_dataset, load_dataset, r
 from ..data.sampler import PatchSampler
 from ..config import JsonOptions
 from ..files import write_json
-from ..progress import Progress, RunStatus, report_failure
+from ..progress import Progress, RunStatus, StopRequest, report_failure
 from . import distributed as D
 from .checkpoint import load_state, save_state, set_rng_states
 from .curves import plot_curves
@@ -199,16 +198,6 @@ def make_spec(cfg: TrainConfig, mcfg, ds: Dataset, cache: SliceCache, patch, pro
 # ----------------------------------------------------------------------------------------------- the run
 
 
-@dataclass
-class _Stop:
-    requested: bool = False
-    signal: str = ""
-
-    def __call__(self, signum, frame):
-        self.requested = True
-        self.signal = signal.Signals(signum).name
-
-
 def _unwrap(model):
     return model.module if hasattr(model, "module") else model
 
@@ -360,8 +349,7 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(net, device_ids=[device] if device.type == "cuda" else None)
 
-    stopper = _Stop()
-    old_handlers = {s: signal.signal(s, stopper) for s in (signal.SIGTERM, signal.SIGINT)}
+    stopper = StopRequest().install()
 
     def write_metrics(record: dict) -> None:
         if main:
@@ -488,8 +476,7 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
             if main:
                 status.update(state="stopping", step=step)
             break
-    for s, h in old_handlers.items():
-        signal.signal(s, h)
+    stopper.restore()
 
     checkpoint(latest, "latest")
     if state_name == "finished":
