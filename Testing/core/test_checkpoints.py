@@ -66,12 +66,8 @@ def test_nnunet_best_checkpoint_and_fold_selection(tmp_path):
         load_model(folder, folds=["2"])
 
 
-def test_official_pretrained_backbone_drops_heads_and_matches_reference(tmp_path):
-    path = tmp_path / "model.pth"
-    enc = write_official_pretrained(path)
-    cfg, backbone, spec = load_backbone(path)
-    assert spec.kind == "backbone" and cfg.num_reg_tokens == 4 and not cfg.qkv_bias
-    assert not any(k.startswith(("dino_head", "ibot_head")) for k in backbone)
+def _assert_backbone_matches_reference(cfg, backbone, enc):
+    """The loaded backbone's feature maps equal the reference network's on the upstream weights."""
     net = build_model(cfg.replace(num_classes=2)).eval()
     net.backbone.load_state_dict(backbone, strict=True)
     x3 = X.repeat(1, 3, 1, 1)
@@ -79,6 +75,15 @@ def test_official_pretrained_backbone_drops_heads_and_matches_reference(tmp_path
         ours = net.backbone.feature_maps(x3, cfg.feature_blocks)
     ref = reference_backbone(enc, x3, cfg.feature_blocks, 2)
     assert all(rel_l2(a, b) < 1e-4 for a, b in zip(ours, ref))
+
+
+def test_official_pretrained_backbone_drops_heads_and_matches_reference(tmp_path):
+    path = tmp_path / "model.pth"
+    enc = write_official_pretrained(path)
+    cfg, backbone, spec = load_backbone(path)
+    assert spec.kind == "backbone" and cfg.num_reg_tokens == 4 and not cfg.qkv_bias
+    assert not any(k.startswith(("dino_head", "ibot_head")) for k in backbone)
+    _assert_backbone_matches_reference(cfg, backbone, enc)
     with pytest.raises(CheckpointError, match="backbone without a segmentation decoder"):
         load_model(path)
 
@@ -89,13 +94,7 @@ def test_meta_dinov3_checkpoint_masks_the_key_bias(tmp_path):
     cfg, backbone, _ = load_backbone(path)
     assert cfg.qkv_bias
     assert torch.count_nonzero(backbone["vit.blocks.0.attn.k_bias"]) == 0
-    net = build_model(cfg.replace(num_classes=2)).eval()
-    net.backbone.load_state_dict(backbone, strict=True)
-    x3 = X.repeat(1, 3, 1, 1)
-    with torch.no_grad():
-        ours = net.backbone.feature_maps(x3, cfg.feature_blocks)
-    ref = reference_backbone(enc, x3, cfg.feature_blocks, 2)
-    assert all(rel_l2(a, b) < 1e-4 for a, b in zip(ours, ref))
+    _assert_backbone_matches_reference(cfg, backbone, enc)
 
 
 def test_convert_nnunet_folder_to_package_keeps_outputs(tmp_path):
