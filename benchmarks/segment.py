@@ -1,7 +1,8 @@
 """Engine benchmark: segment a 512x512xN CT (the LiTS liver CT tiled/resampled up) with random weights.
 
 Prints one table row: device, model size, slices/s end to end, wall time, peak RAM (and VRAM on CUDA),
-model-forward-only time for the same slices at the same batch size, and the ratio end-to-end / forward-only.
+model-forward-only time for the same network inputs at the same batch size (`--fast` on thin slices runs only
+every n-th slice through the network: "net slices"), and the ratio end-to-end / forward-only.
 
     python benchmarks/segment.py --size base --device cuda            # < 5 min on one H100
     python benchmarks/segment.py --size small --device cpu --fast --slices 50
@@ -124,27 +125,27 @@ def main(argv=None) -> int:
     pred = SlicePredictor(model.networks, spec, dev, tta=args.tta, batch_size=result.stats["batch_size"],
                           compile=args.compile)
     x = torch.randn(result.stats["batch_size"], 1, *hw, device=dev)
-    n_passes = len(pred.variants)
+    n_inputs = result.stats["predicted_slices"] * len(pred.variants)  # --fast skips slices, --tta adds passes
     done, t_fwd = 0, 0.0
     with torch.inference_mode():
         pred.run_network(pred.networks[0], x)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t1 = time.perf_counter()
-        while done < args.slices * n_passes:
+        while done < n_inputs:
             pred.run_network(pred.networks[0], x)
             done += x.shape[0]
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t_fwd = time.perf_counter() - t1
-    t_fwd *= args.slices * n_passes / done
+    t_fwd *= n_inputs / done
 
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
-    cols = ["device", "model", "input", "net px", "batch", "slices/s", "wall s", "peak RSS MiB (during)", "VRAM GiB",
+    cols = ["device", "model", "input", "net px", "net slices", "batch", "slices/s", "wall s", "peak RSS MiB (during)", "VRAM GiB",
             "forward-only s", "e2e/forward"]
     row = [name, f"{args.size} ({sum(p.numel() for p in model.networks[0].parameters()) / 1e6:.0f} M)",
            f"512x512x{args.slices}{' fast' if args.fast else ''}{' tta' if args.tta else ''}", f"{hw[0]}x{hw[1]}",
-           str(result.stats["batch_size"]), f"{args.slices / wall:.1f}", f"{wall:.1f}", f"{sampler.peak / 2**20:.0f}",
+           str(result.stats["predicted_slices"]), str(result.stats["batch_size"]), f"{args.slices / wall:.1f}", f"{wall:.1f}", f"{sampler.peak / 2**20:.0f}",
            f"{vram:.1f}" if vram is not None else "-", f"{t_fwd:.1f}", f"{wall / t_fwd:.2f}"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))

@@ -150,3 +150,40 @@ def test_tiny_vit_runs_with_patches(tmp_path, phantom):
     pkg = make_package(tmp_path / "pkg", spacing=(2.0, 2.0), patch_size=(32, 32))
     res = segment_image(phantom, str(pkg), device="cpu", batch_size=3)
     assert res.labels.GetSize() == phantom.GetSize() and res.stats["tiles_per_slice"] == 9
+
+
+def test_fast_mode_runs_every_nth_slice_and_interpolates():
+    """--fast on 1 mm slices: every 3rd slice (model's slice_spacing 3 mm) goes through the network, the two between
+    get the linear interpolation of their neighbours' probabilities; predicted slices equal the full run's."""
+    image, _ = make_phantom_ct((41, 32, 32), spacing=(2.0, 2.0, 1.0), seed=3)
+    model = threshold_model(fast={"spacing": [2.0, 2.0], "slice_spacing": 3.0})
+    full = segment_image(image, model, device="cpu", return_probabilities=True)
+    fast = segment_image(image, model, device="cpu", fast=True, return_probabilities=True)
+    assert fast.stats["slice_step"] == 3
+    assert fast.stats["predicted_slices"] == 15 and fast.stats["slices"] == 41  # 0, 3, ..., 39 and the last, 40
+    pf, pr = full.probabilities.astype(np.float32), fast.probabilities.astype(np.float32)
+    predicted = [*range(0, 40, 3), 40]
+    np.testing.assert_allclose(pr[:, predicted], pf[:, predicted], atol=1e-3)
+    np.testing.assert_allclose(pr[:, 1], (2 * pf[:, 0] + pf[:, 3]) / 3, atol=2e-3)
+    np.testing.assert_allclose(pr[:, 38], (pf[:, 36] + 2 * pf[:, 39]) / 3, atol=2e-3)
+    assert not np.allclose(pr[:, 38], pf[:, 38], atol=1e-2), "the phantom changes along z: interpolation must show"
+    agree = (sitk.GetArrayFromImage(fast.labels) == sitk.GetArrayFromImage(full.labels)).mean()
+    assert agree > 0.9
+    thick, _ = make_phantom_ct((12, 32, 32), spacing=(2.0, 2.0, 5.0), seed=3)
+    assert segment_image(thick, model, device="cpu", fast=True).stats["slice_step"] == 1  # 5 mm: every slice
+
+
+def test_fast_mode_never_interpolates_across_skipped_air():
+    """Runs of slices are handled separately: each run's last slice is predicted, the air gap stays background."""
+    from meddinov3.engine.pipeline import _SliceInterpolator, predicted_slices
+
+    todo = np.array([0, 1, 2, 3, 4, 5, 6, 20, 21, 22, 23])
+    run = predicted_slices(todo, 3)
+    assert run.tolist() == [0, 3, 6, 20, 23]
+    interp = _SliceInterpolator(todo)
+    p = torch.arange(len(run), dtype=torch.float32)[:, None, None, None].expand(-1, 2, 1, 1)
+    zs, out = interp.fill(run[:2], p[:2])  # batch 1: slices 0 and 3
+    zs2, out2 = interp.fill(run[2:], p[2:])  # batch 2: 6 (pairs with 3 across batches), 20 (no pair with 6), 23
+    assert zs.tolist() == [0, 1, 2, 3] and zs2.tolist() == [4, 5, 6, 20, 21, 22, 23]
+    assert out[1:3, 0, 0, 0].tolist() == pytest.approx([1 / 3, 2 / 3])
+    assert out2[:, 0, 0, 0].tolist() == pytest.approx([4 / 3, 5 / 3, 2, 3, 10 / 3, 11 / 3, 4])

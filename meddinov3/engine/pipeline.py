@@ -24,7 +24,7 @@ from ..volumes import InputError, Orientation, crop_box, validate_image
 from .inference import SlicePredictor
 from .postprocess import fill_holes as _fill_holes
 from .postprocess import keep_largest_component
-from .preprocess import make_normalizer, resampled_shape, resize, target_spacing
+from .preprocess import fast_slice_step, make_normalizer, resampled_shape, resize, target_spacing
 
 AIR_HU = -600.0  # a slice whose maximum is below this is "all air"
 
@@ -99,6 +99,38 @@ class _Worker(threading.Thread):
             raise self.error
 
 
+def predicted_slices(todo: np.ndarray, step: int) -> np.ndarray:
+    """Every `step`-th slice of each run of consecutive slices in `todo`, plus each run's last slice."""
+    if step <= 1 or len(todo) == 0:
+        return todo
+    runs = np.split(todo, np.flatnonzero(np.diff(todo) > 1) + 1)
+    return np.concatenate([np.union1d(run[::step], run[-1:]) for run in runs])
+
+
+class _SliceInterpolator:
+    """Fast mode: the slices between two predicted neighbours of the same run get the linear interpolation of
+    their probabilities on the model grid. The last predicted slice carries over to the next batch."""
+
+    def __init__(self, todo: np.ndarray):
+        self.wanted = set(todo.tolist())
+        self.last: tuple[int, torch.Tensor] | None = None
+
+    def fill(self, zs: np.ndarray, p: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+        out_z, out_p = [], []
+        for z, pz in zip(zs.tolist(), p):
+            if self.last is not None:
+                z0, p0 = self.last
+                between = range(z0 + 1, z)
+                if all(g in self.wanted for g in between):
+                    for g in between:
+                        out_z.append(g)
+                        out_p.append(torch.lerp(p0, pz, (g - z0) / (z - z0)))
+            out_z.append(z)
+            out_p.append(pz)
+            self.last = (z, pz)
+        return np.array(out_z), torch.stack(out_p)
+
+
 def segment_image(image: sitk.Image, model, device: str | torch.device = "auto", fast: bool = False, tta: bool = False,
                   folds: list[str] | None = None, batch_size: int | str = "auto", roi=None,
                   keep_largest: bool = False, fill_holes: bool = False, progress=None, cancel=None,
@@ -106,8 +138,9 @@ def segment_image(image: sitk.Image, model, device: str | torch.device = "auto",
                   source: str | os.PathLike = "<image>") -> SegmentationResult:
     """Segment a 3D image. `model`: a reference (path, hf:, name) or a `LoadedModel`.
 
-    `roi` (x0, y0, z0, x1, y1, z1) voxel box of `image` (end exclusive): only it is segmented, the rest is
-    background. `cancel`: callable returning True or a threading.Event; checked between batches (-> Cancelled).
+    `fast`: the model's fast in-plane spacing, and only every n-th slice through the network (n from
+    `fast_slice_step`; the slices between are interpolated). `roi` (x0, y0, z0, x1, y1, z1) voxel box of `image`
+    (end exclusive): only it is segmented, the rest is background. `cancel`: callable returning True or a threading.Event; checked between batches (-> Cancelled).
     `source` names the image in error messages.
     """
     t_start = time.perf_counter()
@@ -135,7 +168,7 @@ def segment_image(image: sitk.Image, model, device: str | torch.device = "auto",
     orient = Orientation.of(image)
     volume = orient.to_canonical(sitk.GetArrayViewFromImage(image))  # (S, P, L) view
     Z, H, W = volume.shape
-    _, row_sp, col_sp = orient.canonical_spacing(image.GetSpacing())
+    slice_sp, row_sp, col_sp = orient.canonical_spacing(image.GetSpacing())
     target = target_spacing(spec, (row_sp, col_sp), fast)
     model_hw = resampled_shape((H, W), (row_sp, col_sp), target)
     normalize = make_normalizer(spec.normalization, volume)
@@ -144,12 +177,15 @@ def segment_image(image: sitk.Image, model, device: str | torch.device = "auto",
     todo = np.arange(Z)
     if spec.skip_empty_slices:
         todo = np.array([z for z in range(Z) if float(volume[z].max()) >= AIR_HU], dtype=int)
+    step = fast_slice_step(spec, slice_sp, target) if fast else 1
+    run_z = predicted_slices(todo, step)
+    interpolator = _SliceInterpolator(todo) if step > 1 else None
 
     predictor = SlicePredictor(loaded.networks, spec, dev, tta=tta, batch_size=batch_size, compile=compile)
     bs = predictor.resolve_batch_size(model_hw)
     per_slice = predictor.tiles_per_slice(model_hw)
     slices_per_batch = max(1, bs // per_slice)
-    batches = [todo[i:i + slices_per_batch] for i in range(0, len(todo), slices_per_batch)]
+    batches = [run_z[i:i + slices_per_batch] for i in range(0, len(run_z), slices_per_batch)]
 
     index = np.full((Z, H, W), bg_index, dtype=np.uint8 if n_classes <= 256 else np.uint16)
     probs = None
@@ -223,12 +259,18 @@ def segment_image(image: sitk.Image, model, device: str | torch.device = "auto",
             if not resize_on_cpu:
                 x = resize(normalize(x.float()), model_hw)
             p = predictor.predict(x)
-            p = resize(p, (H, W))
-            idx = p.argmax(1).to(torch.uint8 if n_classes <= 256 else torch.int16)
-            out_p = p.half() if return_probabilities else None
+            n = len(zs)
+            if interpolator is not None:
+                zs, p = interpolator.fill(zs, p)
+            for k in range(0, len(zs), n):  # at most one batch of full-size probabilities at a time
+                pk = resize(p[k:k + n], (H, W))
+                idx = pk.argmax(1).to(torch.uint8 if n_classes <= 256 else torch.int16)
+                out_p = pk.half() if return_probabilities else None
+                write_t.check()
+                if not put(finished, (zs[k:k + n], idx, out_p)):
+                    break
             t_model += time.perf_counter() - t0
-            write_t.check()
-            if not put(finished, (zs, idx, out_p)):
+            if stop.is_set():
                 break
             done += len(zs)
             if progress is not None:
@@ -265,6 +307,7 @@ def segment_image(image: sitk.Image, model, device: str | torch.device = "auto",
     labels = sitk.GetImageFromArray(np.ascontiguousarray(values))
     labels.CopyInformation(full)
     stats = {"device": str(dev), "batch_size": predictor.batch_size, "slices": int(len(todo)),
+             "predicted_slices": int(len(run_z)), "slice_step": step,
              "skipped_slices": int(Z - len(todo)), "model_shape": list(model_hw), "tiles_per_slice": per_slice,
              "spacing": list(target), "oom_backoffs": list(predictor.oom_events), "model_time_s": round(t_model, 3),
              "seconds": round(time.perf_counter() - t_start, 3)}

@@ -48,6 +48,13 @@ def target_spacing(spec, in_plane: tuple[float, float], fast: bool = False) -> t
     return (2 * normal[0], 2 * normal[1])
 
 
+def fast_slice_step(spec, slice_spacing: float, in_plane_target: tuple[float, float]) -> int:
+    """Fast mode predicts every n-th slice and interpolates between them: n keeps the predicted slices about as far
+    apart as the fast in-plane spacing (or the model's `fast.slice_spacing` mm), so 5 mm slices are all predicted."""
+    wanted = float((spec.fast or {}).get("slice_spacing") or min(in_plane_target))
+    return max(1, int(round(wanted / max(slice_spacing, 1e-6))))
+
+
 def resampled_shape(shape: tuple[int, int], spacing: tuple[float, float], target: tuple[float, float]) -> tuple[int, int]:
     """Slice size covering the same extent at `target` spacing (nnU-Net rounds the same way)."""
     return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target))
