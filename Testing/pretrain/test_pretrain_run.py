@@ -1,8 +1,8 @@
 """End-to-end pretraining on the real LiTS liver CT slices (tiny ViT, small heads and crops, CPU).
 
 Stages 1-3 reduce their loss, the collapse detector fires on a collapsed backbone and not on the normal run,
-kill -9 + --resume continues at the same step, 2-process DDP (gloo) ranks agree, and the exported backbone
-fine-tunes through `meddinov3 train --base RUN_DIR`.
+kill -9 + --resume continues at the same step, 2-process DDP and FSDP (gloo) ranks agree, an FSDP checkpoint
+resumes under FSDP and in one process, and the exported backbone fine-tunes through `meddinov3 train --base RUN_DIR`.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 TINY = {"size": "tiny", "model": {"depth": 2, "patch_size": 8},
         "head": {"out_dim": 256, "hidden_dim": 64, "bottleneck_dim": 32, "nlayers": 3},
@@ -49,9 +51,20 @@ def _losses(out: Path) -> list[float]:
 
 
 def _cli(args, timeout=300, **kw):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "meddinov3.cli.main", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "meddinov3.cli.main", *args], cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def _torchrun(args: list[str]) -> list[str]:
+    """`meddinov3 <args>` as 2 CPU processes under torchrun (gloo), on a free port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "meddinov3.cli.main", *args]
+
+
+def _tiny_args(vol, out, steps: int, *sets: str) -> list[str]:
+    """`pretrain` arguments of the tiny CPU run (SETS plus ``sets``)."""
+    return ["pretrain", "--data", str(vol), "--out", str(out), "--size", "tiny", "--steps", str(steps),
+            "--batch-size", "4", "--device", "cpu", "--json-progress", "--set", *SETS, *sets]
 
 
 @pytest.fixture(scope="module")
@@ -145,10 +158,8 @@ def test_collapse_detector_fires_on_constant_backbone(liver):
 def test_kill9_then_resume_continues_at_same_step(liver):
     root, _, vol = liver
     out = root / "killed"
-    args = ["pretrain", "--data", str(vol), "--out", str(out), "--size", "tiny", "--steps", "6", "--batch-size", "4",
-            "--device", "cpu", "--json-progress", "--set", *SETS, "checkpoint_every=2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "meddinov3.cli.main", *args], cwd=REPO, env=env,
+    args = _tiny_args(vol, out, 6, "checkpoint_every=2")
+    p = subprocess.Popen([sys.executable, "-m", "meddinov3.cli.main", *args], cwd=REPO, env=ENV,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 200
     ckpt_step = None
@@ -176,10 +187,8 @@ def test_kill9_then_resume_continues_at_same_step(liver):
 def test_sigterm_saves_and_exits_zero(liver):
     root, _, vol = liver
     out = root / "sigterm"
-    args = ["pretrain", "--data", str(vol), "--out", str(out), "--size", "tiny", "--steps", "200", "--batch-size",
-            "4", "--device", "cpu", "--json-progress", "--set", *SETS, "checkpoint_every=100"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "meddinov3.cli.main", *args], cwd=REPO, env=env,
+    args = _tiny_args(vol, out, 200, "checkpoint_every=100")
+    p = subprocess.Popen([sys.executable, "-m", "meddinov3.cli.main", *args], cwd=REPO, env=ENV,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in p.stdout:
         if json.loads(line)["event"] == "step":
@@ -192,20 +201,89 @@ def test_sigterm_saves_and_exits_zero(liver):
     assert st["state"] == "stopped" and (out / "checkpoints" / "latest.pt").exists()
 
 
-def test_ddp_two_cpu_processes_agree(liver):
+FSDP_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def ddp(liver):
+    """A finished 2-process DDP run of FSDP_STEPS steps: (run folder, events)."""
     root, _, vol = liver
     out = root / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           "-m", "meddinov3.cli.main", "pretrain", "--data", str(vol), "--out", str(out), "--size", "tiny",
-           "--steps", "3", "--batch-size", "4", "--device", "cpu", "--json-progress", "--set", *SETS]
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(_torchrun(_tiny_args(vol, out, FSDP_STEPS)), cwd=REPO, env=ENV, capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    fin = next(e for e in _events(r.stdout) if e["event"] == "finished")
+    return out, _events(r.stdout)
+
+
+def test_ddp_two_cpu_processes_agree(ddp):
+    out, ev = ddp
+    fin = next(e for e in ev if e["event"] == "finished")
     a, b = fin["rank_checksums"]
     assert a == b
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["resolved"]["world_size"] == 2 and cfg["resolved"]["per_rank_batch"] == 2
+    assert cfg["resolved"]["parallel"] == "ddp"
+
+
+@pytest.fixture(scope="module")
+def fsdp_stopped(liver):
+    """A 2-process FSDP run of the same config stopped (SIGTERM to torchrun, forwarded to both ranks) after its
+    first step, and a copy of it: (run folder, copy, step of its checkpoint)."""
+    root, _, vol = liver
+    out = root / "fsdp"
+    p = subprocess.Popen(_torchrun(_tiny_args(vol, out, FSDP_STEPS, "parallel=fsdp")), cwd=REPO, env=ENV,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if json.loads(line)["event"] == "step":
+            p.send_signal(signal.SIGTERM)
+            break
+    rest, err = p.communicate(timeout=120)
+    stopped = next((e for e in _events(rest) if e["event"] == "stopped"), None)
+    assert stopped is not None, err[-3000:]
+    assert 1 <= stopped["step"] < FSDP_STEPS
+    shutil.copytree(out, root / "fsdp_copy")
+    return out, root / "fsdp_copy", stopped["step"]
+
+
+def _meta(out: Path) -> dict:
+    return torch.load(out / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False)
+
+
+def test_fsdp_two_cpu_processes_resume_and_match_ddp(fsdp_stopped, ddp):
+    out, _, at = fsdp_stopped
+    assert _meta(out)["step"] == at
+    r = subprocess.run(_torchrun(["pretrain", "--out", str(out), "--resume", "--json-progress", "--device", "cpu"]),
+                       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ev = _events(r.stdout)
+    assert ev[0]["event"] == "started" and ev[0]["resumed"] and ev[0]["step"] == at
+    assert [e["step"] for e in ev if e["event"] == "step"] == list(range(at + 1, FSDP_STEPS + 1))
+    fin = next(e for e in ev if e["event"] == "finished")
+    a, b = fin["rank_checksums"]  # sums of the gathered (full) student weights on each rank
+    assert a == b and np.isfinite(a)
+    assert all(np.isfinite(x) for x in _losses(out))
+    assert (out / "backbone" / "model.json").exists()
+    assert json.loads((out / "config.json").read_text())["resolved"]["parallel"] == "fsdp"
+    # same file layout as DDP (full tensors, optimiser state keyed by parameter id) ...
+    f, d = _meta(out), _meta(ddp[0])
+    assert f["meta"].keys() == d["meta"].keys() and f["optimizer"]["state"].keys() == d["optimizer"]["state"].keys()
+    assert [g["params"] for g in f["optimizer"]["param_groups"]] == [g["params"] for g in d["optimizer"]["param_groups"]]
+    # ... and the same weights: stopped + resumed FSDP vs an uninterrupted DDP run from the same seed
+    diff = max(float((f["meta"][k] - d["meta"][k]).abs().max()) for k in d["meta"])
+    assert diff < 1e-4, diff
+
+
+def test_fsdp_checkpoint_resumes_in_one_process(fsdp_stopped):
+    from meddinov3.pretrain.loop import PretrainConfig, pretrain
+
+    _, out, at = fsdp_stopped
+    stream = io.StringIO()
+    status = pretrain(PretrainConfig(out=str(out), device="cpu"), resume=True, json_progress=True, stream=stream)
+    ev = _events(stream.getvalue())
+    assert ev[0]["resumed"] and ev[0]["step"] == at and ev[0]["world_size"] == 1
+    assert status["state"] == "finished" and status["step"] == FSDP_STEPS
+    assert [e["step"] for e in ev if e["event"] == "step"] == list(range(at + 1, FSDP_STEPS + 1))
+    assert all(np.isfinite(x) for x in _losses(out))
 
 
 def test_exported_backbone_finetunes_with_train(stage1, liver, tmp_path):

@@ -4,7 +4,8 @@ Stage 1: DINO + iBOT + KoLeo self-distillation with an EMA teacher; stage 2 adds
 high-resolution adaptation (larger crops, Gram anchoring kept). Continue a stage with `--base PREV_RUN --stage 2`.
 Options given on the command line override `--config FILE.json` (PretrainConfig fields, or a previous run's
 config.json), which overrides the defaults. Launch with `torchrun --nproc_per_node N -m meddinov3.cli.main
-pretrain ...` for several GPUs / processes.
+pretrain ...` for several GPUs / processes; add `--set parallel=fsdp` to shard the networks over them (FSDP2) when
+they do not fit one GPU each. Checkpoints are the same either way: resume with or without FSDP.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Building blocks, each testable alone: projection head (``heads``), losses (``losses``),
 multi-crop augmentation (``crops``), block masking (``masking``) and per-iteration
 schedules (``schedules``). The meta-architecture (student, EMA teacher; ``meta_arch``), the slice
-index (``data``), the loop (``loop.pretrain``), the dense probe (``probe``) and the backbone export
-(``export``) build on these; ``meddinov3 pretrain`` is the command line.
+index (``data``), the loop (``loop.pretrain``), FSDP sharding and full state dicts (``parallel``), the dense probe
+(``probe``) and the backbone export (``export``) build on these; ``meddinov3 pretrain`` is the command line.
 """
 
 from .crops import MultiCropAugmentation, collate_crops, normalize_hu

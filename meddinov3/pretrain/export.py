@@ -15,9 +15,10 @@ from ..checkpoints.package import ModelSpec, provenance_now, write_package
 from ..config import ModelConfig
 
 
-def export_backbone(out_dir: str | os.PathLike, backbone: torch.nn.Module, mcfg: ModelConfig, name: str,
+def export_backbone(out_dir: str | os.PathLike, backbone_sd: dict[str, torch.Tensor], mcfg: ModelConfig, name: str,
                     **provenance) -> Path:
-    sd = {f"backbone.{k}": v.detach().float().cpu() for k, v in backbone.state_dict().items()}
+    """``backbone_sd``: the full (unsharded) state dict of the teacher's ``DINOv3Backbone``."""
+    sd = {f"backbone.{k}": v.detach().float().cpu() for k, v in backbone_sd.items()}
     spec = ModelSpec(name=name, config=mcfg, classes=[], kind="backbone", normalization={"scheme": "ct_hu"},
                      description=f"Backbone pretrained with `meddinov3 pretrain` (stage {provenance.get('stage')})",
                      provenance=provenance_now(**provenance))

@@ -3,8 +3,12 @@
 RUN_DIR: config.json (fully resolved), checkpoints/latest.pt (atomic: student, teacher, heads, Gram teacher,
 centres, optimiser, step = data position, RNG), metrics.jsonl, curves.png, status.json, backbone/ (the EMA
 teacher backbone as a model package, refreshed at every checkpoint and at the end), slices/ (the slice index,
-unless ``cache_dir`` is set). Alone or under torchrun (gloo on CPU, NCCL on CUDA; gradients averaged over
-ranks, rank 0 writes), resumable after kill -9, stops cleanly on SIGTERM / SIGINT.
+unless ``cache_dir`` is set). Alone or under torchrun (gloo on CPU, NCCL on CUDA; rank 0 writes), resumable
+after kill -9, stops cleanly on SIGTERM / SIGINT. ``parallel`` picks how several processes share the work: "ddp"
+(every rank holds the whole model, gradients averaged over ranks) or "fsdp" (student, EMA teacher and Gram teacher
+sharded with FSDP2, see ``parallel.py``: for sizes whose three networks and optimiser state do not fit one GPU).
+Checkpoints hold full, unsharded state in one layout either way: a run resumes with or without FSDP, on any number
+of processes.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from .crops import MultiCropAugmentation, collate_crops
 from .data import PretrainDataError, SliceIndex, StepSampler, build_slice_index, collect_volumes, crop_generator
 from .masking import sample_masks
 from .meta_arch import HeadConfig, SSLMetaArch
+from .parallel import full_state, load_optimizer, shard
 from .schedules import cosine_schedule
 
 FORMAT = "meddinov3-pretrain-state"
@@ -93,12 +98,15 @@ class PretrainConfig(JsonOptions):
     collapse_usage: float = 0.02  # ... or prototype-usage entropy (fraction of log K) below this ...
     collapse_patience: int = 3  # ... for this many logged steps in a row: collapse_warning
     cache_dir: str | None = None
+    parallel: str = "ddp"  # under torchrun: "ddp" (replicated model) or "fsdp" (sharded with FSDP2)
 
     def validate(self) -> None:
         if self.stage not in (1, 2, 3):
             raise ValueError(f"stage must be 1, 2 or 3, got {self.stage}")
         if self.centering not in ("sinkhorn", "centering", "none"):
             raise ValueError(f"centering must be sinkhorn, centering or none, got {self.centering!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
 
     def crop_sizes(self, patch: int) -> tuple[int, int]:
         f = self.highres_factor if self.stage == 3 else 1.0
@@ -296,6 +304,16 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
     if "meta" in hooks:
         hooks["meta"](meta)
     meta.to(device)
+    latest = run_dir / "checkpoints" / "latest.pt"
+    resumed = _read_state(latest) if resume and latest.is_file() else None
+    if resumed is not None:  # whole weights into the whole model, before any sharding
+        meta.load_state_dict(resumed["meta"])
+    adt = amp_dtype(cfg, device)
+    fsdp = cfg.parallel == "fsdp" and dist_info.enabled
+    if fsdp:
+        shard(meta, device, world, adt if device.type == "cuda" else None)
+    elif cfg.parallel == "fsdp":
+        log("parallel=fsdp: a single process, nothing to shard")
     params = meta.trainable()
     optimizer = make_optimizer(meta)
     total = int(cfg.steps)
@@ -304,7 +322,6 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
     mom_s = cosine_schedule(cfg.momentum, cfg.momentum_end, total)
     tt_s = cosine_schedule(cfg.teacher_temp, cfg.teacher_temp, total, cfg.teacher_temp_warmup_steps,
                            start_warmup=cfg.warmup_teacher_temp)
-    adt = amp_dtype(cfg, device)
     if cfg.batch_size % world:
         raise PretrainError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
     per_rank = cfg.batch_size // world
@@ -326,13 +343,11 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
             log(f"dense probe disabled: {e}")
 
     step, collapse = 0, {"count": 0, "warned": None}
-    latest = run_dir / "checkpoints" / "latest.pt"
-    if resume and latest.is_file():
-        state = _read_state(latest)
-        meta.load_state_dict(state["meta"])
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_states(state["rng"])
-        step, micro, collapse = int(state["step"]), min(int(state["micro_batch"]), micro), state["collapse"]
+    if resumed is not None:
+        load_optimizer(meta, optimizer, resumed["optimizer"])
+        set_rng_states(resumed["rng"])
+        step, micro, collapse = int(resumed["step"]), min(int(resumed["micro_batch"]), micro), resumed["collapse"]
+        resumed = None  # free the whole-model copy
         log(f"resumed from {latest} at step {step}")
     metrics_path = run_dir / "metrics.jsonl"
     name = cfg.name or run_dir.name
@@ -347,6 +362,7 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
                 "model": mcfg.to_dict(), "base": base_info, "global_size": g_size, "local_size": l_size,
                 "mask_grid": list(grid), "total_steps": total, "per_rank_batch": per_rank, "world_size": world,
                 "device": str(device), "amp": str(adt).replace("torch.", "") if adt else "fp32",
+                "parallel": "fsdp" if fsdp else "ddp" if dist_info.enabled else "none",
                 "gram_anchoring": cfg.stage >= 2, "data": index.summary(),
                 "probe": "liver CT ridge probe" if probe else None}, "versions": versions()})
 
@@ -358,26 +374,30 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
                 f.write(json.dumps(record) + "\n")
 
     def checkpoint() -> None:
+        model_sd, optim_sd = full_state(meta, optimizer)  # gathered on rank 0 (every rank takes part)
         if main:
             state = {"format": FORMAT, "step": step, "stage": cfg.stage, "model_config": mcfg.to_dict(),
-                     "meta": {k: v.detach().cpu() for k, v in meta.state_dict().items()},
-                     "optimizer": optimizer.state_dict(), "rng": rng_states(), "micro_batch": micro,
+                     "meta": model_sd, "optimizer": optim_sd, "rng": rng_states(), "micro_batch": micro,
                      "collapse": collapse, "data_position": {"step": step, "seed": cfg.seed},
                      "config": cfg.to_dict()}
             with atomic_path(latest, suffix=".pt") as tmp:
                 torch.save(state, tmp)
             from .export import export_backbone
-            export_backbone(run_dir / "backbone", meta.teacher["backbone"], mcfg, name, stage=cfg.stage,
-                            step=step, base=base_info, data=index.summary())
+            prefix = "teacher.backbone."
+            export_backbone(run_dir / "backbone", {k[len(prefix):]: v for k, v in model_sd.items()
+                                                   if k.startswith(prefix)},
+                            mcfg, name, stage=cfg.stage, step=step, base=base_info, data=index.summary())
             progress.event("checkpoint", step=step, path=str(latest), backbone=str(run_dir / "backbone"))
             plot_curves(metrics_path, run_dir / "curves.png")
         D.barrier(dist_info)
 
-    def run_probe() -> None:
-        if probe is None or not main:
+    def run_probe() -> None:  # on every rank: a sharded teacher needs them all for its forward
+        if probe is None:
             return
         t0 = time.perf_counter()
         res = probe(meta.teacher["backbone"], device)
+        if not main:
+            return
         write_metrics({"kind": "probe", "step": step, **res, "seconds": round(time.perf_counter() - t0, 2)})
         progress.event("probe", step=step, **res)
         status.update(metrics=res)
@@ -425,11 +445,12 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
                 micro = max(1, micro // 2)
                 progress.event("oom", step=step, micro_batch=micro, accumulation=math.ceil(per_rank / micro))
                 log(f"CUDA out of memory: micro-batch halved to {micro} (gradient accumulation keeps the batch)")
-        if dist_info.enabled:
+        if dist_info.enabled and not fsdp:  # FSDP reduce-scatters the gradients in the backward
             _all_reduce_grads(params, world)
         if step < cfg.freeze_last_layer_steps:
             for hname in ("dino_head", "ibot_head"):
                 meta.student[hname].last_layer.weight.grad = None
+        # on FSDP's DTensor gradients this is the norm of the whole gradient (shard norms reduced over ranks)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else torch.zeros(())
         optimizer.step()
         meta.update_teacher(float(mom_s[step]))
@@ -486,7 +507,7 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
     if state_name == "finished" and probe is not None and cfg.probe_every and step % cfg.probe_every:
         run_probe()
     checkpoint()
-    checksum = float(sum(p.detach().double().sum().item() for p in meta.student.parameters()))
+    checksum = float(sum(D.full_tensor(p.detach()).double().sum().item() for p in meta.student.parameters()))
     checksums = D.all_gather_object(checksum, dist_info)
     final = {}
     if main:

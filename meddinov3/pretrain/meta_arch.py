@@ -85,6 +85,8 @@ class SSLMetaArch(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
+        """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter. Under FSDP both are
+        sharded alike (``parallel.shard``), so this runs on the local shards."""
         s = [p.detach() for p in self.student.parameters()]
         t = [p for p in self.teacher.parameters()]
         torch._foreach_mul_(t, momentum)

@@ -73,6 +73,14 @@ def all_gather_object(obj, info: DistInfo) -> list:
     return out
 
 
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: gathered from every rank when ``t`` is a sharded DTensor (FSDP2; a collective, so every
+    rank calls it), else ``t`` itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
