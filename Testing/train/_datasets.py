@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import SimpleITK as sitk
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,6 +26,20 @@ def phantom_dataset(folder: Path, n: int = 3, shape=(10, 48, 48)) -> Path:
     (folder / "dataset.json").write_text(json.dumps(
         {"channel_names": {"0": "CT"}, "labels": PHANTOM_LABELS, "numTraining": n, "file_ending": ".nii.gz"}))
     return folder
+
+
+def cached_cases():
+    """Two in-memory slice-cache cases (5 x 40 x 36, one foreground blob, air -3) for sampler tests."""
+    from meddinov3.data.cache import CachedCase
+
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(2):
+        img = rng.normal(size=(5, 40, 36)).astype(np.float16)
+        lab = np.zeros((5, 40, 36), np.uint8)
+        lab[2, 10:14, 20:24] = 1
+        out.append(CachedCase(f"c{i}", img, lab, {1: np.argwhere(lab == 1).astype(np.int32)}, -3.0))
+    return out
 
 
 def liver_dataset(folder: Path) -> Path:

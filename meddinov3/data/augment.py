@@ -100,7 +100,7 @@ def gaussian_blur(img: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     x = F.pad(x, (radius, radius, radius, radius), mode="reflect" if min(img.shape[-2:]) > radius else "replicate")
     x = F.conv2d(x, k.view(B, 1, 1, -1), groups=B)
     x = F.conv2d(x, k.view(B, 1, -1, 1), groups=B)
-    return x.transpose(0, 1)
+    return x.view(img.shape)  # (1, B, H, W) -> (B, 1, H, W) with the usual strides (a compiled step guards on them)
 
 
 def intensity(img: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig) -> torch.Tensor:

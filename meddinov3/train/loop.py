@@ -24,6 +24,7 @@ import torch
 from ..data.augment import AugmentConfig, augment
 from ..data.cache import SliceCache, build_cache
 from ..data.dataset import Dataset, DatasetError, check_dataset, load_dataset, read_case
+from ..data.prefetch import Prefetcher
 from ..data.sampler import PatchSampler
 from ..config import JsonOptions
 from ..files import write_json
@@ -75,6 +76,8 @@ class TrainConfig(JsonOptions):
     log_every: int = 10
     augment: dict = field(default_factory=dict)  # AugmentConfig overrides
     amp: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; "bf16", "fp16", "none"
+    prefetch: bool = True  # draw, pin and copy the next batches in a background thread while a step runs
+    compile: bool = False  # torch.compile the forward + loss (dynamic=False; the first steps pay the compile time)
     device: str = "auto"
     cache_dir: str | None = None  # default: MEDDINOV3_HOME/cache/slices
     export_dtype: str = "float32"  # weights of the exported model package ("float16" halves its size)
@@ -169,6 +172,18 @@ def amp_dtype(cfg: TrainConfig, device: torch.device):
     if mode == "auto":
         mode = "bf16" if device.type == "cuda" else "none"
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[mode]
+
+
+def forward_loss(model, criterion, adt, device_type: str, compile: bool = False):
+    """`(images, labels) -> loss`: the network under autocast, then the loss; `compile`: one torch.compile'd function
+    (dynamic=False). The function is compiled, not the module, so state_dicts keep their keys (no `_orig_mod.`)."""
+
+    def run(xs, ys):
+        with torch.autocast(device_type, dtype=adt, enabled=adt is not None):
+            logits = model(xs)
+        return criterion(logits, ys)[0]
+
+    return torch.compile(run, dynamic=False) if compile else run
 
 
 def versions() -> dict:
@@ -350,6 +365,7 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
         model = DDP(net, device_ids=[device] if device.type == "cuda" else None)
 
     stopper = StopRequest().install()
+    step_fn = forward_loss(model, criterion, adt, device.type, cfg.compile)
 
     def write_metrics(record: dict) -> None:
         if main:
@@ -404,78 +420,76 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
     t_last, n_img, loss_acc, loss_n = time.perf_counter(), 0, 0.0, 0
     images_per_s = None
     state_name = "finished"
-    while step < total:
-        imgs, labs = sampler.sample(step)
-        x = torch.from_numpy(imgs).to(device, non_blocking=True)
-        y = torch.from_numpy(labs).to(device, non_blocking=True)
-        gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, step, dist_info.rank, 31]).integers(2 ** 62)))
-        x, y = augment(x, y, gen, aug_cfg, pad_value)
-        logits = loss = None
-        while True:
-            try:
-                optimizer.zero_grad(set_to_none=True)
-                parts = range(0, per_rank, micro)
-                step_loss = 0.0
-                for i, start in enumerate(parts):
-                    xs, ys = x[start:start + micro], y[start:start + micro]
-                    last = i == len(parts) - 1
-                    ctx = model.no_sync() if (dist_info.enabled and not last) else contextlib.nullcontext()
-                    with ctx:
-                        with torch.autocast(device.type, dtype=adt, enabled=adt is not None):
-                            logits = model(xs)
-                        loss, _ = criterion(logits, ys)
-                        loss = loss * (len(xs) / per_rank)
-                        scaler.scale(loss).backward()
-                    step_loss += float(loss.detach())
+    # the next batches are drawn while a step runs; the thread ends with the loop (finished, stopped or failed)
+    with Prefetcher(sampler.sample, step, device, depth=2 if cfg.prefetch else 0) as batches:
+        while step < total:
+            x, y = batches.get(step)
+            seed = np.random.default_rng([cfg.seed, step, dist_info.rank, 31]).integers(2 ** 62)
+            gen = torch.Generator().manual_seed(int(seed))
+            x, y = augment(x, y, gen, aug_cfg, pad_value)
+            while True:
+                try:
+                    optimizer.zero_grad(set_to_none=True)
+                    parts = range(0, per_rank, micro)
+                    step_loss = 0.0
+                    for i, start in enumerate(parts):
+                        xs, ys = x[start:start + micro], y[start:start + micro]
+                        last = i == len(parts) - 1
+                        ctx = model.no_sync() if (dist_info.enabled and not last) else contextlib.nullcontext()
+                        with ctx:
+                            loss = step_fn(xs, ys) * (len(xs) / per_rank)
+                            scaler.scale(loss).backward()
+                        step_loss += loss.detach()  # stays on the device: no sync per step
+                    break
+                except torch.cuda.OutOfMemoryError:
+                    if micro <= 1:
+                        raise
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = None
+                    torch.cuda.empty_cache()
+                    micro = max(1, micro // 2)
+                    progress.event("oom", step=step, micro_batch=micro,
+                                   accumulation=math.ceil(per_rank / micro))
+                    log(f"CUDA out of memory: micro-batch halved to {micro} (gradient accumulation keeps the batch)")
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            n_img += cfg.batch_size
+            loss_acc += step_loss
+            loss_n += 1
+            if step % cfg.log_every == 0 or step == total:
+                now = time.perf_counter()
+                images_per_s = n_img / max(now - t_last, 1e-9)
+                lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
+                record = {"kind": "step", "step": step, "epoch": step / cfg.steps_per_epoch,
+                          "loss": float(loss_acc) / loss_n,
+                          "lr_decoder": lrs.get("decoder", 0.0), "lr_backbone": lrs.get("backbone", 0.0),
+                          "grad_norm": float(grad_norm), "images_per_s": round(images_per_s, 3), "micro_batch": micro}
+                write_metrics(record)
+                if main:
+                    progress.event("step", step=step, total=total, loss=record["loss"], lr=record["lr_decoder"],
+                                   lr_backbone=record["lr_backbone"], images_per_s=record["images_per_s"])
+                    status.update(step=step, metrics={"loss": record["loss"], "images_per_s": record["images_per_s"]})
+                    progress.update(step, total, stage="training", loss=round(record["loss"], 4))
+                    if not progress._use_bar:
+                        log(f"step {step}/{total} loss {record['loss']:.4f} lr {record['lr_decoder']:.2e} "
+                            f"{record['images_per_s']:.1f} images/s")
+                t_last, n_img, loss_acc, loss_n = now, 0, 0.0, 0
+            stop = D.any_true(stopper.requested, dist_info, device)
+            if step % cfg.checkpoint_every == 0 and step < total and not stop:
+                checkpoint(latest, "latest")
+            if step % cfg.steps_per_epoch == 0 and main:
+                progress.event("epoch", epoch=step // cfg.steps_per_epoch, step=step)
+            if step % val_every == 0 and step < total and not stop:
+                run_validation()
+            if stop:
+                state_name = "stopped"
+                if main:
+                    status.update(state="stopping", step=step)
                 break
-            except torch.cuda.OutOfMemoryError:
-                if micro <= 1:
-                    raise
-                optimizer.zero_grad(set_to_none=True)
-                logits = loss = None
-                torch.cuda.empty_cache()
-                micro = max(1, micro // 2)
-                progress.event("oom", step=step, micro_batch=micro,
-                               accumulation=math.ceil(per_rank / micro))
-                log(f"CUDA out of memory: micro-batch halved to {micro} (gradient accumulation keeps the batch)")
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        step += 1
-        n_img += cfg.batch_size
-        loss_acc += step_loss
-        loss_n += 1
-        if step % cfg.log_every == 0 or step == total:
-            now = time.perf_counter()
-            images_per_s = n_img / max(now - t_last, 1e-9)
-            lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
-            record = {"kind": "step", "step": step, "epoch": step / cfg.steps_per_epoch, "loss": loss_acc / loss_n,
-                      "lr_decoder": lrs.get("decoder", 0.0), "lr_backbone": lrs.get("backbone", 0.0),
-                      "grad_norm": float(grad_norm), "images_per_s": round(images_per_s, 3), "micro_batch": micro}
-            write_metrics(record)
-            if main:
-                progress.event("step", step=step, total=total, loss=record["loss"], lr=record["lr_decoder"],
-                               lr_backbone=record["lr_backbone"], images_per_s=record["images_per_s"])
-                status.update(step=step, metrics={"loss": record["loss"], "images_per_s": record["images_per_s"]})
-                progress.update(step, total, stage="training", loss=round(record["loss"], 4))
-                if not progress._use_bar:
-                    log(f"step {step}/{total} loss {record['loss']:.4f} lr {record['lr_decoder']:.2e} "
-                        f"{record['images_per_s']:.1f} images/s")
-            t_last, n_img, loss_acc, loss_n = now, 0, 0.0, 0
-        stop = D.any_true(stopper.requested, dist_info, device)
-        if step % cfg.checkpoint_every == 0 and step < total and not stop:
-            checkpoint(latest, "latest")
-        if step % cfg.steps_per_epoch == 0 and main:
-            progress.event("epoch", epoch=step // cfg.steps_per_epoch, step=step)
-        if step % val_every == 0 and step < total and not stop:
-            run_validation()
-        if stop:
-            state_name = "stopped"
-            if main:
-                status.update(state="stopping", step=step)
-            break
     stopper.restore()
 
     checkpoint(latest, "latest")
