@@ -262,6 +262,8 @@ def segment_image(image: sitk.Image, model, device: str | torch.device = "auto",
             n = len(zs)
             if interpolator is not None:
                 zs, p = interpolator.fill(zs, p)
+            if resize_on_cpu:  # channels-last: the class argmax reads contiguous memory (~7x faster on CPU)
+                p = p.contiguous(memory_format=torch.channels_last)
             for k in range(0, len(zs), n):  # at most one batch of full-size probabilities at a time
                 pk = resize(p[k:k + n], (H, W))
                 idx = pk.argmax(1).to(torch.uint8 if n_classes <= 256 else torch.int16)
