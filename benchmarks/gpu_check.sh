@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Every GPU figure the issues ask for, in one run of about 5-8 minutes on one H100 (no network needed; the
+# machine's own torch/timm are used). Prints each benchmark's table; copy them into benchmarks/RESULTS.md.
+#   bash benchmarks/gpu_check.sh [OUT_FILE]     (default: gpu_check.txt)
+# Each step has its own time limit so one slow step (a cold torch.compile) cannot eat the others' time.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-gpu_check.txt}"
+PY="${PYTHON:-python}"
+step() {  # step SECONDS TITLE COMMAND...
+  local limit=$1 title=$2; shift 2
+  echo "### $title" | tee -a "$OUT"
+  timeout "$limit" "$@" 2>&1 | grep -v "^\s*$" | tail -8 | tee -a "$OUT"
+  echo "(exit ${PIPESTATUS[0]})" | tee -a "$OUT"
+}
+: > "$OUT"
+"$PY" -c "import torch, timm; print(torch.__version__, timm.__version__, torch.cuda.get_device_name())" | tee -a "$OUT"
+step 60 "engine: ViT-B 512 px, 300 slices, default auto batch (4 GiB VRAM budget)" \
+  "$PY" benchmarks/segment.py --size base --device cuda
+step 60 "engine: same, batch from all free memory" \
+  env MEDDINOV3_MAX_VRAM_GB=80 "$PY" benchmarks/segment.py --size base --device cuda
+step 120 "engine: same, --compile (warm-up compiles; the timed run must not recompile)" \
+  "$PY" benchmarks/segment.py --size base --device cuda --compile
+step 60 "train: ViT-B 512 px batch 32, model-only / inline / prefetch" "$PY" benchmarks/train.py
+step 120 "train: same with --compile" "$PY" benchmarks/train.py --compile
+step 60 "pretrain: stage 1 ViT-B, 2x224 + 8x96 crops, batch 32, one step" \
+  "$PY" benchmarks/pretrain.py --size base --batch 32 --device cuda
+step 60 "GPU tests: engine and prefetch on CUDA vs CPU, batch budget, OOM back-off" \
+  "$PY" -m pytest -q Testing/test_cuda.py Testing/engine/test_batch_budget.py Testing/train/test_train_oom.py
