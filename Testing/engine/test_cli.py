@@ -82,6 +82,19 @@ def test_batch_folder_and_dicom(tmp_path, pkg, capsys):
     assert same_geometry(sitk.ReadImage(str(out / "b.nii.gz")), b)
     dicom_seg = sitk.ReadImage(str(out / "series1.nii.gz"))
     assert same_geometry(dicom_seg, a)
+    # batch .seg.nrrd and one probabilities file per input, each on its input's grid
+    import slicerio
+
+    segs, probs = tmp_path / "segs", tmp_path / "probs"
+    assert main(["segment", str(inp / "a.nii.gz"), str(inp / "b.mha"), "-o", str(segs), "--model", str(pkg),
+                 "--device", "cpu", "--output-format", "seg.nrrd", "--save-probabilities", str(probs)]) == 0
+    assert sorted(p.name for p in segs.iterdir()) == ["a.seg.nrrd", "b.seg.nrrd"]
+    assert [s["name"] for s in slicerio.read_segmentation(str(segs / "b.seg.nrrd"))["segments"]]
+    assert sorted(p.name for p in probs.iterdir()) == ["a.npz", "b.npz"]
+    assert np.load(probs / "b.npz")["probabilities"].shape[1:] == sitk.GetArrayViewFromImage(b).shape
+    assert main(["segment", str(inp / "a.nii.gz"), str(inp / "b.mha"), "-o", str(segs), "--model", str(pkg),
+                 "--device", "cpu", "--output-format", "seg.nrrd"]) != 0  # existing outputs are never replaced
+    assert "already exists" in capsys.readouterr().err
     # a DICOM folder alone is one input
     single = tmp_path / "single.nrrd"
     assert main(["segment", str(inp / "series1"), "-o", str(single), "--model", str(pkg), "--device", "cpu",

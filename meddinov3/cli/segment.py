@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+FORMATS = ("nii.gz", "nrrd", "seg.nrrd")
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("segment", help="segment 3D images with a MedDINOv3 model")
@@ -20,7 +22,10 @@ def add_parser(sub) -> None:
     p.add_argument("--folds", default="all", help="'all' or comma-separated fold names (probabilities averaged)")
     p.add_argument("--batch-size", default="auto", help="slices/tiles per forward pass: auto or a number")
     p.add_argument("--roi", help="voxel box x0,y0,z0,x1,y1,z1 (end exclusive); outside is background")
-    p.add_argument("--save-probabilities", metavar="FILE.npz", help="also save float16 class probabilities")
+    p.add_argument("--save-probabilities", metavar="FILE.npz",
+                   help="also save float16 class probabilities (several inputs: a folder, one NAME.npz per input)")
+    p.add_argument("--output-format", choices=FORMATS, default="nii.gz",
+                   help="file type written into the -o folder when there are several inputs (default nii.gz)")
     p.add_argument("--keep-largest", action="store_true", help="keep the largest connected component per label")
     p.add_argument("--fill-holes", action="store_true", help="fill holes per label")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the network (CUDA)")
@@ -53,20 +58,24 @@ def _parse(args):
     return folds, batch, roi
 
 
-def _outputs(inputs: list[Path], output: str, batch_mode: bool) -> list[Path]:
+def _outputs(inputs: list[Path], args, batch_mode: bool) -> tuple[list[Path], list[Path | None]]:
+    """(label outputs, probability outputs) per input: the given files, or NAME.<format> / NAME.npz in folders."""
     from ..volumes import strip_suffix
     from .main import CommandError
 
-    out = Path(output)
+    out = Path(args.output)
+    probs = Path(args.save_probabilities) if args.save_probabilities else None
     if not batch_mode:
-        return [out]
-    if out.exists() and not out.is_dir():
-        raise CommandError(f"{out}: several inputs need -o to be a folder")
-    names = [strip_suffix(p) + ".nii.gz" for p in inputs]
-    dupes = {n for n in names if names.count(n) > 1}
+        return [out], [probs]
+    for flag, folder in (("-o", out), ("--save-probabilities", probs)):
+        if folder is not None and folder.exists() and not folder.is_dir():
+            raise CommandError(f"{folder}: several inputs need {flag} to be a folder")
+    stems = [strip_suffix(p) for p in inputs]
+    dupes = {n for n in stems if stems.count(n) > 1}
     if dupes:
         raise CommandError(f"inputs would write the same output name(s): {', '.join(sorted(dupes))}")
-    return [out / n for n in names]
+    return ([out / f"{n}.{args.output_format}" for n in stems],
+            [probs / f"{n}.npz" if probs else None for n in stems])
 
 
 def run(args) -> int:
@@ -86,14 +95,14 @@ def run(args) -> int:
             raise CommandError(str(e)) from None
         batch_mode = len(inputs) > 1 or (len(args.inputs) == 1 and Path(args.inputs[0]).is_dir()
                                          and inputs[0] != Path(args.inputs[0]))
-        if batch_mode and args.save_probabilities:
-            raise CommandError("--save-probabilities works with a single input")
-        outputs = _outputs(inputs, args.output, batch_mode)
-        for o in outputs:
+        outputs, prob_outputs = _outputs(inputs, args, batch_mode)
+        for o, po in zip(outputs, prob_outputs):
             try:
                 check_output(o, args.overwrite)
             except ValueError as e:
                 raise CommandError(str(e)) from None
+            if po is not None and po.exists() and not args.overwrite:
+                raise CommandError(f"{po}: already exists (pass --overwrite to replace it)")
         try:
             device = resolve_device(args.device)
         except (ValueError, RuntimeError) as e:
@@ -104,10 +113,10 @@ def run(args) -> int:
         progress.event("started", inputs=[str(p) for p in inputs], outputs=[str(o) for o in outputs],
                        model=str(model.path), device=str(device))
         failures = []
-        for inp, out in zip(inputs, outputs):
+        for inp, out, prob_out in zip(inputs, outputs, prob_outputs):
             t0 = time.perf_counter()
             try:
-                result = segment_file(inp, out, model, probabilities_path=args.save_probabilities,
+                result = segment_file(inp, out, model, probabilities_path=prob_out,
                                       overwrite=args.overwrite, progress=progress, device=device, fast=args.fast,
                                       tta=args.tta, batch_size=batch, roi=roi, keep_largest=args.keep_largest,
                                       fill_holes=args.fill_holes, compile=args.compile)
@@ -119,7 +128,7 @@ def run(args) -> int:
                 print(f"meddinov3 segment: error: {e}", file=sys.stderr)
                 continue
             progress.event("finished", input=str(inp), output=str(out), seconds=round(time.perf_counter() - t0, 2),
-                           probabilities=args.save_probabilities, **{k: result.stats[k] for k in
+                           probabilities=str(prob_out) if prob_out else None, **{k: result.stats[k] for k in
                                                                      ("device", "slices", "batch_size")})
             if not args.json_progress:
                 print(f"{inp} -> {out} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
