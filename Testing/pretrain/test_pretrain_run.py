@@ -184,18 +184,24 @@ def test_kill9_then_resume_continues_at_same_step(liver):
     assert json.loads((out / "status.json").read_text())["state"] == "finished"
 
 
-def test_sigterm_saves_and_exits_zero(liver):
-    root, _, vol = liver
-    out = root / "sigterm"
-    args = _tiny_args(vol, out, 200, "checkpoint_every=100")
-    p = subprocess.Popen([sys.executable, "-m", "meddinov3.cli.main", *args], cwd=REPO, env=ENV,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _sigterm_after_first_step(cmd: list[str]) -> tuple[int, str, str]:
+    """Run `cmd` (JSON progress on stdout), send SIGTERM at its first step event: (exit code, rest of stdout,
+    stderr)."""
+    p = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in p.stdout:
         if json.loads(line)["event"] == "step":
             p.send_signal(signal.SIGTERM)
             break
-    rest, _ = p.communicate(timeout=120)
-    assert p.returncode == 0
+    rest, err = p.communicate(timeout=120)
+    return p.returncode, rest, err
+
+
+def test_sigterm_saves_and_exits_zero(liver):
+    root, _, vol = liver
+    out = root / "sigterm"
+    args = _tiny_args(vol, out, 200, "checkpoint_every=100")
+    code, rest, _ = _sigterm_after_first_step([sys.executable, "-m", "meddinov3.cli.main", *args])
+    assert code == 0
     assert any(e["event"] == "stopped" for e in _events(rest))
     st = json.loads((out / "status.json").read_text())
     assert st["state"] == "stopped" and (out / "checkpoints" / "latest.pt").exists()
@@ -231,13 +237,7 @@ def fsdp_stopped(liver):
     first step, and a copy of it: (run folder, copy, step of its checkpoint)."""
     root, _, vol = liver
     out = root / "fsdp"
-    p = subprocess.Popen(_torchrun(_tiny_args(vol, out, FSDP_STEPS, "parallel=fsdp")), cwd=REPO, env=ENV,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in p.stdout:
-        if json.loads(line)["event"] == "step":
-            p.send_signal(signal.SIGTERM)
-            break
-    rest, err = p.communicate(timeout=120)
+    _, rest, err = _sigterm_after_first_step(_torchrun(_tiny_args(vol, out, FSDP_STEPS, "parallel=fsdp")))
     stopped = next((e for e in _events(rest) if e["event"] == "stopped"), None)
     assert stopped is not None, err[-3000:]
     assert 1 <= stopped["step"] < FSDP_STEPS
