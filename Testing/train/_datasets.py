@@ -43,21 +43,13 @@ def cached_cases():
 
 
 def liver_dataset(folder: Path) -> Path:
-    """The demo export with its held-out half moved into imagesTr/labelsTr as case `liver117_heldout`.
+    """The demo export with its held-out half in imagesTr/labelsTr as case `liver117_heldout`.
 
     The pipeline tests need a validation case on real CT; the demo model itself never reads that half.
     """
     from meddinov3.cli.demo import export_dataset
 
-    ds = export_dataset(folder)
-    for kind in ("images", "labels"):
-        for f in (ds / f"{kind}Ts").iterdir():
-            f.rename(ds / f"{kind}Tr" / f.name)
-        (ds / f"{kind}Ts").rmdir()
-    info = json.loads((ds / "dataset.json").read_text())
-    info["numTraining"] = len(list((ds / "labelsTr").iterdir()))
-    (ds / "dataset.json").write_text(json.dumps(info))
-    return ds
+    return export_dataset(folder, heldout_as_validation=True)
 
 
 def tiny_args(cache: Path, depth: int = 1) -> list[str]:

@@ -34,13 +34,15 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def export_dataset(out_dir: str | Path) -> Path:
+def export_dataset(out_dir: str | Path, heldout_as_validation: bool = False) -> Path:
     """nnU-Net v2 raw dataset of the source-array axis-0 split.
 
     imagesTr/labelsTr: `liver117_train` = `mrc[0:64, :, :]`, the only training case (the demo model is the final
     checkpoint: no model selection, so no held-out labels are ever read in training); imagesTs/labelsTs:
     `liver117_heldout` = `mrc[64:128, :, :]`. Source axis 0 is SimpleITK index 0 of `load_liver_ct()` (canonical x);
     cropping with SimpleITK index slicing keeps each crop's origin where it lies in the full volume.
+    `heldout_as_validation`: the held-out case goes to imagesTr/labelsTr too, for experiments that validate on it
+    with `--val-cases liver117_heldout` (pipeline tests, benchmarks; never the demo model).
     """
     import SimpleITK as sitk
 
@@ -51,12 +53,13 @@ def export_dataset(out_dir: str | Path) -> Path:
         (out / sub).mkdir(parents=True, exist_ok=True)
     image, labels = load_liver_ct()
     nx = image.GetSize()[0]
-    crops = {("Tr", "liver117_train"): slice(0, SPLIT), ("Ts", "liver117_heldout"): slice(SPLIT, nx)}
+    held_part = "Tr" if heldout_as_validation else "Ts"
+    crops = {("Tr", "liver117_train"): slice(0, SPLIT), (held_part, "liver117_heldout"): slice(SPLIT, nx)}
     for (part, name), xs in crops.items():
         sitk.WriteImage(image[xs, :, :], str(out / f"images{part}" / f"{name}_0000.nii.gz"))
         sitk.WriteImage(labels[xs, :, :], str(out / f"labels{part}" / f"{name}.nii.gz"))
     meta = {"name": "LiTS case 117 (liver-ct-segmentation-package)", "channel_names": {"0": "CT"}, "labels": LABELS,
-            "numTraining": 1, "file_ending": ".nii.gz",
+            "numTraining": 2 if heldout_as_validation else 1, "file_ending": ".nii.gz",
             "licence": "data: LiTS via liver-ct-segmentation-package (MIT)",
             "description": f"Source .mrc array axis-0 indices [0, {SPLIT}) (patient right half) for training: "
                            f"liver117_train = mrc[0:{SPLIT}, :, :]; held out (imagesTs/labelsTs): liver117_heldout = "
