@@ -96,6 +96,8 @@ class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentButton.clicked.connect(self.onSegmentButton)
         self.ui.refreshModelsButton.clicked.connect(self._fillModels)
         self.ui.modelSelector.currentIndexChanged.connect(lambda index: self._updateModelInfo())
+        self.ui.modelSelector.currentIndexChanged.connect(lambda index: self._onSelectorChanged("model"))
+        self.ui.deviceSelector.currentIndexChanged.connect(lambda index: self._onSelectorChanged("device"))
         self._setUpImportMenu()
         self.ui.show3DButton.clicked.connect(self.onShow3D)
         self.ui.segmentEditorButton.clicked.connect(self.onSegmentEditor)
@@ -136,15 +138,40 @@ class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
 
     def setParameterNode(self, parameterNode) -> None:
         self._disconnectParameterNode()
         self._parameterNode = parameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
-            self._updateButtons()
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+            self._onParameterNodeModified()
+
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        self._updateSelectorsFromParameterNode()
+        self._updateButtons()
+
+    def _selectors(self) -> dict:
+        """Parameter name -> combo box filled at run time. connectGui binds a QComboBox to a str only through a
+        fixed `Choice` list, so these are not bound in the .ui but kept in step with the parameter node here."""
+        return {"model": self.ui.modelSelector, "device": self.ui.deviceSelector}
+
+    def _onSelectorChanged(self, name: str) -> None:
+        text = self._selectors()[name].currentText
+        if self._parameterNode and text:
+            setattr(self._parameterNode, name, text)
+
+    def _updateSelectorsFromParameterNode(self) -> None:
+        if not self._parameterNode:
+            return
+        for name, selector in self._selectors().items():
+            value = getattr(self._parameterNode, name)
+            index = selector.findText(value)
+            if index >= 0:
+                selector.setCurrentIndex(index)
+            elif selector.currentText and selector.currentText != value:
+                setattr(self._parameterNode, name, selector.currentText)  # the saved choice is not offered
 
     def _updateButtons(self, caller=None, event=None) -> None:
         p = self._parameterNode

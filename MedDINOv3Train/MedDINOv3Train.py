@@ -16,8 +16,9 @@ from typing import Annotated
 import qt
 import slicer
 from slicer.i18n import tr as _
-from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget
+from slicer.util import VTKObservationMixin
 
 from MedDINOv3TrainLib.jobs import FINAL_STATES, TrainJobError
 from MedDINOv3TrainLib.logic import MedDINOv3TrainLogic  # noqa: F401 - re-exported for the console
@@ -33,7 +34,7 @@ class MedDINOv3Train(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("MedDINOv3 Train")
         self.parent.categories = [_("Segmentation")]
-        self.parent.dependencies = []
+        self.parent.dependencies = ["MedDINOv3Segment"]  # models, child process helpers, Segment with model
         self.parent.contributors = ["MedDINOv3 extension contributors"]
         self.parent.helpText = _(
             "Fine-tune a MedDINOv3 segmentation model on volumes and segmentations of the scene (or a dataset "
@@ -47,13 +48,17 @@ class MedDINOv3Train(ScriptedLoadableModule):
 
 @parameterNodeWrapper
 class MedDINOv3TrainParameterNode:
-    """Settings of the Train panel, saved with the scene (combo boxes store their text)."""
+    """Settings of the Train panel, saved with the scene (combo boxes store their text).
 
-    dataSource: str = SOURCES[0]
+    dataFolder, outputFolder, baseModel and device are not bound in the .ui (connectGui binds a ctkPathLineEdit
+    only to a pathlib.Path field and a QComboBox to a str only through a fixed Choice list): the Widget syncs them.
+    """
+
+    dataSource: Annotated[str, Choice(list(SOURCES))] = SOURCES[0]
     dataFolder: str = ""
-    mode: str = "Fine-tune"
+    mode: Annotated[str, Choice(list(MODES))] = "Fine-tune"
     baseModel: str = ""
-    modelSize: str = "base"
+    modelSize: Annotated[str, Choice(["small", "base", "large"])] = "base"
     epochs: Annotated[int, WithinRange(1, 100000)] = 100
     steps: Annotated[int, WithinRange(1, 1000000)] = 250  # steps per epoch
     learningRate: Annotated[float, WithinRange(1e-6, 1.0)] = 3e-4  # decoder; backbone gets a tenth (3e-5)
@@ -62,11 +67,12 @@ class MedDINOv3TrainParameterNode:
     device: str = "Auto"
 
 
-class MedDINOv3TrainWidget(ScriptedLoadableModuleWidget):
+class MedDINOv3TrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """GUI only: reads the parameter node, calls the Logic, polls the job's files once a second."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
@@ -115,6 +121,14 @@ class MedDINOv3TrainWidget(ScriptedLoadableModuleWidget):
         self.ui.resumeJobButton.clicked.connect(self.onResume)
         self.ui.deleteJobButton.clicked.connect(self.onDeleteJob)
         self.ui.segmentWithModelButton.clicked.connect(self.onSegmentCurrentVolume)
+        self.ui.dataFolderPathLineEdit.currentPathChanged.connect(lambda path: self._setParameter("dataFolder", path))
+        self.ui.outputFolderPathLineEdit.currentPathChanged.connect(lambda path: self._setParameter("outputFolder", path))
+        self.ui.baseModelSelector.currentIndexChanged.connect(
+            lambda index: self._setParameter("baseModel", self.ui.baseModelSelector.currentText))
+        self.ui.deviceSelector.currentIndexChanged.connect(
+            lambda index: self._setParameter("device", self.ui.deviceSelector.currentText))
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         self._timer = qt.QTimer()
         self._timer.setInterval(1000)
@@ -141,7 +155,20 @@ class MedDINOv3TrainWidget(ScriptedLoadableModuleWidget):
             self._timer.stop()
         if self._segmentTask is not None:
             self._segmentTask.cancel()
+        self.removeObservers()
         self.exit()
+
+    def onSceneStartClose(self, caller, event) -> None:
+        if self._segmentTask is not None:
+            self._segmentTask.cancel()  # its volume is about to go
+        if self._parameterNode and self._parameterNodeGuiTag:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+        self._parameterNode, self._parameterNodeGuiTag = None, None
+        self._plotWidget.setMRMLPlotViewNode(None)  # removed with the scene; _poll makes a new one
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
         node = self.logic.getParameterNode()
@@ -149,6 +176,17 @@ class MedDINOv3TrainWidget(ScriptedLoadableModuleWidget):
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
         self._parameterNode = node
         self._parameterNodeGuiTag = node.connectGui(self.ui)
+        # Widgets not bound by connectGui (see MedDINOv3TrainParameterNode): parameter node -> widget.
+        self.ui.dataFolderPathLineEdit.currentPath = node.dataFolder
+        self.ui.outputFolderPathLineEdit.currentPath = node.outputFolder
+        for selector, text in ((self.ui.baseModelSelector, node.baseModel), (self.ui.deviceSelector, node.device)):
+            index = selector.findText(text)
+            if index >= 0:
+                selector.setCurrentIndex(index)
+
+    def _setParameter(self, name: str, value: str) -> None:
+        if self._parameterNode:
+            setattr(self._parameterNode, name, value)
 
     # -- choices ----------------------------------------------------------------------------------
 
@@ -207,7 +245,7 @@ class MedDINOv3TrainWidget(ScriptedLoadableModuleWidget):
             combo = slicer.qMRMLNodeComboBox()
             combo.nodeTypes = [className]
             if column == 0:
-                combo.addAttribute("vtkMRMLScalarVolumeNode", "LabelMap", 0)
+                combo.showChildNodeTypes = False  # no label map volumes
             combo.noneEnabled = True
             combo.addEnabled = False
             combo.removeEnabled = False
@@ -298,10 +336,9 @@ class MedDINOv3TrainWidget(ScriptedLoadableModuleWidget):
     def onStop(self) -> None:
         if self._job is not None:
             self.ui.statusLabel.text = _("Stopping (saving a checkpoint)...")
-            slicer.app.processEvents()
-            with slicer.util.tryWithErrorDisplay(_("Failed to stop the job."), waitCursor=True):
-                self._job.stop(timeout=30)
-            self._poll()
+            with slicer.util.tryWithErrorDisplay(_("Failed to stop the job.")):
+                self._job.stop(timeout=0)  # sends the request only; the timer follows the job until it stopped
+            self._timer.start()
 
     def onResume(self) -> None:
         job = self._selectedJob() or self._job
@@ -324,6 +361,7 @@ class MedDINOv3TrainWidget(ScriptedLoadableModuleWidget):
         if job is not None:
             self._job = job
             self.ui.logText.clear()
+            self._timer.start()  # _poll stops it again if this job has already ended
             self._poll()
 
     def onOpenFolder(self) -> None:

@@ -265,6 +265,8 @@ class MedDINOv3TrainLogic(_LogicBase):
 
         def node(role: str, className: str, name: str):
             existing = scene.GetNodeByID(ids[role]) if role in ids else None
+            if existing is not None and not self._ownsPlotNode(existing, key, role):
+                existing = None  # node IDs restart after a scene close: this ID now names another node
             if existing is None:
                 existing = scene.AddNewNodeByClass(className, name)
                 existing.SetAttribute("MedDINOv3Train.job", key)
@@ -273,6 +275,8 @@ class MedDINOv3TrainLogic(_LogicBase):
             return existing
 
         if chartNode is not None:
+            chartNode.SetAttribute("MedDINOv3Train.job", key)
+            chartNode.SetAttribute("MedDINOv3Train.role", "chart")
             ids["chart"] = chartNode.GetID()
         chart = node("chart", "vtkMRMLPlotChartNode", f"{job.name} training")
         chart.SetTitle(f"{job.name}: loss and validation Dice")
@@ -317,10 +321,15 @@ class MedDINOv3TrainLogic(_LogicBase):
         import slicer
 
         key = str(job.runDir if isinstance(job, TrainJob) else Path(job).resolve())
-        for nodeId in self._plotNodes.pop(key, {}).values():
+        for role, nodeId in self._plotNodes.pop(key, {}).items():
             existing = slicer.mrmlScene.GetNodeByID(nodeId)
-            if existing is not None:
+            if existing is not None and self._ownsPlotNode(existing, key, role):
                 slicer.mrmlScene.RemoveNode(existing)
+
+    @staticmethod
+    def _ownsPlotNode(node, key: str, role: str) -> bool:
+        """True if `node` is the plot node made for job `key` in `role` (not a later node given the same ID)."""
+        return node.GetAttribute("MedDINOv3Train.job") == key and node.GetAttribute("MedDINOv3Train.role") == role
 
 
 __all__ = ["MedDINOv3TrainLogic", "TrainJob", "TrainJobError", "resumeCommand"]

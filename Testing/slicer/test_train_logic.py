@@ -364,3 +364,40 @@ def test_update_plot_nodes_builds_loss_and_dice_series(logic, slicer_scene, tmp_
     assert lossTable.GetNumberOfRows() == 5 and diceTable.GetNumberOfRows() == 2
     logic.removePlotNodes(job)
     assert slicer_scene.GetNodesByClass("vtkMRMLPlotChartNode").GetNumberOfItems() == 0
+
+
+def test_plot_nodes_survive_a_scene_close(logic, slicer_scene, tmp_path):
+    """Node IDs restart after a scene close: the Logic must not take over a new node that got an old ID."""
+    from MedDINOv3TrainLib.jobs import TrainJob
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "job.json").write_text(json.dumps({"mode": "finetune"}))
+    (run / "metrics.jsonl").write_text(json.dumps({"kind": "step", "step": 1, "loss": 0.5}) + "\n")
+    job = TrainJob(run)
+    chart = logic.updatePlotNodes(job)
+    oldIds = {chart.GetID()} | {chart.GetNthPlotSeriesNodeID(i) for i in range(chart.GetNumberOfPlotSeriesNodes())}
+
+    slicer_scene.Clear(0)
+    userChart = slicer_scene.AddNewNodeByClass("vtkMRMLPlotChartNode", "user chart")
+    userTable = slicer_scene.AddNewNodeByClass("vtkMRMLTableNode", "user table")
+    assert userChart.GetID() in oldIds  # the scene reuses the IDs
+
+    newChart = logic.updatePlotNodes(job)
+    assert newChart is not userChart and newChart.GetNumberOfPlotSeriesNodes() == len(oldIds) - 1
+    assert userChart.GetNumberOfPlotSeriesNodes() == 0 and userTable.GetTable().GetNumberOfColumns() == 0
+    logic.removePlotNodes(job)
+    assert slicer_scene.GetNodeByID(userChart.GetID()) is userChart
+    assert slicer_scene.GetNodeByID(userTable.GetID()) is userTable
+    assert slicer_scene.GetNodesByClass("vtkMRMLPlotChartNode").GetNumberOfItems() == 1
+
+
+def test_module_file_imports_headless_with_parameter_node(logic, slicer_scene):
+    import MedDINOv3Train as module
+
+    parameters = logic.getParameterNode()
+    assert (parameters.dataSource, parameters.mode, parameters.modelSize) == (module.SOURCES[0], "Fine-tune", "base")
+    parameters.mode = "Pretrain stage 2"
+    assert logic.getParameterNode().mode == "Pretrain stage 2"
+    with pytest.raises(ValueError):
+        parameters.modelSize = "huge"  # Choice: only what the size selector offers
