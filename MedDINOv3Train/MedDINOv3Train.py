@@ -449,9 +449,8 @@ class MedDINOv3TrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for name, value in (metrics.get("validation_dice") or {}).items():
             parts.append(f"Dice {name} {value:.3f}")
         self.ui.metricsLabel.text = ", ".join(parts)
-        if self._ticks % 5 == 1:  # nvidia-smi is not free: every 5 s
-            memory = job.gpuMemoryMB()
-            self.ui.gpuMemoryLabel.text = f"GPU memory {memory / 1024:.1f} GB" if memory else ""
+        memory = job.gpuMemoryGB()
+        self.ui.gpuMemoryLabel.text = f"GPU memory (peak) {memory:.1f} GB" if memory else ""
         self.ui.logText.setPlainText("\n".join(job.logTail(200)))
         self.ui.logText.verticalScrollBar().setValue(self.ui.logText.verticalScrollBar().maximum)
         chart = self.logic.updatePlotNodes(job)

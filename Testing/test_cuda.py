@@ -44,3 +44,21 @@ def test_prefetcher_on_cuda_delivers_the_sampled_batches():
             imgs, labs = sampler.sample(step)
             assert x.is_cuda and y.is_cuda
             assert np.array_equal(x.cpu().numpy(), imgs) and np.array_equal(y.cpu().numpy(), labs)
+
+
+def test_training_on_cuda_reports_its_gpu_memory(tmp_path):
+    """A short bf16 run on the GPU finishes, and its status carries the peak memory the Slicer module shows."""
+    import io
+    import json
+
+    from meddinov3.train import TrainConfig, train
+    from Testing.train._datasets import phantom_dataset
+
+    data = phantom_dataset(tmp_path / "data")
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), size="tiny", model={"depth": 1}, steps=3,
+                      batch_size=2, val_fraction=0, cache_dir=str(tmp_path / "cache"), patch_size=[32, 32],
+                      log_every=1, device="cuda")
+    status = train(cfg, json_progress=True, stream=io.StringIO())
+    assert status["state"] == "finished"
+    saved = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert saved["metrics"]["gpu_memory_gb"] > 0

@@ -169,3 +169,13 @@ class StopRequest:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous = {}
+
+
+def peak_gpu_memory_gb(device) -> float | None:
+    """Peak memory PyTorch has reserved on a CUDA device in this process (GiB): what training reports so the
+    Slicer module can show it without querying the GPU itself. None on other devices."""
+    import torch
+
+    if getattr(device, "type", None) != "cuda":
+        return None
+    return round(torch.cuda.max_memory_reserved(device) / 2**30, 2)

@@ -156,6 +156,8 @@ class TrainJob:
         #: called with (job, status) once when this object first sees the job finished (model registration).
         self.onFinished = onFinished
         self._finishedSeen = False
+        self._metrics: list[dict] = []  # records of metrics.jsonl read so far, and the byte offset after them
+        self._metricsOffset = 0
 
     # -- files ------------------------------------------------------------------------------------
 
@@ -339,40 +341,36 @@ class TrainJob:
         return _tail(self.logFile, n)
 
     def metrics(self) -> list[dict]:
-        """Records of metrics.jsonl (`kind` "step": loss, lr...; "validation": dice per class, mean_dice)."""
-        records = []
+        """Records of metrics.jsonl (`kind` "step": loss, lr...; "validation": dice per class, mean_dice).
+
+        Incremental: each call parses only the lines appended since the last one (the Widget asks every second;
+        a long run has tens of thousands of records). A shorter file (a run started anew) is read again.
+        """
+        path = self.runDir / "metrics.jsonl"
         try:
-            with open(self.runDir / "metrics.jsonl", encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                    except ValueError:
-                        continue  # a line being written
-                    if isinstance(record, dict):
-                        records.append(record)
+            if path.stat().st_size < self._metricsOffset:
+                self._metrics, self._metricsOffset = [], 0
+            with open(path, "rb") as f:
+                f.seek(self._metricsOffset)
+                chunk = f.read()
         except OSError:
-            pass
-        return records
+            return list(self._metrics)
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits for the next call
+        self._metricsOffset += len(complete)
+        for line in complete.decode("utf-8", "replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                self._metrics.append(record)
+        return list(self._metrics)
 
-    def gpuMemoryMB(self) -> float | None:
-        """GPU memory used by the job's processes (nvidia-smi), or None when unknown / no NVIDIA GPU."""
-        if not self.isProcessRunning() or shutil.which("nvidia-smi") is None:
-            return None
-        pids = {int(self.pid)}
-        try:
-            import psutil
-
-            pids |= {p.pid for p in psutil.Process(int(self.pid)).children(recursive=True)}
-        except Exception:  # noqa: BLE001 - psutil missing or the process just ended
-            pass
-        try:
-            out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True, timeout=5).stdout
-        except (OSError, subprocess.SubprocessError):
-            return None
-        used = [float(parts[1]) for parts in (line.split(",") for line in out.splitlines())
-                if len(parts) == 2 and parts[0].strip().isdigit() and int(parts[0]) in pids]
-        return sum(used) if used else None
+    def gpuMemoryGB(self) -> float | None:
+        """Peak GPU memory the job's training process reports (status.json), None on CPU or before its first
+        log line. Read from the file the job writes anyway: nothing is launched on the GUI thread."""
+        value = (self.status().get("metrics") or {}).get("gpu_memory_gb")
+        return float(value) if value is not None else None
 
     def modelPath(self) -> str:
         return str(self.runDir / ("backbone" if self.mode == "pretrain" else "model"))

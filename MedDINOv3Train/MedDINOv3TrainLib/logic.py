@@ -259,9 +259,14 @@ class MedDINOv3TrainLogic(_LogicBase):
 
         job = job if isinstance(job, TrainJob) else TrainJob(job)
         scene = scene or slicer.mrmlScene
-        data = self.plotData(job.metrics())
+        records = job.metrics()
         key = str(job.runDir)
         ids = self._plotNodes.setdefault(key, {})
+        shown = scene.GetNodeByID(ids["chart"]) if "chart" in ids else None
+        if (chartNode is None and shown is not None and self._ownsPlotNode(shown, key, "chart")
+                and ids.get("records") == len(records)):
+            return shown  # nothing new since the last call: keep the tables as they are
+        data = self.plotData(records)
 
         def node(role: str, className: str, name: str):
             existing = scene.GetNodeByID(ids[role]) if role in ids else None
@@ -315,6 +320,7 @@ class MedDINOv3TrainLogic(_LogicBase):
         for seriesId in wanted:
             if seriesId not in present:
                 chart.AddAndObservePlotSeriesNodeID(seriesId)
+        ids["records"] = len(records)
         return chart
 
     def removePlotNodes(self, job) -> None:
@@ -322,6 +328,8 @@ class MedDINOv3TrainLogic(_LogicBase):
 
         key = str(job.runDir if isinstance(job, TrainJob) else Path(job).resolve())
         for role, nodeId in self._plotNodes.pop(key, {}).items():
+            if role == "records":
+                continue
             existing = slicer.mrmlScene.GetNodeByID(nodeId)
             if existing is not None and self._ownsPlotNode(existing, key, role):
                 slicer.mrmlScene.RemoveNode(existing)

@@ -362,8 +362,25 @@ def test_update_plot_nodes_builds_loss_and_dice_series(logic, slicer_scene, tmp_
     assert logic.updatePlotNodes(job) is chart
     assert slicer_scene.GetNumberOfNodes() == nodes_before
     assert lossTable.GetNumberOfRows() == 5 and diceTable.GetNumberOfRows() == 2
+    assert len(job.metrics()) == 7  # read incrementally: the half-written line, completed later, is skipped
+    table = lossTable.GetTable()
+    assert logic.updatePlotNodes(job) is chart and lossTable.GetTable() is table  # nothing new: not rebuilt
     logic.removePlotNodes(job)
     assert slicer_scene.GetNodesByClass("vtkMRMLPlotChartNode").GetNumberOfItems() == 0
+
+
+def test_gpu_memory_comes_from_the_jobs_own_status(tmp_path):
+    """The Widget shows the peak GPU memory the training process reports; no GPU query from the GUI thread."""
+    from MedDINOv3TrainLib.jobs import TrainJob
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "job.json").write_text(json.dumps({"mode": "finetune"}))
+    (run / "status.json").write_text(json.dumps({"state": "running", "step": 3, "metrics": {"loss": 0.5}}))
+    assert TrainJob(run).gpuMemoryGB() is None  # CPU runs report none
+    (run / "status.json").write_text(json.dumps({"state": "running", "step": 4,
+                                                 "metrics": {"loss": 0.4, "gpu_memory_gb": 12.5}}))
+    assert TrainJob(run).gpuMemoryGB() == 12.5
 
 
 def test_plot_nodes_survive_a_scene_close(logic, slicer_scene, tmp_path):

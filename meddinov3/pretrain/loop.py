@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from ..config import JsonOptions
 from ..files import atomic_path, write_json
-from ..progress import Progress, RunStatus, StopRequest, report_failure
+from ..progress import Progress, RunStatus, StopRequest, peak_gpu_memory_gb, report_failure
 from ..train import distributed as D
 from ..train.checkpoint import rng_states, set_rng_states
 from .crops import MultiCropAugmentation, collate_crops
@@ -482,12 +482,14 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
                    **{k: float(np.mean(v)) for k, v in acc.items()}, "lr": float(lr_s[step - 1]),
                    "weight_decay": float(wd_s[step - 1]), "momentum": float(mom_s[step - 1]),
                    "teacher_temp": float(tt_s[step - 1]), "grad_norm": float(grad_norm),
-                   "images_per_s": round(n_img / max(now - t_last, 1e-9), 3), "micro_batch": micro}
+                   "images_per_s": round(n_img / max(now - t_last, 1e-9), 3), "micro_batch": micro,
+                   "gpu_memory_gb": peak_gpu_memory_gb(device)}
             write_metrics(rec)
             if main:
                 progress.event("step", **{k: v for k, v in rec.items() if k != "kind"}, total=total)
                 status.update(step=step, metrics={k: rec[k] for k in ("loss", "dino", "ibot", "teacher_entropy",
-                                                                     "teacher_feature_std", "images_per_s")})
+                                                                     "teacher_feature_std", "images_per_s",
+                                                                     "gpu_memory_gb")})
                 if not json_progress_enabled(progress):
                     log(f"step {step}/{total} loss {rec['loss']:.4f} (dino {rec['dino']:.3f} ibot {rec['ibot']:.3f}"
                         f"{' gram %.4f' % rec['gram'] if 'gram' in rec else ''}) lr {rec['lr']:.2e} "

@@ -28,7 +28,7 @@ from ..data.prefetch import Prefetcher
 from ..data.sampler import PatchSampler
 from ..config import JsonOptions
 from ..files import write_json
-from ..progress import Progress, RunStatus, StopRequest, report_failure
+from ..progress import Progress, RunStatus, StopRequest, peak_gpu_memory_gb, report_failure
 from . import distributed as D
 from .checkpoint import load_state, save_state, set_rng_states
 from .curves import plot_curves
@@ -467,12 +467,13 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
                 record = {"kind": "step", "step": step, "epoch": step / cfg.steps_per_epoch,
                           "loss": float(loss_acc) / loss_n,
                           "lr_decoder": lrs.get("decoder", 0.0), "lr_backbone": lrs.get("backbone", 0.0),
-                          "grad_norm": float(grad_norm), "images_per_s": round(images_per_s, 3), "micro_batch": micro}
+                          "grad_norm": float(grad_norm), "images_per_s": round(images_per_s, 3), "micro_batch": micro,
+                          "gpu_memory_gb": peak_gpu_memory_gb(device)}
                 write_metrics(record)
                 if main:
                     progress.event("step", step=step, total=total, loss=record["loss"], lr=record["lr_decoder"],
                                    lr_backbone=record["lr_backbone"], images_per_s=record["images_per_s"])
-                    status.update(step=step, metrics={"loss": record["loss"], "images_per_s": record["images_per_s"]})
+                    status.update(step=step, metrics={k: record[k] for k in ("loss", "images_per_s", "gpu_memory_gb")})
                     progress.update(step, total, stage="training", loss=round(record["loss"], 4))
                     if not progress._use_bar:
                         log(f"step {step}/{total} loss {record['loss']:.4f} lr {record['lr_decoder']:.2e} "
