@@ -296,3 +296,21 @@ def test_exported_backbone_finetunes_with_train(stage1, liver, tmp_path):
     cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
     assert cfg["resolved"]["base"]["base_kind"] == "backbone"
     assert (tmp_path / "ft" / "model" / "model.json").exists()
+
+
+def test_collapse_check_flags_uniform_targets_once_prototypes_train():
+    """Uniform teacher targets (entropy ~ log K) are expected while the prototypes are frozen; afterwards they are
+    the fixed point in which the DINO term teaches nothing, and the monitor says so once."""
+    import math
+
+    from meddinov3.pretrain.loop import PretrainConfig, collapse_check
+
+    cfg = PretrainConfig(head={"out_dim": 1024}, warmup_steps=10, freeze_last_layer_steps=20, collapse_patience=3)
+    uniform = {"teacher_feature_std": 0.7, "prototype_usage": 0.99, "teacher_entropy": math.log(1024) - 1e-4}
+    healthy = dict(uniform, teacher_entropy=0.95 * math.log(1024))
+    state = {"count": 0}
+    assert [collapse_check(uniform, state, cfg, s) for s in range(1, 21)] == [None] * 20  # frozen prototypes
+    reasons = [collapse_check(uniform, state, cfg, s) for s in range(21, 26)]
+    assert reasons[:2] == [None, None] and "uniform teacher targets" in reasons[2] and reasons[3:] == [None, None]
+    state = {"count": 0}
+    assert all(collapse_check(healthy, state, cfg, s) is None for s in range(1, 40))

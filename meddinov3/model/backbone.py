@@ -46,6 +46,13 @@ class DINOv3Backbone(nn.Module):
         )
         # Only used by masked-image (iBOT) pretraining; DINOv3 checkpoints carry it.
         self.mask_token = nn.Parameter(torch.zeros(1, cfg.embed_dim))
+        # From scratch, timm draws the CLS and register tokens with std 0.02 while layer scale (1e-5) keeps what
+        # the blocks add ~1e-5: the final LayerNorm then outputs the same CLS for every image, self-distillation
+        # targets start uniform and the heads settle in that uniform fixed point. Tokens near zero (DINOv2's
+        # 1e-6) let the LayerNorm see the image-dependent part from the first step. Loaded weights replace them.
+        nn.init.normal_(self.vit.cls_token, std=1e-6)
+        if getattr(self.vit, "reg_token", None) is not None:
+            nn.init.normal_(self.vit.reg_token, std=1e-6)
         rope = self.vit.rope
         if hasattr(rope, "periods"):
             rope.register_buffer("periods", rope.periods, persistent=True)

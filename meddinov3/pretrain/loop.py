@@ -40,6 +40,33 @@ FORMAT = "meddinov3-pretrain-state"
 OFFICIAL_BASE = "meddinov3-vitb16-ct3m"
 
 
+def collapse_check(stats: dict, state: dict, cfg: PretrainConfig, step: int) -> str | None:
+    """Update `state` (count, max_std) with one step's teacher statistics; the reason when a collapse has lasted
+    `collapse_patience` steps in a row (once), else None.
+
+    Three signatures: a constant CLS (spread numerically zero, or below collapse_std after falling to a tenth of its
+    best: random init starts near-constant, so a low spread alone is no alarm); one prototype for everything
+    (usage entropy below collapse_usage); uniform targets (per-sample teacher entropy above collapse_uniform x
+    log K once the prototypes train, i.e. after the lr warm-up and freeze_last_layer_steps), the fixed point in
+    which the student learns nothing from the DINO term.
+    """
+    spread, usage, entropy = stats["teacher_feature_std"], stats["prototype_usage"], stats["teacher_entropy"]
+    state["max_std"] = max(state.get("max_std", 0.0), spread)
+    uniform_limit = cfg.collapse_uniform * math.log(int(cfg.head.get("out_dim", 65536)))
+    free = step > max(cfg.warmup_steps, cfg.freeze_last_layer_steps)
+    why = []
+    if spread < 1e-6 or (spread < cfg.collapse_std and spread < 0.1 * state["max_std"]):
+        why.append(f"teacher CLS feature spread {spread:.2e} (best {state['max_std']:.2e})")
+    if usage < cfg.collapse_usage:
+        why.append(f"prototype usage {usage:.3f} (< {cfg.collapse_usage})")
+    if free and entropy > uniform_limit:
+        why.append(f"uniform teacher targets: entropy {entropy:.3f} (> {uniform_limit:.3f})")
+    state["count"] = state["count"] + 1 if why else 0
+    if state["count"] != cfg.collapse_patience:
+        return None
+    return f"{'; '.join(why)} for {cfg.collapse_patience} steps"
+
+
 class PretrainError(Exception):
     """A problem the user can fix (bad options, existing run folder, unusable base...)."""
 
@@ -85,7 +112,9 @@ class PretrainConfig(JsonOptions):
     mask_ratio: list = field(default_factory=lambda: [0.1, 0.5])
     mask_probability: float = 0.5
     grad_clip: float = 3.0
-    freeze_last_layer_steps: int = 0
+    # the prototypes stay fixed this long (DINOv2: one epoch of 1250 steps): early on the targets are near uniform
+    # and trainable prototypes would settle in that uniform fixed point
+    freeze_last_layer_steps: int = 1250
     grad_checkpointing: bool = False
     gram_teacher: str | None = None  # stage >= 2: Gram teacher weights; None = the teacher at stage start
     amp: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; "bf16", "none"
@@ -96,7 +125,8 @@ class PretrainConfig(JsonOptions):
     probe_size: int = 64
     collapse_std: float = 0.02  # teacher CLS feature spread below this ...
     collapse_usage: float = 0.02  # ... or prototype-usage entropy (fraction of log K) below this ...
-    collapse_patience: int = 3  # ... for this many logged steps in a row: collapse_warning
+    collapse_uniform: float = 0.995  # ... or per-sample teacher entropy above this fraction of log K ...
+    collapse_patience: int = 3  # ... for this many steps in a row: collapse_warning
     cache_dir: str | None = None
     parallel: str = "ddp"  # under torchrun: "ddp" (replicated model) or "fsdp" (sharded with FSDP2)
 
@@ -459,21 +489,13 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
         for k, v in stats_sum.items():
             acc.setdefault(k, []).append(v)
         # ---- collapse monitor (every step; stats are all-rank already)
-        # Random init (layer scale 1e-5) starts with a near-constant CLS: the spread counts as collapsed when it
-        # is numerically zero, or below collapse_std after falling to a tenth of its best so far.
-        spread = stats_sum["teacher_feature_std"]
-        collapse["max_std"] = max(collapse.get("max_std", 0.0), spread)
-        collapsed = (spread < 1e-6 or (spread < cfg.collapse_std and spread < 0.1 * collapse["max_std"])
-                     or stats_sum["prototype_usage"] < cfg.collapse_usage)
-        collapse["count"] = collapse["count"] + 1 if collapsed else 0
-        if collapse["count"] == cfg.collapse_patience and main:
-            reason = (f"teacher CLS feature spread {spread:.2e} (best {collapse['max_std']:.2e}) "
-                      f"or prototype usage {stats_sum['prototype_usage']:.3f} "
-                      f"(< {cfg.collapse_usage}) for {cfg.collapse_patience} steps")
+        reason = collapse_check(stats_sum, collapse, cfg, step)
+        if reason and main:
             collapse["warned"] = {"step": step, "reason": reason}
             progress.event("collapse_warning", step=step, reason=reason,
                            teacher_feature_std=stats_sum["teacher_feature_std"],
-                           prototype_usage=stats_sum["prototype_usage"])
+                           prototype_usage=stats_sum["prototype_usage"],
+                           teacher_entropy=stats_sum["teacher_entropy"])
             status.update(collapse=collapse["warned"])
             log(f"WARNING: possible collapse at step {step}: {reason}")
         if step % cfg.log_every == 0 or step == total:

@@ -82,8 +82,18 @@ def full_state(meta: SSLMetaArch, optimizer: torch.optim.Optimizer) -> tuple[dic
 
 def load_optimizer(meta: SSLMetaArch, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Load an ``optimizer.state_dict()``-layout state (every rank holds it whole) into a sharded or plain
-    optimiser; call on every rank."""
+    optimiser; call on every rank.
+
+    Parameters that have never had a gradient (the prototypes during ``freeze_last_layer_steps``) have no saved
+    state; loading (strict=False) initialises every state with a zero step, so theirs is dropped again: the
+    optimiser continues exactly as the one that saved it.
+    """
     names = _param_names(meta, optimizer)
     by_name = {"state": {names[i]: s for i, s in state["state"].items()},
                "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
-    set_optimizer_state_dict(meta.student, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(meta.student, optimizer, by_name,
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for name, param in zip(names, params):
+        if name not in by_name["state"]:
+            optimizer.state.pop(param, None)
