@@ -544,6 +544,9 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
             progress.event("finished", step=step, backbone=str(run_dir / "backbone"), rank_checksums=checksums,
                            collapse=collapse["warned"])
             log(f"finished: {step} steps; backbone package in {run_dir / 'backbone'}")
+    # every rank leaves together: no rank tears down its process group (and the sharded modules on it) while
+    # another is still writing the end of the run
+    D.barrier(dist_info)
     return final
 
 
