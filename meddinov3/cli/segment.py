@@ -80,7 +80,7 @@ def _outputs(inputs: list[Path], args, batch_mode: bool) -> tuple[list[Path], li
 
 def run(args) -> int:
     from ..engine import Cancelled, resolve_device, segment_file
-    from ..engine.outputs import check_output
+    from ..engine.outputs import check_output, check_probabilities_output
     from ..progress import Progress
     from ..volumes import InputError, list_inputs
     from .main import CommandError
@@ -99,10 +99,10 @@ def run(args) -> int:
         for o, po in zip(outputs, prob_outputs):
             try:
                 check_output(o, args.overwrite)
+                if po is not None:
+                    check_probabilities_output(po, args.overwrite)
             except ValueError as e:
                 raise CommandError(str(e)) from None
-            if po is not None and po.exists() and not args.overwrite:
-                raise CommandError(f"{po}: already exists (pass --overwrite to replace it)")
         try:
             device = resolve_device(args.device)
         except (ValueError, RuntimeError) as e:

@@ -33,6 +33,14 @@ def check_output(path: str | os.PathLike, overwrite: bool = False) -> None:
         raise FileExistsError(f"{path}: output already exists (pass --overwrite to replace it)")
 
 
+def check_probabilities_output(path: str | os.PathLike, overwrite: bool = False) -> None:
+    """What `check_output` is for label maps, for the .npz of `--save-probabilities`."""
+    if not Path(path).name.endswith(".npz"):
+        raise ValueError(f"{path}: probabilities are written as .npz")
+    if Path(path).exists() and not overwrite:
+        raise FileExistsError(f"{path}: already exists (pass --overwrite to replace it)")
+
+
 def write_labels(labels: sitk.Image, path: str | os.PathLike, classes, overwrite: bool = False) -> Path:
     """Write a label map; `.seg.nrrd` gets one named, coloured segment per non-background class."""
     check_output(path, overwrite)
@@ -81,10 +89,7 @@ def write_seg_nrrd(labels: sitk.Image, path: str | os.PathLike, classes) -> None
 def write_probabilities(path: str | os.PathLike, probabilities: np.ndarray, classes, overwrite: bool = False) -> Path:
     """npz: `probabilities` float16 (classes, z, y, x) on the input grid, `labels` names, `values` label values."""
     path = Path(path)
-    if not path.name.endswith(".npz"):
-        raise ValueError(f"{path}: probabilities are written as .npz")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: already exists (pass --overwrite to replace it)")
+    check_probabilities_output(path, overwrite)
     with atomic_path(path, suffix=".npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez_compressed(f, probabilities=probabilities.astype(np.float16, copy=False),

@@ -140,7 +140,8 @@ def segment_image(image: sitk.Image, model, device: str | torch.device = "auto",
 
     `fast`: the model's fast in-plane spacing, and only every n-th slice through the network (n from
     `fast_slice_step`; the slices between are interpolated). `roi` (x0, y0, z0, x1, y1, z1) voxel box of `image`
-    (end exclusive): only it is segmented, the rest is background. `cancel`: callable returning True or a threading.Event; checked between batches (-> Cancelled).
+    (end exclusive): only it is segmented, the rest is background. `cancel`: callable returning True or a
+    threading.Event; checked between batches (-> Cancelled).
     `source` names the image in error messages.
     """
     t_start = time.perf_counter()
@@ -322,11 +323,11 @@ def segment_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     """Read, segment and write one input (file or DICOM folder). Nothing is written when anything fails."""
     from ..checkpoints import LoadedModel
     from ..volumes import read_image
-    from .outputs import check_output, write_labels, write_probabilities
+    from .outputs import check_output, check_probabilities_output, write_labels, write_probabilities
 
     check_output(output_path, overwrite)
-    if probabilities_path is not None and Path(probabilities_path).exists() and not overwrite:
-        raise FileExistsError(f"{probabilities_path}: already exists (pass --overwrite to replace it)")
+    if probabilities_path is not None:
+        check_probabilities_output(probabilities_path, overwrite)
     n_classes = model.spec.config.num_classes if isinstance(model, LoadedModel) else 2
     image = read_image(input_path, n_classes, probabilities_path is not None)
     result = segment_image(image, model, progress=progress, return_probabilities=probabilities_path is not None,
