@@ -64,6 +64,7 @@ class MedDINOv3TrainLogic(_LogicBase):
         self.childEnvironment: dict = {}
         self._jobs: dict[str, TrainJob] = {}
         self._plotNodes: dict[str, dict] = {}
+        self._plottedRecords: dict[str, int] = {}  # metrics records each job's plot tables were built from
 
     def getParameterNode(self):
         from MedDINOv3Train import MedDINOv3TrainParameterNode
@@ -264,7 +265,7 @@ class MedDINOv3TrainLogic(_LogicBase):
         ids = self._plotNodes.setdefault(key, {})
         shown = scene.GetNodeByID(ids["chart"]) if "chart" in ids else None
         if (chartNode is None and shown is not None and self._ownsPlotNode(shown, key, "chart")
-                and ids.get("records") == len(records)):
+                and self._plottedRecords.get(key) == len(records)):
             return shown  # nothing new since the last call: keep the tables as they are
         data = self.plotData(records)
 
@@ -320,16 +321,15 @@ class MedDINOv3TrainLogic(_LogicBase):
         for seriesId in wanted:
             if seriesId not in present:
                 chart.AddAndObservePlotSeriesNodeID(seriesId)
-        ids["records"] = len(records)
+        self._plottedRecords[key] = len(records)
         return chart
 
     def removePlotNodes(self, job) -> None:
         import slicer
 
         key = str(job.runDir if isinstance(job, TrainJob) else Path(job).resolve())
+        self._plottedRecords.pop(key, None)
         for role, nodeId in self._plotNodes.pop(key, {}).items():
-            if role == "records":
-                continue
             existing = slicer.mrmlScene.GetNodeByID(nodeId)
             if existing is not None and self._ownsPlotNode(existing, key, role):
                 slicer.mrmlScene.RemoveNode(existing)
