@@ -449,7 +449,7 @@ class MedDINOv3TrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for name, value in (metrics.get("validation_dice") or {}).items():
             parts.append(f"Dice {name} {value:.3f}")
         self.ui.metricsLabel.text = ", ".join(parts)
-        memory = job.gpuMemoryGB()
+        memory = metrics.get("gpu_memory_gb")  # peak the training process reports: no GPU query on this thread
         self.ui.gpuMemoryLabel.text = f"GPU memory (peak) {memory:.1f} GB" if memory else ""
         self.ui.logText.setPlainText("\n".join(job.logTail(200)))
         self.ui.logText.verticalScrollBar().setValue(self.ui.logText.verticalScrollBar().maximum)

@@ -366,12 +366,6 @@ class TrainJob:
                 self._metrics.append(record)
         return list(self._metrics)
 
-    def gpuMemoryGB(self) -> float | None:
-        """Peak GPU memory the job's training process reports (status.json), None on CPU or before its first
-        log line. Read from the file the job writes anyway: nothing is launched on the GUI thread."""
-        value = (self.status().get("metrics") or {}).get("gpu_memory_gb")
-        return float(value) if value is not None else None
-
     def modelPath(self) -> str:
         return str(self.runDir / ("backbone" if self.mode == "pretrain" else "model"))
 

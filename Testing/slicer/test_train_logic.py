@@ -377,10 +377,10 @@ def test_gpu_memory_comes_from_the_jobs_own_status(tmp_path):
     run.mkdir()
     (run / "job.json").write_text(json.dumps({"mode": "finetune"}))
     (run / "status.json").write_text(json.dumps({"state": "running", "step": 3, "metrics": {"loss": 0.5}}))
-    assert TrainJob(run).gpuMemoryGB() is None  # CPU runs report none
+    assert TrainJob(run).status()["metrics"].get("gpu_memory_gb") is None  # CPU runs report none
     (run / "status.json").write_text(json.dumps({"state": "running", "step": 4,
                                                  "metrics": {"loss": 0.4, "gpu_memory_gb": 12.5}}))
-    assert TrainJob(run).gpuMemoryGB() == 12.5
+    assert TrainJob(run).status()["metrics"]["gpu_memory_gb"] == 12.5
 
 
 def test_plot_nodes_survive_a_scene_close(logic, slicer_scene, tmp_path):
