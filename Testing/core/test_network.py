@@ -131,3 +131,24 @@ def test_backward_pass_reaches_every_parameter():
     net(x).sum().backward()
     unused = [n for n, p in net.named_parameters() if p.grad is None and n != "backbone.mask_token"]
     assert unused == []
+
+
+def test_cpu_inference_rows_match_the_convolutions(monkeypatch):
+    """CPU inference runs the decoder as GEMMs on pixel rows (chunked depth first); it must give the logits of the
+    transposed convolutions that training uses, follow weight changes, and return channels-last logits."""
+    net = build_model(model_config("tiny", num_classes=4, depth=2)).eval()
+    x = torch.randn(2, 1, 48, 64, generator=torch.Generator().manual_seed(0))  # a multiple of the patch: no crop
+    with torch.enable_grad():
+        conv = net(x).detach()
+    monkeypatch.setattr(type(net.decoder), "ROW_CHUNK", 512)  # force several chunks at every small stage
+    with torch.no_grad():
+        rows = net(x)
+    assert rows.is_contiguous(memory_format=torch.channels_last)
+    assert rel_l2(rows, conv) < 1e-5
+    with torch.no_grad():
+        net.decoder.head.bias += 1.0
+        net.decoder.stages[-1][0].weight.mul_(2.0)
+        changed = net(x)
+    with torch.enable_grad():
+        assert rel_l2(changed, net(x).detach()) < 1e-5
+    assert rel_l2(changed, rows) > 1e-2

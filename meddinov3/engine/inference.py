@@ -188,7 +188,11 @@ class SlicePredictor:
                 for start, logits in self._forward_chunked(net, inp):
                     if dims:
                         logits = logits.flip(dims)
-                    logits = logits / len(self.variants)
+                    if len(self.variants) > 1:
+                        logits = logits / len(self.variants)
+                    if acc is None and single and logits.shape[0] == B:  # the whole batch in one chunk: no copy
+                        acc = logits
+                        continue
                     if acc is None:
                         acc = torch.zeros((B, logits.shape[1], Hp, Wp), device=x.device, dtype=torch.float32)
                     if single:
@@ -203,7 +207,7 @@ class SlicePredictor:
                     for xx in xs:
                         weight[y:y + th, xx:xx + tw] += gauss
                 acc /= weight
-            p = torch.softmax(acc, dim=1)
+            p = torch.softmax(acc.permute(0, 2, 3, 1), dim=-1).permute(0, 3, 1, 2)  # channels-last, as on CPU
             probs = p if probs is None else probs.add_(p)
         probs /= len(self.networks)
         probs = probs[:, :, ph // 2:ph // 2 + h, pw // 2:pw // 2 + w]

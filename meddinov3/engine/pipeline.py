@@ -128,7 +128,12 @@ class _SliceInterpolator:
             out_z.append(z)
             out_p.append(pz)
             self.last = (z, pz)
-        return np.array(out_z), torch.stack(out_p)
+        channels_last = p.is_contiguous(memory_format=torch.channels_last)  # keep it (torch.stack would not)
+        out = torch.empty((len(out_p), *p.shape[1:]), dtype=p.dtype, device=p.device,
+                          memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        for i, q in enumerate(out_p):
+            out[i] = q
+        return np.array(out_z), out
 
 
 def segment_image(image: sitk.Image, model, device: str | torch.device = "auto", fast: bool = False, tta: bool = False,
