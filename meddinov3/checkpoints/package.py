@@ -20,6 +20,8 @@ from ..config import ModelConfig
 from ..files import atomic_dir
 from .safe_load import CheckpointError
 
+POSTPROCESSING_STEPS = ("largest_component",)
+
 PACKAGE_FORMAT = "meddinov3-model"
 PACKAGE_VERSION = 1
 MODEL_JSON = "model.json"
@@ -64,6 +66,7 @@ class ModelSpec:
     transpose_in_plane: bool = False  # nnU-Net transpose_forward [0, 2, 1]: the network saw (x, y) slices
     skip_empty_slices: bool = False  # slices that are all air may be skipped (background)
     fast: dict | None = None  # e.g. {"spacing": [1.5, 1.5]}: lower resolution for CPU fast mode
+    postprocessing: list[dict] = field(default_factory=list)  # steps the engine applies (engine.postprocess)
     weights: list[str] = field(default_factory=lambda: ["model.safetensors"])  # one file per fold
     folds: list[str] = field(default_factory=lambda: ["0"])
     description: str = ""
@@ -87,6 +90,7 @@ class ModelSpec:
             "transpose_in_plane": self.transpose_in_plane,
             "skip_empty_slices": self.skip_empty_slices,
             "fast": self.fast,
+            "postprocessing": self.postprocessing,
             "weights": list(self.weights),
             "folds": list(self.folds),
             "license": self.license,
@@ -114,6 +118,7 @@ class ModelSpec:
                 transpose_in_plane=bool(d.get("transpose_in_plane", False)),
                 skip_empty_slices=bool(d.get("skip_empty_slices", False)),
                 fast=d.get("fast"),
+                postprocessing=check_postprocessing(d.get("postprocessing"), [c["value"] for c in d.get("classes", [])]),
                 weights=list(d.get("weights", ["model.safetensors"])),
                 folds=[str(f) for f in d.get("folds", [str(i) for i in range(len(d.get("weights", [1])))])],
                 description=d.get("description", ""),
@@ -125,6 +130,36 @@ class ModelSpec:
 
     def replace(self, **changes) -> "ModelSpec":
         return dataclasses.replace(self, **changes)
+
+
+def check_postprocessing(steps, label_values) -> list[dict]:
+    """Validate a package's `postprocessing` list (ValueError naming the step otherwise).
+
+    A step: {"step": "largest_component", "labels": [values...], "opening_mm": float >= 0}: the union of those
+    labels (an organ and its lesions, say) keeps only its largest region (`engine.postprocess.largest_region`)."""
+    if steps is None:
+        return []
+    if not isinstance(steps, list):
+        raise ValueError(f"'postprocessing' must be a list of steps, got {type(steps).__name__}")
+    known = set(int(v) for v in label_values)
+    out = []
+    for i, step in enumerate(steps):
+        where = f"postprocessing step {i}"
+        if not isinstance(step, dict) or step.get("step") not in POSTPROCESSING_STEPS:
+            raise ValueError(f"{where}: unknown step {step!r} (known: {', '.join(POSTPROCESSING_STEPS)})")
+        extra = set(step) - {"step", "labels", "opening_mm"}
+        if extra:
+            raise ValueError(f"{where}: unknown keys {sorted(extra)}")
+        labels = step.get("labels")
+        if not isinstance(labels, list) or not labels or any(not isinstance(v, int) or v not in known or v == 0
+                                                              for v in labels):
+            raise ValueError(f"{where}: 'labels' must list foreground label values of this model "
+                             f"({sorted(known - {0})}), got {labels!r}")
+        opening = step.get("opening_mm", 0.0)
+        if not isinstance(opening, (int, float)) or not 0 <= opening <= 50:
+            raise ValueError(f"{where}: 'opening_mm' must be a number of millimetres in [0, 50], got {opening!r}")
+        out.append({"step": step["step"], "labels": list(labels), "opening_mm": float(opening)})
+    return out
 
 
 def is_package(path: str | os.PathLike) -> bool:

@@ -28,6 +28,8 @@ def add_parser(sub) -> None:
                    help="file type written into the -o folder when there are several inputs (default nii.gz)")
     p.add_argument("--keep-largest", action="store_true", help="keep the largest connected component per label")
     p.add_argument("--fill-holes", action="store_true", help="fill holes per label")
+    p.add_argument("--no-postprocessing", dest="postprocess", action="store_false",
+                   help="skip the post-processing the model package declares (model.json 'postprocessing')")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the network (CUDA)")
     p.add_argument("--json-progress", action="store_true", help="one JSON event per line on stdout")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -119,7 +121,8 @@ def run(args) -> int:
                 result = segment_file(inp, out, model, probabilities_path=prob_out,
                                       overwrite=args.overwrite, progress=progress, device=device, fast=args.fast,
                                       tta=args.tta, batch_size=batch, roi=roi, keep_largest=args.keep_largest,
-                                      fill_holes=args.fill_holes, compile=args.compile)
+                                      fill_holes=args.fill_holes, postprocess=args.postprocess,
+                                      compile=args.compile)
             except (InputError, FileExistsError) as e:
                 if not batch_mode:
                     raise CommandError(str(e)) from None

@@ -22,8 +22,8 @@ import torch
 
 from ..volumes import InputError, Orientation, crop_box, validate_image
 from .inference import SlicePredictor
+from .postprocess import apply_postprocessing, keep_largest_component
 from .postprocess import fill_holes as _fill_holes
-from .postprocess import keep_largest_component
 from .preprocess import fast_slice_step, make_normalizer, resampled_shape, resize, target_spacing
 
 AIR_HU = -600.0  # a slice whose maximum is below this is "all air"
@@ -138,7 +138,8 @@ class _SliceInterpolator:
 
 def segment_image(image: sitk.Image, model, device: str | torch.device = "auto", fast: bool = False, tta: bool = False,
                   folds: list[str] | None = None, batch_size: int | str = "auto", roi=None,
-                  keep_largest: bool = False, fill_holes: bool = False, progress=None, cancel=None,
+                  keep_largest: bool = False, fill_holes: bool = False, postprocess: bool = True, progress=None,
+                  cancel=None,
                   return_probabilities: bool = False, compile: bool | None = None,
                   source: str | os.PathLike = "<image>") -> SegmentationResult:
     """Segment a 3D image. `model`: a reference (path, hf:, name) or a `LoadedModel`.
@@ -147,7 +148,8 @@ def segment_image(image: sitk.Image, model, device: str | torch.device = "auto",
     `fast_slice_step`; the slices between are interpolated). `roi` (x0, y0, z0, x1, y1, z1) voxel box of `image`
     (end exclusive): only it is segmented, the rest is background. `cancel`: callable returning True or a
     threading.Event; checked between batches (-> Cancelled).
-    `source` names the image in error messages.
+    `postprocess`: run the steps the model package declares (`model.json` `postprocessing`) before the optional
+    `keep_largest` / `fill_holes`. `source` names the image in error messages.
     """
     t_start = time.perf_counter()
     dev = resolve_device(device)
@@ -294,6 +296,9 @@ def segment_image(image: sitk.Image, model, device: str | torch.device = "auto",
             write_t.join(timeout=5)
     read_t.check()
 
+    if postprocess and spec.postprocessing:
+        apply_postprocessing(index, spec.postprocessing, [c.value for c in classes], (slice_sp, row_sp, col_sp),
+                             bg_index)
     if keep_largest:
         keep_largest_component(index, bg_index)
     if fill_holes:

@@ -83,6 +83,7 @@ class TrainConfig(JsonOptions):
     export_dtype: str = "float32"  # weights of the exported model package ("float16" halves its size)
     license: str = ""
     description: str = ""
+    postprocessing: list = field(default_factory=list)  # the package's clean-up steps (see check_postprocessing)
 
     @property
     def total_steps(self) -> int:
@@ -196,7 +197,7 @@ def versions() -> dict:
 
 
 def make_spec(cfg: TrainConfig, mcfg, ds: Dataset, cache: SliceCache, patch, provenance: dict):
-    from ..checkpoints.package import ClassInfo, ModelSpec, provenance_now
+    from ..checkpoints.package import ClassInfo, ModelSpec, check_postprocessing, provenance_now
     from ..terminology import lookup
 
     classes = []
@@ -204,8 +205,12 @@ def make_spec(cfg: TrainConfig, mcfg, ds: Dataset, cache: SliceCache, patch, pro
         entry = lookup(name, i)
         classes.append(ClassInfo(value, name, tuple(entry.color) if value else None, entry.terminology if value else None))
     name = cfg.name or Path(cfg.out).name
+    try:
+        postprocessing = check_postprocessing(cfg.postprocessing, [c.value for c in classes])
+    except ValueError as e:
+        raise TrainError(f"config: {e}") from None
     return ModelSpec(name=name, config=mcfg, classes=classes, modality=ds.modality, spacing=tuple(cache.spacing),
-                     patch_size=tuple(patch), normalization=cache.normalization,
+                     patch_size=tuple(patch), normalization=cache.normalization, postprocessing=postprocessing,
                      description=cfg.description or f"Fine-tuned with `meddinov3 train` on {Path(ds.source).name}",
                      license=cfg.license, provenance=provenance_now(**provenance))
 
