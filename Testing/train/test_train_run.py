@@ -16,6 +16,9 @@ import pytest
 from ._datasets import REPO, events, liver_dataset, phantom_dataset, popen_cli, run_cli, tiny_args
 
 
+POSTPROCESSING = [{"step": "largest_component", "labels": [1, 2], "opening_mm": 2.0}]
+
+
 @pytest.fixture(scope="module")
 def liver_run(tmp_path_factory):
     """One short real run on the liver CT: train on the demo training half, validate on the other half."""
@@ -26,7 +29,7 @@ def liver_run(tmp_path_factory):
                  "--batch-size", "4", "--val-cases", "liver117_heldout", "--json-progress",
                  *tiny_args(root / "cache", depth=2), "--set", 'model={"depth": 2, "patch_size": 8}',
                  "checkpoint_every=6", "log_every=1", "lr_decoder=2e-3", "lr_backbone=1e-3",
-                 'augment={"enabled": false}'], timeout=600)
+                 'augment={"enabled": false}', f"postprocessing={json.dumps(POSTPROCESSING)}"], timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return out, ds, events(r.stdout)
 
@@ -72,7 +75,9 @@ def test_package_segments_through_engine(liver_run):
 
     out, ds, _ = liver_run
     image = sitk.ReadImage(str(ds / "imagesTr" / "liver117_heldout_0000.nii.gz"))
-    result = segment_image(image, load_model(out / "model"), device="cpu")
+    model = load_model(out / "model")
+    assert model.spec.postprocessing == POSTPROCESSING  # --set postprocessing reaches the package
+    result = segment_image(image, model, device="cpu")
     assert result.labels.GetSize() == image.GetSize()
     assert set(np.unique(sitk.GetArrayViewFromImage(result.labels))) <= {0, 1, 2}
 
@@ -176,6 +181,15 @@ def test_bad_dataset_is_refused_by_the_cli(phantom, tmp_path):
     failed = [e for e in events(r.stdout) if e["event"] == "failed"]
     assert failed and "case2" in failed[0]["message"]
     assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "failed"
+
+
+def test_bad_postprocessing_config_is_refused(phantom, tmp_path):
+    r = run_cli(["train", "--data", str(phantom), "--out", str(tmp_path / "run"), "--steps", "1",
+                 *tiny_args(tmp_path / "cache"), "--set", 'postprocessing=[{"step": "largest_component", "labels": [9]}]'],
+                timeout=120)
+    assert r.returncode == 2
+    assert "postprocessing step 0" in r.stderr and "labels" in r.stderr
+    assert not (tmp_path / "run" / "model").exists()
 
 
 def test_ddp_two_cpu_processes_agree(phantom, tmp_path):

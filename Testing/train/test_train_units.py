@@ -92,3 +92,20 @@ def test_blur_sigma_zero_is_identity():
     assert out.stride() == x.stride()  # a compiled step (dynamic=False) would recompile on other strides
     torch.testing.assert_close(out[0], x[0])
     assert not torch.allclose(out[1], x[1])
+
+
+def test_repeated_set_options_accumulate():
+    """`--set a=1 --set b=2` keeps both (argparse's default 'store' kept only the last --set)."""
+    import argparse
+
+    from meddinov3.cli import pretrain as pretrain_cli
+    from meddinov3.cli import train as train_cli
+
+    for cli, extra in ((train_cli, []), (pretrain_cli, [])):
+        parser = argparse.ArgumentParser()
+        cli.add_parser(parser.add_subparsers())
+        name = "train" if cli is train_cli else "pretrain"
+        args = parser.parse_args([name, "--data", "d", "--out", "o", "--set", "seed=3", "log_every=7",
+                                  "--set", "checkpoint_every=11", *extra])
+        cfg = cli.build_config(args)
+        assert (cfg.seed, cfg.log_every, cfg.checkpoint_every) == (3, 7, 11)

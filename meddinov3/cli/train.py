@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR from checkpoints/latest.pt")
     p.add_argument("--json-progress", action="store_true", help="one JSON object per line on stdout")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1...")
-    p.add_argument("--set", nargs="+", default=[], metavar="KEY=JSON",
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=JSON",
                    help='any other option, e.g. --set lr_decoder=1e-4 \'model={"depth": 2}\'')
     p.set_defaults(run=run)
 
