@@ -55,6 +55,7 @@ class MedDINOv3SegmentParameterNode:
     tta: bool = False
     roi: Optional[vtkMRMLMarkupsROINode] = None
     outputSegmentation: Optional[vtkMRMLSegmentationNode] = None
+    modelPostprocessing: bool = True
     keepLargest: bool = False
     fillHoles: bool = False
     batchSize: Annotated[int, WithinRange(0, 512)] = 0
@@ -287,7 +288,8 @@ class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._task = self.logic.segmentAsync(
                 p.inputVolume, self.modelReference(), output, device=self._deviceValues.get(p.device, "auto"),
                 fast=p.fast, tta=p.tta, roiNode=p.roi, keepLargest=p.keepLargest, fillHoles=p.fillHoles,
-                batchSize=p.batchSize or "auto", onProgress=self._onProgress, onFinished=self._onFinished)
+                batchSize=p.batchSize or "auto", onProgress=self._onProgress, onFinished=self._onFinished,
+                modelPostprocessing=p.modelPostprocessing)
         except MedDINOv3SegmentError as e:
             slicer.util.errorDisplay(str(e))
             return

@@ -33,8 +33,8 @@ DEVICES_HELP = "auto, cpu, cuda, cuda:N"
 
 def buildCommand(inputPath, outputPath, model: str, device: str = "auto", fast: bool = False, tta: bool = False,
                  roiBox: list[int] | None = None, keepLargest: bool = False, fillHoles: bool = False,
-                 batchSize: int | str = "auto", python: str | None = None) -> list[str]:
-    """The `meddinov3 segment` command line the child runs."""
+                 batchSize: int | str = "auto", python: str | None = None, modelPostprocessing: bool = True) -> list[str]:
+    """The `meddinov3 segment` command line the child runs (`modelPostprocessing`: the package's own clean-up)."""
     command = [python or python_executable(), "-m", "meddinov3.cli.main", "segment", str(inputPath),
                "-o", str(outputPath), "--model", str(model), "--device", str(device or "auto"),
                "--batch-size", str(batchSize or "auto"), "--json-progress", "--overwrite"]
@@ -48,6 +48,8 @@ def buildCommand(inputPath, outputPath, model: str, device: str = "auto", fast: 
         command.append("--keep-largest")
     if fillHoles:
         command.append("--fill-holes")
+    if not modelPostprocessing:
+        command.append("--no-postprocessing")
     return command
 
 
@@ -185,11 +187,12 @@ class MedDINOv3SegmentLogic(ScriptedLoadableModuleLogic):
 
     def segment(self, inputVolumeNode, model: str, outputSegmentationNode=None, device: str = "auto",
                 fast: bool = False, tta: bool = False, roiNode=None, keepLargest: bool = False,
-                fillHoles: bool = False, batchSize: int | str = "auto", onProgress: Callable | None = None):
+                fillHoles: bool = False, batchSize: int | str = "auto", onProgress: Callable | None = None,
+                modelPostprocessing: bool = True):
         """Segment and wait. Returns the segmentation node; raises MedDINOv3SegmentError."""
         task = self.segmentAsync(inputVolumeNode, model, outputSegmentationNode, device=device, fast=fast, tta=tta,
                                  roiNode=roiNode, keepLargest=keepLargest, fillHoles=fillHoles, batchSize=batchSize,
-                                 onProgress=onProgress)
+                                 onProgress=onProgress, modelPostprocessing=modelPostprocessing)
         try:
             while task.poll():
                 time.sleep(0.05)
@@ -204,10 +207,11 @@ class MedDINOv3SegmentLogic(ScriptedLoadableModuleLogic):
     def segmentAsync(self, inputVolumeNode, model: str, outputSegmentationNode=None, device: str = "auto",
                      fast: bool = False, tta: bool = False, roiNode=None, keepLargest: bool = False,
                      fillHoles: bool = False, batchSize: int | str = "auto", onProgress: Callable | None = None,
-                     onFinished: Callable | None = None) -> SegmentTask:
+                     onFinished: Callable | None = None, modelPostprocessing: bool = True) -> SegmentTask:
         """Start segmenting; returns a SegmentTask at once (call its `poll()` regularly, or `cancel()`).
 
         `outputSegmentationNode`: None creates a new node on success; a node has its segments replaced.
+        `modelPostprocessing`: apply the clean-up steps the model package declares (False: the raw labels).
         Input problems raise MedDINOv3SegmentError here; later problems reach `onFinished(None, error)`.
         """
         if inputVolumeNode is None:
@@ -228,7 +232,7 @@ class MedDINOv3SegmentLogic(ScriptedLoadableModuleLogic):
             outputPath = workDir / "output.seg.nrrd"
             command = buildCommand(inputPath, outputPath, model, device=device, fast=fast, tta=tta, roiBox=roiBox,
                                    keepLargest=keepLargest, fillHoles=fillHoles, batchSize=batchSize,
-                                   python=self.pythonExecutable)
+                                   python=self.pythonExecutable, modelPostprocessing=modelPostprocessing)
             logging.info("MedDINOv3: %s", " ".join(command))
             process = ChildProcess(command, env=child_environment(), cwd=str(workDir))
         except BaseException:

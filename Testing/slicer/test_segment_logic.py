@@ -426,6 +426,8 @@ def test_command_line_of_the_child(headless_slicer):
     for flag in ("--device cuda:1", "--fast", "--tta", "--roi 1,2,3,4,5,6", "--keep-largest", "--fill-holes",
                  "--batch-size 8", "--json-progress"):
         assert flag in joined
+    assert "--no-postprocessing" not in joined  # the package's own post-processing by default
+    assert "--no-postprocessing" in buildCommand("a", "b", "m", modelPostprocessing=False)
     assert "--fast" not in buildCommand("a", "b", "m")
     assert "--batch-size auto" in " ".join(buildCommand("a", "b", "m"))
 
