@@ -30,6 +30,7 @@ def test_demo_writes_segmentation_and_overlay(tmp_path):
     seg = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "segmentation.nii.gz")))
     assert seg.shape == (128, 128, 128) and set(np.unique(seg)) <= {0, 1, 2}
     assert (out / "overlay.png").stat().st_size > 10_000
+    assert "post-processing from model.json, applied" in r.stdout  # the shipped package declares its clean-up
     held_text = r.stdout.split("held-out (source array axis-0 indices 64-127)", 1)[1].split("training part", 1)[0]
     liver = float(re.search(r"liver\s+([0-9.]+)", held_text).group(1))
     tumour = float(re.search(r"tumour\s+([0-9.]+)", held_text).group(1))

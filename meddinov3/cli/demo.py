@@ -30,6 +30,8 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="meddinov3-demo", help="output folder (default meddinov3-demo/)")
     p.add_argument("--model", default=DEMO_MODEL, help="model to run (default: the shipped demo model)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--no-postprocessing", dest="postprocess", action="store_false",
+                   help="skip the post-processing the model package declares (the network's raw labels)")
     p.add_argument("--export-dataset", metavar="DIR", help="write the demo training dataset (nnU-Net layout) and exit")
     p.set_defaults(run=run)
 
@@ -114,7 +116,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     image, labels = load_liver_ct()
     model = load_model(args.model, device=args.device, offline=True)
-    result = segment_image(image, model, device=args.device)
+    result = segment_image(image, model, device=args.device, postprocess=args.postprocess)
     seg = sitk.GetArrayFromImage(result.labels)  # (z, y, x) = mrc axes reversed
     truth = sitk.GetArrayViewFromImage(labels)
     # back to the source .mrc array order (load_liver_ct transposed it with .transpose(2, 1, 0))
@@ -130,6 +132,9 @@ def run(args) -> int:
     held = dice_per_class(seg_mrc[SPLIT:], truth_mrc[SPLIT:], values)
     trained = dice_per_class(seg_mrc[:SPLIT], truth_mrc[:SPLIT], values)
     print(f"model: {model.path} ({model.spec.name})")
+    if model.spec.postprocessing:
+        state = "applied" if args.postprocess else "skipped (--no-postprocessing)"
+        print(f"post-processing from model.json, {state}: {json.dumps(model.spec.postprocessing)}")
     print(f"segmentation: {out / 'segmentation.nii.gz'} (array axes in the source .mrc order)")
     print(f"overlay: {out / 'overlay.png'}")
     n = seg_mrc.shape[0]
