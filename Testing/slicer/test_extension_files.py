@@ -147,7 +147,10 @@ def test_top_level_cmake_follows_the_extension_template():
     positions = [text.find(statement) for statement in order]
     assert all(p >= 0 for p in positions), [s for s, p in zip(order, positions) if p < 0]
     assert positions == sorted(positions), "statements out of the template's order"
-    assert (REPO / "Resources" / "Icons" / "MedDINOv3.png").is_file()
+    raw = "https://raw.githubusercontent.com/MedDINOv3/SlicerMedDINOv3/main/"
+    for name in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):  # the catalogue links files of this repository
+        for url in variables[name]:
+            assert url.startswith(raw) and (REPO / url[len(raw):]).is_file(), f"{name}: {url} is not in the repository"
 
 
 @pytest.mark.parametrize("module", MODULES)
