@@ -305,6 +305,11 @@ class MedDINOv3TrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return options
 
     def onStart(self) -> None:
+        from MedDINOv3SegmentLib.dependencies import ensureDependencies
+
+        if not ensureDependencies(training=True):
+            self.ui.statusLabel.text = _("Missing Python packages: the job was not started.")
+            return
         p = self._parameterNode
         mode, stage = MODES.get(self.ui.modeSelector.currentText, ("finetune", None))
         try:

@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import importlib.util
 
-#: import name -> pip requirement
+#: import name -> pip requirement (lower bounds as the core package needs them)
 PIP_PACKAGES = {
-    "timm": "timm",
+    "timm": "timm>=1.0.20",
     "huggingface_hub": "huggingface_hub",
     "safetensors": "safetensors",
     "skimage": "scikit-image",
     "SimpleITK": "SimpleITK",
 }
+#: more for training jobs: curves.png
+TRAINING_PIP_PACKAGES = {"matplotlib": "matplotlib"}
 
 
-def missingPackages() -> tuple[bool, list[str]]:
-    """(torch missing, pip requirements missing)."""
+def missingPackages(training: bool = False) -> tuple[bool, list[str]]:
+    """(torch missing, pip requirements missing); `training` adds what training jobs need."""
     torchMissing = importlib.util.find_spec("torch") is None
-    pipMissing = [req for name, req in PIP_PACKAGES.items() if importlib.util.find_spec(name) is None]
+    wanted = {**PIP_PACKAGES, **(TRAINING_PIP_PACKAGES if training else {})}
+    pipMissing = [req for name, req in wanted.items() if importlib.util.find_spec(name) is None]
     return torchMissing, pipMissing
 
 
@@ -42,14 +45,13 @@ def deviceChoices() -> list[tuple[str, str]]:
     return choices
 
 
-def ensureDependencies(askConfirmation: bool = True) -> bool:
-    """Offer to install what is missing. True when everything is importable afterwards.
-
-    Never installs during Slicer's self-tests (`slicer.app.testingEnabled()`).
+def ensureDependencies(askConfirmation: bool = True, training: bool = False) -> bool:
+    """Offer to install what is missing (`training`: also what training jobs need). True when everything is
+    importable afterwards. Never installs during Slicer's self-tests (`slicer.app.testingEnabled()`).
     """
     import slicer
 
-    torchMissing, pipMissing = missingPackages()
+    torchMissing, pipMissing = missingPackages(training)
     if not torchMissing and not pipMissing:
         return True
     if slicer.app.testingEnabled():
@@ -69,7 +71,7 @@ def ensureDependencies(askConfirmation: bool = True) -> bool:
                 + "\n  ".join(pipMissing) + "\n\nInstall them now? This can take a few minutes.")
         if askConfirmation and not slicer.util.confirmOkCancelDisplay(text, "MedDINOv3: missing packages"):
             return False
-        slicer.util.pip_install(" ".join(pipMissing))
-    torchMissing, pipMissing = missingPackages()
+        slicer.util.pip_install(" ".join(f'"{req}"' for req in pipMissing))
+    torchMissing, pipMissing = missingPackages(training)
     return not torchMissing and not pipMissing
 

@@ -109,3 +109,23 @@ def test_repeated_set_options_accumulate():
                                   "--set", "checkpoint_every=11", *extra])
         cfg = cli.build_config(args)
         assert (cfg.seed, cfg.log_every, cfg.checkpoint_every) == (3, 7, 11)
+
+
+def test_curves_are_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):
+    """A Python without matplotlib (a bare Slicer) still trains: curves.png is skipped with one message."""
+    import json
+    import sys
+
+    from meddinov3.pretrain.loop import plot_curves as plot_pretrain_curves
+    from meddinov3.train import curves
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps({"kind": "step", "step": 1, "loss": 1.0, "lr_decoder": 1e-3, "lr_backbone": 1e-4})
+                       + "\n")
+    assert curves.plot_curves(metrics, tmp_path / "with.png") == tmp_path / "with.png"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    monkeypatch.setattr(curves.pyplot, "warned", False, raising=False)
+    assert curves.plot_curves(metrics, tmp_path / "without.png") is None
+    plot_pretrain_curves(metrics, tmp_path / "pretrain.png")
+    assert not (tmp_path / "without.png").exists() and not (tmp_path / "pretrain.png").exists()
+    assert capsys.readouterr().err.count("matplotlib is not installed") == 1

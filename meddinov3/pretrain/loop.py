@@ -225,12 +225,11 @@ def _all_reduce_grads(params: list, world: int) -> None:
 
 
 def plot_curves(metrics_path: Path, out_path: Path) -> None:
-    import matplotlib
+    from ..train.curves import pyplot, read_metrics
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    from ..train.curves import read_metrics
+    plt = pyplot()
+    if plt is None:
+        return
 
     recs = read_metrics(metrics_path)
     steps = [r for r in recs if r.get("kind") == "step"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 
@@ -20,12 +21,27 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return out
 
 
-def plot_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
-    import matplotlib
-
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None when matplotlib is not installed (a Slicer Python
+    without it still trains; the Slicer module plots metrics.jsonl itself)."""
+    try:
+        import matplotlib
+    except ImportError:
+        if not getattr(pyplot, "warned", False):
+            print("[meddinov3] matplotlib is not installed: curves.png is not drawn (metrics.jsonl has the data)",
+                  file=sys.stderr)
+            pyplot.warned = True
+        return None
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLike) -> Path | None:
+    plt = pyplot()
+    if plt is None:
+        return None
     from ..files import atomic_path
 
     records = read_metrics(metrics_path)
