@@ -13,7 +13,7 @@ PIP_PACKAGES = {
     "timm": "timm>=1.0.20",
     "huggingface_hub": "huggingface_hub",
     "safetensors": "safetensors",
-    "skimage": "scikit-image",
+    "scipy": "scipy",
     "SimpleITK": "SimpleITK",
 }
 #: more for training jobs: curves.png
