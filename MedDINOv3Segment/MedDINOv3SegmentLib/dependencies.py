@@ -15,6 +15,7 @@ PIP_PACKAGES = {
     "safetensors": "safetensors",
     "scipy": "scipy",
     "SimpleITK": "SimpleITK",
+    "slicerio": "slicerio",  # the child writes .seg.nrrd with it
 }
 #: more for training jobs: curves.png
 TRAINING_PIP_PACKAGES = {"matplotlib": "matplotlib"}
