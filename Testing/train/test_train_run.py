@@ -190,6 +190,7 @@ def test_bad_postprocessing_config_is_refused(phantom, tmp_path):
     assert r.returncode == 2
     assert "postprocessing step 0" in r.stderr and "labels" in r.stderr
     assert not (tmp_path / "run" / "model").exists()
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())  # refused before caching
 
 
 def test_ddp_two_cpu_processes_agree(phantom, tmp_path):

@@ -139,8 +139,7 @@ class _SliceInterpolator:
 def segment_image(image: sitk.Image, model, device: str | torch.device = "auto", fast: bool = False, tta: bool = False,
                   folds: list[str] | None = None, batch_size: int | str = "auto", roi=None,
                   keep_largest: bool = False, fill_holes: bool = False, postprocess: bool = True, progress=None,
-                  cancel=None,
-                  return_probabilities: bool = False, compile: bool | None = None,
+                  cancel=None, return_probabilities: bool = False, compile: bool | None = None,
                   source: str | os.PathLike = "<image>") -> SegmentationResult:
     """Segment a 3D image. `model`: a reference (path, hf:, name) or a `LoadedModel`.
 

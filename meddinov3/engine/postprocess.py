@@ -76,7 +76,8 @@ def fill_holes(labels: np.ndarray, background: int = 0) -> np.ndarray:
 
 def apply_postprocessing(labels: np.ndarray, steps: list[dict], label_of_index: Sequence[int],
                          spacing: Sequence[float], background: int = 0) -> np.ndarray:
-    """Run a package's steps (checked by `checkpoints.package.check_postprocessing`) on a class-index volume (`label_of_index[i]` = label value of index i) in place."""
+    """Run a package's steps (checked by `checkpoints.package.check_postprocessing`) in place on a class-index
+    volume (`label_of_index[i]` = label value of index i)."""
     for step in steps:
         indices = [i for i, v in enumerate(label_of_index) if v in step["labels"]]
         mask = np.isin(labels, indices)

@@ -196,8 +196,19 @@ def versions() -> dict:
             "cuda": torch.version.cuda if torch.cuda.is_available() else None}
 
 
-def make_spec(cfg: TrainConfig, mcfg, ds: Dataset, cache: SliceCache, patch, provenance: dict):
-    from ..checkpoints.package import ClassInfo, ModelSpec, check_postprocessing, provenance_now
+def package_postprocessing(cfg: TrainConfig, ds: Dataset) -> list[dict]:
+    """The package's post-processing steps, checked against the dataset's labels before any slow work."""
+    from ..checkpoints.package import check_postprocessing
+
+    try:
+        return check_postprocessing(cfg.postprocessing, [value for value, _ in ds.class_names()])
+    except ValueError as e:
+        raise TrainError(f"config: {e}") from None
+
+
+def make_spec(cfg: TrainConfig, mcfg, ds: Dataset, cache: SliceCache, patch, postprocessing: list[dict],
+              provenance: dict):
+    from ..checkpoints.package import ClassInfo, ModelSpec, provenance_now
     from ..terminology import lookup
 
     classes = []
@@ -205,10 +216,6 @@ def make_spec(cfg: TrainConfig, mcfg, ds: Dataset, cache: SliceCache, patch, pro
         entry = lookup(name, i)
         classes.append(ClassInfo(value, name, tuple(entry.color) if value else None, entry.terminology if value else None))
     name = cfg.name or Path(cfg.out).name
-    try:
-        postprocessing = check_postprocessing(cfg.postprocessing, [c.value for c in classes])
-    except ValueError as e:
-        raise TrainError(f"config: {e}") from None
     return ModelSpec(name=name, config=mcfg, classes=classes, modality=ds.modality, spacing=tuple(cache.spacing),
                      patch_size=tuple(patch), normalization=cache.normalization, postprocessing=postprocessing,
                      description=cfg.description or f"Fine-tuned with `meddinov3 train` on {Path(ds.source).name}",
@@ -288,6 +295,7 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
         status.update(state="starting")
     # ---- data: checked and cached by rank 0, then opened by every rank
     ds = load_dataset(cfg.data)
+    postprocessing = package_postprocessing(cfg, ds)
     train_names, val_names = split_cases(ds, cfg)
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else None
     if cache_root is None:
@@ -360,7 +368,7 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
             "validation_cases": val_names}, "data": ds.summary(), "versions": versions()}
         if not resume:
             write_json(run_dir / "config.json", full)
-    spec = make_spec(cfg, mcfg, ds, cache, patch, {"base": base_info, "dataset": ds.source,
+    spec = make_spec(cfg, mcfg, ds, cache, patch, postprocessing, {"base": base_info, "dataset": ds.source,
                                                     "training_cases": train_names, "validation_cases": val_names,
                                                     "seed": cfg.seed, "total_steps": total})
 
