@@ -84,3 +84,28 @@ def test_ridge_probe_separates_a_feature_that_encodes_foreground():
         labs[k] = imgs[k] > 0
     res = DenseProbe(imgs, labs, [0, 1], [2, 3], size=32)(Oracle())
     assert res["probe_dice"] > 0.95 and res["probe_accuracy"] > 0.95
+
+
+def test_liver_probe_scores_informative_features_and_not_collapsed_ones():
+    """The default probe set must hold liver patches in both halves at ViT-B's patch 16 (it once held none, so
+    every backbone scored Dice 0); features that encode intensity bands then score well, constant ones do not."""
+    from meddinov3.pretrain.probe import DenseProbe
+
+    class Features(torch.nn.Module):
+        config = type("C", (), {"patch_size": 16})()
+
+        def __init__(self, collapsed: bool):
+            super().__init__()
+            self.collapsed = collapsed
+
+        def forward_features(self, x):
+            bands = [(x[:, :1] > t).float() for t in torch.linspace(-0.5, 0.9, 8)]
+            f = torch.cat([torch.nn.functional.avg_pool2d(b, 16).flatten(1)[..., None] for b in bands], -1)
+            return {"patch": torch.ones_like(f) if self.collapsed else f}
+
+    probe = DenseProbe.liver()
+    target = torch.nn.functional.avg_pool2d(probe.fg, 16).flatten(1) >= 0.5
+    assert target[probe.fit_idx].float().mean() > 0.15 and target[probe.eval_idx].float().mean() > 0.15
+    good, collapsed = probe(Features(False)), probe(Features(True))
+    assert good["probe_dice"] > 0.7, good
+    assert collapsed["probe_dice"] < 0.7 and collapsed["probe_accuracy"] < good["probe_accuracy"] - 0.1, collapsed

@@ -122,7 +122,7 @@ class PretrainConfig(JsonOptions):
     checkpoint_every: int = 500
     log_every: int = 10
     probe_every: int = 500  # 0: never
-    probe_size: int = 64
+    probe_size: int = 128  # px at 1 mm, at least 8 patches a side
     collapse_std: float = 0.02  # teacher CLS feature spread below this ...
     collapse_usage: float = 0.02  # ... or prototype-usage entropy (fraction of log K) below this ...
     collapse_uniform: float = 0.995  # ... or per-sample teacher entropy above this fraction of log K ...
@@ -367,7 +367,7 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
     if cfg.probe_every:
         try:
             from .probe import DenseProbe
-            probe = DenseProbe.liver(size=max(mcfg.patch_size, cfg.probe_size // mcfg.patch_size * mcfg.patch_size))
+            probe = DenseProbe.liver(size=max(8, cfg.probe_size // mcfg.patch_size) * mcfg.patch_size)
         except (FileNotFoundError, ImportError, ValueError) as e:
             log(f"dense probe disabled: {e}")
 
@@ -437,6 +437,8 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
                        resumed=bool(resume and step), device=str(device), world_size=world, base=base_info,
                        slices=len(index), global_size=g_size, local_size=l_size)
     meta.train()
+    if step == 0 and cfg.probe_every:
+        run_probe()  # the starting point: the curve then shows what pretraining adds
     t_last, n_img, acc = time.perf_counter(), 0, {}
     state_name = "finished"
     while step < total:

@@ -1,8 +1,10 @@
 """Cheap dense-feature probe: closed-form ridge regression of frozen patch features onto foreground.
 
-Default labelled set: the LiTS liver CT (``meddinov3.phantom.load_liver_ct``): fit on axial slices of the
-upper half, score on slices of the lower half; foreground = liver + tumour, judged per patch (a patch is
-foreground when at least half its pixels are). Reports patch accuracy and foreground Dice.
+Default labelled set: the LiTS liver CT (``meddinov3.phantom.load_liver_ct``). Only axial slices where the liver
+covers at least a tenth of the slice take part (elsewhere hardly a patch is mostly liver, and a probe fitted on
+background alone reports Dice 0 whatever the features): fit on the upper part of that range, score on the lower
+part, with a gap between them so neighbouring slices do not leak. Foreground = liver + tumour, judged per patch
+(a patch is foreground when at least half its pixels are). Reports patch accuracy and foreground Dice.
 """
 
 from __future__ import annotations
@@ -25,18 +27,20 @@ class DenseProbe:
         self.fit_idx, self.eval_idx, self.size, self.ridge = list(fit_idx), list(eval_idx), size, ridge
 
     @classmethod
-    def liver(cls, size: int = 64, n_fit: int = 8, n_eval: int = 8) -> "DenseProbe":
+    def liver(cls, size: int = 128, n_fit: int = 8, n_eval: int = 8, min_fraction: float = 0.1,
+              gap: int = 4) -> "DenseProbe":
         import SimpleITK as sitk
 
         from ..phantom import load_liver_ct
 
         image, labels = load_liver_ct()
         img, lab = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(labels)
-        z = np.flatnonzero((lab > 0).reshape(lab.shape[0], -1).any(axis=1))
-        half = img.shape[0] // 2
-        fit = [int(i) for i in np.linspace(0, half - 1, 4 * n_fit).astype(int) if i in set(z)][:n_fit]
-        ev = [int(i) for i in np.linspace(half, img.shape[0] - 1, 4 * n_eval).astype(int) if i in set(z)][:n_eval]
-        keep = fit + ev
+        z = np.flatnonzero((lab > 0).reshape(lab.shape[0], -1).mean(axis=1) >= min_fraction)
+        cut = len(z) // 2
+        fit_z, eval_z = z[:max(cut - gap // 2, 1)], z[cut + gap - gap // 2:]
+        fit = np.unique(fit_z[np.linspace(0, len(fit_z) - 1, n_fit).astype(int)])
+        ev = np.unique(eval_z[np.linspace(0, len(eval_z) - 1, n_eval).astype(int)])
+        keep = np.concatenate([fit, ev])
         return cls(img[keep], lab[keep], range(len(fit)), range(len(fit), len(keep)), size)
 
     @torch.no_grad()
