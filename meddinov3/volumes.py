@@ -9,6 +9,7 @@ flipping of voxels: no resampling, so the round trip is lossless.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -19,7 +20,9 @@ import numpy as np
 import SimpleITK as sitk
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+MIN_SPACING_MM = 0.01  # below: spacing written in metres (or a broken header); the slices would be absurdly large
 MAX_SPACING_MM = 50.0
+MAX_EXTENT_MM = 2000.0  # field of view (size x spacing) along any axis: a whole-body CT is under 2 m
 
 
 class InputError(Exception):
@@ -49,15 +52,22 @@ def strip_suffix(path: str | os.PathLike) -> str:
     return name
 
 
+@contextlib.contextmanager
+def itk_warnings_off():
+    """Keep ITK's warnings off stderr: the caller checks (and reports) the case itself."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
 def dicom_series(folder: str | os.PathLike) -> list[str]:
     """File names of the largest DICOM series directly in `folder` (empty when there is none)."""
     reader = sitk.ImageSeriesReader
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns "No Series were found" for other folders
-    try:
+    with itk_warnings_off():  # GDCM warns "No Series were found" for other folders
         ids = reader.GetGDCMSeriesIDs(str(folder)) or ()
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     series = [reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in ids]
     return list(max(series, key=len)) if series else []
 
@@ -110,10 +120,16 @@ def check_header(path, size, spacing, dimension: int, components: int, num_class
         raise InputError(path, f"is a {dimension}D image (size {'x'.join(map(str, size))}); a 3D volume is needed")
     if 0 in size:
         raise InputError(path, "is empty (zero voxels)")
-    bad = [s for s in spacing if not (math.isfinite(s) and 0 < s <= MAX_SPACING_MM)]
+    shown = tuple(round(s, 4) for s in spacing)
+    bad = [s for s in spacing if not (math.isfinite(s) and MIN_SPACING_MM <= s <= MAX_SPACING_MM)]
     if bad:
-        raise InputError(path, f"has an invalid voxel spacing {tuple(round(s, 4) for s in spacing)} mm "
-                               f"(each must be > 0 and <= {MAX_SPACING_MM:g} mm)")
+        raise InputError(path, f"has an invalid voxel spacing {shown} mm "
+                               f"(each must be >= {MIN_SPACING_MM:g} and <= {MAX_SPACING_MM:g} mm)")
+    extent = [n * s for n, s in zip(size, spacing)]
+    if max(extent) > MAX_EXTENT_MM:
+        raise InputError(path, f"has an absurd field of view {' x '.join(f'{e:.0f}' for e in extent)} mm (size "
+                               f"{'x'.join(map(str, size))}, spacing {shown} mm; at most {MAX_EXTENT_MM:g} mm "
+                               f"along each axis): wrong spacing in the header?")
     need = bytes_needed(size, num_classes, probabilities)
     avail = available_memory_bytes() if available is None else available
     if need > avail:
@@ -132,10 +148,15 @@ def read_image(path: str | os.PathLike, num_classes: int = 2, probabilities: boo
             raise InputError(path, "folder holds no DICOM series")
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(files)
+        reader.MetaDataDictionaryArrayUpdateOn()  # per-slice tags, for the slice positions
         try:
-            image = reader.Execute()
+            with itk_warnings_off():  # "Non uniform sampling or missing slices": check_slice_positions says it
+                image = reader.Execute()
         except RuntimeError as e:
             raise InputError(path, f"unreadable DICOM series ({_first_line(e)})") from None
+        positions = [reader.GetMetaData(i, "0020|0032") if reader.HasMetaDataKey(i, "0020|0032") else None
+                     for i in range(len(files))]
+        check_slice_positions(path, positions, image.GetDirection())
         check_header(path, image.GetSize(), image.GetSpacing(), image.GetDimension(),
                      image.GetNumberOfComponentsPerPixel(), num_classes, probabilities)
         return image
@@ -149,24 +170,183 @@ def read_image(path: str | os.PathLike, num_classes: int = 2, probabilities: boo
         raise InputError(path, f"unreadable image file ({_first_line(e)})") from None
     check_header(path, reader.GetSize(), reader.GetSpacing(), reader.GetDimension(),
                  reader.GetNumberOfComponents(), num_classes, probabilities)
-    if path.name.lower().endswith(".gz"):
-        _check_gzip(path)  # ITK's NIfTI reader silently zero-fills a truncated .gz
+    if image_suffix(path) in (".nii", ".nii.gz"):
+        check_nifti_data(path)  # ITK zero-fills truncated data and turns NaN/inf into 0
+    elif image_suffix(path) in (".mha", ".mhd"):
+        check_metaimage_data(path)  # ITK prints its own lines on stderr, then gives a wrong reason
     try:
         return reader.Execute()
     except RuntimeError as e:
         raise InputError(path, f"unreadable or truncated image file ({_first_line(e)})") from None
 
 
-def _check_gzip(path: Path) -> None:
+def _truncated(path, have: int, need: int) -> InputError:
+    return InputError(path, f"unreadable or truncated image file (the header announces {need} bytes of voxel data, "
+                            f"the file holds {max(have, 0)})")
+
+
+@dataclass(frozen=True)
+class NiftiHeader:
+    """The fields of a NIfTI-1/NIfTI-2 header that locate and decode the voxel data."""
+
+    dtype: np.dtype  # with the file's byte order
+    shape: tuple[int, ...]
+    vox_offset: int
+    scl_slope: float
+    scl_inter: float
+
+    @property
+    def data_bytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    @property
+    def scaled(self) -> bool:  # the standard: slope 0 (or NaN) means "no scaling"
+        return self.scl_slope != 0 and not math.isnan(self.scl_slope)
+
+
+# NIfTI datatype code -> numpy type (RGB/complex data: components are decoded as their scalar type)
+_NIFTI_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 32: "f4", 64: "f8", 128: "u1", 256: "i1", 512: "u2",
+                 768: "u4", 1024: "i8", 1280: "u8", 1792: "f8", 2304: "u1"}
+
+
+def nifti_header(path: str | os.PathLike, head: bytes) -> NiftiHeader:
+    """Parse the first 540 bytes of a NIfTI-1 or NIfTI-2 file (either byte order)."""
+    for order in "<>":
+        size = int(np.frombuffer(head[:4], order + "i4")[0]) if len(head) >= 4 else 0
+        if size == 348 and len(head) >= 348:
+            dim = np.frombuffer(head, order + "i2", 8, 40)
+            code, bitpix = (int(v) for v in np.frombuffer(head, order + "i2", 2, 70))
+            vox_offset = int(np.frombuffer(head, order + "f4", 1, 108)[0])
+            slope, inter = (float(v) for v in np.frombuffer(head, order + "f4", 2, 112))
+            break
+        if size == 540 and len(head) >= 540:
+            code, bitpix = (int(v) for v in np.frombuffer(head, order + "i2", 2, 12))
+            dim = np.frombuffer(head, order + "i8", 8, 16)
+            vox_offset = int(np.frombuffer(head, order + "i8", 1, 168)[0])
+            slope, inter = (float(v) for v in np.frombuffer(head, order + "f8", 2, 176))
+            break
+    else:
+        raise InputError(path, "unreadable image file (not a NIfTI-1 or NIfTI-2 header)")
+    ndim = int(dim[0])
+    if code not in _NIFTI_DTYPES or not 1 <= ndim <= 7 or bitpix <= 0 or bitpix % 8:
+        raise InputError(path, f"unreadable image file (unsupported NIfTI datatype {code} / {bitpix} bits)")
+    dtype = np.dtype(order + _NIFTI_DTYPES[code])
+    shape = tuple(int(d) for d in dim[1:ndim + 1]) + (bitpix // 8 // dtype.itemsize,)
+    return NiftiHeader(dtype, shape, vox_offset, slope, inter)
+
+
+def check_nifti_data(path: str | os.PathLike, chunk_bytes: int = 1 << 24) -> None:
+    """Refuse a NIfTI file whose voxel data is shorter than its header says, or holds NaN/inf (float data).
+
+    Reads the data in chunks (through gzip for .nii.gz, which also checks the stream), so memory stays bounded.
+    """
     import gzip
     import zlib
 
+    path = Path(path)
+    gz = path.name.lower().endswith(".gz")
     try:
-        with gzip.open(path, "rb") as f:
-            while f.read(1 << 24):
-                pass
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            header = nifti_header(path, f.read(540))
+            need = header.data_bytes
+            if not gz:
+                have = path.stat().st_size - header.vox_offset
+                if have < need:
+                    raise _truncated(path, have, need)
+            if header.dtype.kind != "f" and not gz:
+                return
+            f.seek(header.vox_offset)
+            step = max(header.dtype.itemsize, chunk_bytes // header.dtype.itemsize * header.dtype.itemsize)
+            have = bad = 0
+            while have < need:
+                block = f.read(min(step, need - have))
+                if not block:
+                    raise _truncated(path, have, need)
+                have += len(block)
+                if header.dtype.kind == "f":
+                    values = np.frombuffer(block, header.dtype)
+                    if header.scaled:
+                        with np.errstate(over="ignore", invalid="ignore"):
+                            values = values * header.dtype.type(header.scl_slope) + header.dtype.type(header.scl_inter)
+                    bad += int(values.size - np.count_nonzero(np.isfinite(values)))
+            if gz:
+                while f.read(chunk_bytes):  # the rest of the stream: a damaged tail is an error too
+                    pass
     except (EOFError, OSError, zlib.error) as e:
-        raise InputError(path, f"unreadable or truncated image file (gzip: {e})") from None
+        raise InputError(path, f"unreadable or truncated image file ({'gzip: ' if gz else ''}{e})") from None
+    if header.scaled and not (math.isfinite(header.scl_slope) and math.isfinite(header.scl_inter)):
+        bad = int(np.prod(header.shape, dtype=np.int64))
+    if bad:
+        raise InputError(path, f"contains {bad} NaN or infinite voxel value(s)")
+
+
+_META_TYPE_BYTES = {"CHAR": 1, "UCHAR": 1, "SHORT": 2, "USHORT": 2, "INT": 4, "UINT": 4, "LONG": 4, "ULONG": 4,
+                    "LONG_LONG": 8, "ULONG_LONG": 8, "FLOAT": 4, "DOUBLE": 8}
+
+
+def check_metaimage_data(path: str | os.PathLike) -> None:
+    """Refuse an uncompressed MetaImage (.mha, or .mhd + one raw file) whose data is shorter than its header says."""
+    path = Path(path)
+    fields: dict[str, str] = {}
+    with open(path, "rb") as f:
+        while len(fields) < 64:
+            line = f.readline(4096)
+            if b"=" not in line:
+                return  # not a header ITK reads either: it gives the error
+            key, value = (part.strip() for part in line.decode("latin-1").split("=", 1))
+            fields[key.lower()] = value
+            if key.lower() == "elementdatafile":
+                break
+        data_start = f.tell()
+    try:
+        dims = [int(v) for v in fields["dimsize"].split()]
+        itemsize = _META_TYPE_BYTES[fields["elementtype"].upper().removeprefix("MET_").removesuffix("_ARRAY")]
+        channels = int(fields.get("elementnumberofchannels", "1"))
+        header_size = int(fields.get("headersize", "0"))
+        data_file = fields["elementdatafile"]
+    except (KeyError, ValueError):
+        return
+    if fields.get("compresseddata", "false").lower() == "true" or data_file.upper() == "LIST" or " " in data_file \
+            or "%" in data_file:
+        return  # compressed or multi-file data: ITK checks it
+    if data_file.upper() != "LOCAL":
+        data_path = path.parent / data_file
+        if not data_path.is_file():
+            raise InputError(path, f"unreadable image file (its data file {data_file} does not exist)")
+        size = data_path.stat().st_size
+    else:
+        size = path.stat().st_size
+    if header_size == -1:
+        return  # data at the end of the file: any length fits
+    if data_file.upper() != "LOCAL":
+        data_start = max(header_size, 0)
+    need = int(np.prod(dims, dtype=np.int64)) * channels * itemsize
+    if size - data_start < need:
+        raise _truncated(path, size - data_start, need)
+
+
+def check_slice_positions(path, positions: list[str | None], direction, tolerance: float = 0.1) -> None:
+    """Refuse a DICOM series whose slices are not evenly spaced (missing or duplicate slices): ITK would average
+    the spacing and put every slice after a gap in the wrong place.
+
+    `positions`: ImagePositionPatient ("x\\y\\z") of each file in series order; `direction`: the image's
+    direction cosines (third column: the slice normal). Steps may differ by `tolerance` x the median step.
+    """
+    try:
+        points = np.array([[float(v) for v in p.split("\\")] for p in positions], dtype=float)
+    except (AttributeError, ValueError):
+        return  # no (or unparsable) positions: nothing to check against
+    if len(points) < 3 or points.shape[1] != 3:
+        return
+    normal = np.asarray(direction, float).reshape(3, 3)[:, 2]
+    steps = np.diff(points @ normal)
+    median = float(np.median(steps))
+    off = np.flatnonzero(np.abs(steps - median) > tolerance * abs(median))
+    if abs(median) < 1e-6 or len(off):
+        i = int(off[0]) if len(off) else 0
+        raise InputError(path, f"DICOM slices are unevenly spaced: {abs(steps[i]):.3g} mm between slices {i + 1} and "
+                               f"{i + 2} of {len(points)}, {abs(median):.3g} mm elsewhere (missing or duplicate "
+                               "slices?)")
 
 
 def _first_line(e: Exception) -> str:

@@ -119,7 +119,7 @@ def _bad_inputs(tmp: Path) -> dict:
     nan.CopyInformation(good)
     sitk.WriteImage(nan, str(tmp / "nan.mha"))
     cases["nan"] = (tmp / "nan.mha", "NaN")
-    norm = sitk.GetImageFromArray((arr[:] * 0 + np.linspace(0, 1, arr.size).reshape(arr.shape)).astype(np.float32))
+    norm = sitk.GetImageFromArray(np.linspace(0, 1, arr.size).reshape(arr.shape).astype(np.float32))
     norm.CopyInformation(good)
     sitk.WriteImage(norm, str(tmp / "normalised.nii.gz"))
     cases["not HU"] = (tmp / "normalised.nii.gz", "Hounsfield")
@@ -134,7 +134,37 @@ def _bad_inputs(tmp: Path) -> dict:
         (tmp / f"{name}.mhd").write_text(f"ObjectType = Image\nNDims = 3\nDimSize = 24 24 6\nElementSpacing = {spacing}\n"
                                          f"ElementType = MET_SHORT\nElementDataFile = {name}.raw\n")
         cases[f"spacing {name}"] = (tmp / f"{name}.mhd", "spacing")
-    (tmp / "big.mhd").write_text("ObjectType = Image\nNDims = 3\nDimSize = 20000 20000 4000\nElementSpacing = 1 1 1\n"
+    for name, spacing in (("metres", "0.001 0.001 0.005"), ("fov", "45 45 5")):  # 0.024 mm / 1.08 m wide slices
+        (tmp / f"{name}.mhd").write_text(f"ObjectType = Image\nNDims = 3\nDimSize = 24 24 6\n"
+                                         f"ElementSpacing = {spacing}\nElementType = MET_SHORT\n"
+                                         f"ElementDataFile = zero.raw\n")
+    cases["spacing in metres"] = (tmp / "metres.mhd", "spacing (0.001, 0.001, 0.005)")
+    big_fov = make_phantom_ct((6, 48, 48), (45.0, 45.0, 5.0))[0]
+    sitk.WriteImage(big_fov, str(tmp / "fov.nii.gz"))
+    cases["field of view"] = (tmp / "fov.nii.gz", "field of view 2160 x 2160 x 30 mm")
+    for suffix in (".nii", ".nii.gz"):  # ITK's NIfTI reader turns NaN/inf into 0: read from the file itself
+        nan_nii = tmp / f"nan{suffix}"
+        sitk.WriteImage(nan, str(nan_nii))
+        cases[f"NaN {suffix}"] = (nan_nii, "contains 1 NaN")
+    arr[0, 0, :3] = [np.inf, -np.inf, np.nan]
+    inf = sitk.GetImageFromArray(arr.astype(np.float64))
+    inf.CopyInformation(good)
+    sitk.WriteImage(inf, str(tmp / "inf.nii"))
+    cases["inf float64 .nii"] = (tmp / "inf.nii", "contains 4 NaN or infinite")
+    sitk.WriteImage(good, str(tmp / "whole.nii"))
+    data = (tmp / "whole.nii").read_bytes()
+    (tmp / "half.nii").write_bytes(data[: len(data) // 2])
+    cases["truncated .nii"] = (tmp / "half.nii", f"truncated image file (the header announces {6 * 24 * 24 * 2} bytes")
+    (tmp / "header_only.nii").write_bytes(data[:352])
+    cases["header-only .nii"] = (tmp / "header_only.nii", "truncated")
+    sitk.WriteImage(good, str(tmp / "whole.mha"))
+    data = (tmp / "whole.mha").read_bytes()
+    (tmp / "half.mha").write_bytes(data[: len(data) - 100])
+    cases["truncated .mha"] = (tmp / "half.mha", f"the file holds {6 * 24 * 24 * 2 - 100}")
+    gap = write_dicom_series(good, tmp / "dicom_gap")
+    (gap / "slice_003.dcm").unlink()
+    cases["DICOM missing slice"] = (gap, "unevenly spaced: 10 mm between slices 3 and 4")
+    (tmp / "big.mhd").write_text("ObjectType = Image\nNDims = 3\nDimSize = 20000 20000 4000\nElementSpacing = 0.05 0.05 0.05\n"
                                  "ElementType = MET_SHORT\nElementDataFile = big.raw\n")
     (tmp / "big.raw").write_bytes(b"\0" * 16)
     cases["too large"] = (tmp / "big.mhd", "memory")
@@ -146,7 +176,8 @@ def _bad_inputs(tmp: Path) -> dict:
     return cases
 
 
-def test_bad_inputs_fail_cleanly(tmp_path, pkg, capsys):
+def test_bad_inputs_fail_cleanly(tmp_path, pkg, capfd):
+    """capfd: also what ITK itself prints on the process's stderr."""
     src = tmp_path / "src"
     src.mkdir()
     out_dir = tmp_path / "out"
@@ -154,7 +185,7 @@ def test_bad_inputs_fail_cleanly(tmp_path, pkg, capsys):
     for name, (path, words) in _bad_inputs(src).items():
         out = out_dir / "seg.nii.gz"
         rc = main(["segment", str(path), "-o", str(out), "--model", str(pkg), "--device", "cpu"])
-        err = capsys.readouterr().err
+        err = capfd.readouterr().err
         assert rc != 0, name
         assert str(path) in err and words in err, (name, err)
         assert len(err.strip().splitlines()) == 1, (name, err)
