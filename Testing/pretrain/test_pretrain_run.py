@@ -32,6 +32,20 @@ SETS = ['model={"depth": 2, "patch_size": 8}', 'head={"out_dim": 256, "hidden_di
         "global_size=64", "local_size=32", "n_local=2", "lr=1e-3", "warmup_steps=2", "log_every=1", "probe_every=0"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _own_home(tmp_path_factory):
+    """The runs' default slice-shard store (MEDDINOV3_HOME/cache) in a temporary folder, here and in children."""
+    home = str(tmp_path_factory.mktemp("meddinov3-home"))
+    saved = os.environ.get("MEDDINOV3_HOME")
+    os.environ["MEDDINOV3_HOME"] = ENV["MEDDINOV3_HOME"] = home
+    yield home
+    ENV.pop("MEDDINOV3_HOME")
+    if saved is None:
+        os.environ.pop("MEDDINOV3_HOME")
+    else:
+        os.environ["MEDDINOV3_HOME"] = saved
+
+
 def _events(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip().startswith("{")]
 
@@ -129,6 +143,13 @@ def test_stage2_gram_and_stage3_highres_reduce_loss(stage1, liver):
     losses = _losses(out2)
     assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
 
+    # the volumes were read once: both runs index the same shards of the shared store, neither holds a copy
+    index1 = json.loads((stage1[0] / "slices" / "index.json").read_text())["volumes"]
+    index2 = json.loads((out2 / "slices" / "index.json").read_text())["volumes"]
+    assert [v["shard"] for v in index2] == [v["shard"] for v in index1]
+    assert Path(index2[0]["shard"]).is_file() and Path(index2[0]["shard"]).parent != out2 / "slices"
+    assert sorted(p.name for p in (out2 / "slices").iterdir()) == ["index.json", "index.npy"]
+
     out3 = root / "stage3"
     status, ev = _run(vol, out3, base=str(out2), stage=3, steps=5, size=None, lr=5e-4, highres_factor=1.5)
     assert status["state"] == "finished"
@@ -136,6 +157,22 @@ def test_stage2_gram_and_stage3_highres_reduce_loss(stage1, liver):
     assert "gram" in next(e for e in ev if e["event"] == "step")
     losses = _losses(out3)
     assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
+
+
+def test_next_stage_takes_over_the_base_runs_heads(stage1, liver):
+    """`pretrain --base STAGE1_RUN --stage 2` with no head option continues with stage 1's (non-default) heads;
+    asking for other heads is a one-line error."""
+    root, _, vol = liver
+    common = ["pretrain", "--data", str(vol), "--base", str(stage1[0]), "--stage", "2", "--steps", "2",
+              "--batch-size", "4", "--device", "cpu", "--json-progress", "--set", "global_size=64",
+              "local_size=32", "n_local=2", "probe_every=0"]
+    r = _cli([*common[:3], "--out", str(root / "stage2-heads"), *common[3:]])
+    assert r.returncode == 0, r.stderr[-2000:]
+    saved = json.loads((root / "stage2-heads" / "config.json").read_text())["pretrain"]["head"]
+    assert saved == TINY["head"]
+    r = _cli([*common[:3], "--out", str(root / "stage2-other"), *common[3:], 'head={"out_dim": 128}'])
+    assert r.returncode == 2
+    assert "its heads" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_collapse_detector_fires_on_constant_backbone(liver):
@@ -196,15 +233,23 @@ def _sigterm_after_first_step(cmd: list[str]) -> tuple[int, str, str]:
     return p.returncode, rest, err
 
 
-def test_sigterm_saves_and_exits_zero(liver):
+def test_sigterm_saves_and_exits_zero_then_resumes_without_the_volumes(liver):
     root, _, vol = liver
+    own = root / "sigterm-data" / vol.name
+    own.parent.mkdir()
+    shutil.copy(vol, own)
     out = root / "sigterm"
-    args = _tiny_args(vol, out, 200, "checkpoint_every=100")
+    args = _tiny_args(own, out, 12, "checkpoint_every=100")
     code, rest, _ = _sigterm_after_first_step([sys.executable, "-m", "meddinov3.cli.main", *args])
     assert code == 0
     assert any(e["event"] == "stopped" for e in _events(rest))
     st = json.loads((out / "status.json").read_text())
     assert st["state"] == "stopped" and (out / "checkpoints" / "latest.pt").exists()
+    own.unlink()  # the index holds the slices: resuming must not need the volumes again
+    r = _cli(["pretrain", "--out", str(out), "--resume", "--json-progress"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((out / "status.json").read_text())["state"] == "finished"
+    assert _events(r.stdout)[-1]["event"] == "finished"
 
 
 FSDP_STEPS = 4

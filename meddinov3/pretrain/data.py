@@ -94,15 +94,20 @@ class VolumeEntry:
     kept: int
 
 
-def build_slice_index(volumes: list[Path], folder: str | os.PathLike, log=print) -> Path:
-    """Write (or reuse) one int16 shard per volume and ``index.json`` + ``index.npy`` into ``folder``."""
+def build_slice_index(volumes: list[Path], folder: str | os.PathLike, log=print,
+                      shards: str | os.PathLike | None = None) -> Path:
+    """Write ``index.json`` + ``index.npy`` into ``folder``, over one int16 shard per volume in ``shards``
+    (default: ``folder`` itself). A shard is keyed by the volume's path, size and mtime, so a shared ``shards``
+    store is written once and reused by every later run and stage on the same volumes."""
     folder = Path(folder)
+    store = Path(shards).expanduser().resolve() if shards is not None else folder
     folder.mkdir(parents=True, exist_ok=True)
+    store.mkdir(parents=True, exist_ok=True)
     entries, pairs = [], []
     for vi, path in enumerate(volumes):
         key = _volume_key(path)
-        shard = folder / f"{key}.npy"
-        keep_file = folder / f"{key}.keep.npy"
+        shard = store / f"{key}.npy"
+        keep_file = store / f"{key}.keep.npy"
         if not (shard.is_file() and keep_file.is_file()):
             try:
                 image = read_image(path)
@@ -122,7 +127,8 @@ def build_slice_index(volumes: list[Path], folder: str | os.PathLike, log=print)
             log(f"indexed {path}: {arr.shape[0]} slices, {len(keep)} kept (non-air)")
         keep = np.load(keep_file)
         shape = tuple(int(s) for s in np.load(shard, mmap_mode="r").shape)
-        entries.append({"path": str(path), "shard": shard.name, "shape": list(shape), "kept": int(len(keep))})
+        entries.append({"path": str(path), "shard": shard.name if store == folder else str(shard),
+                        "shape": list(shape), "kept": int(len(keep))})
         pairs.append(np.stack([np.full(len(keep), vi, np.int32), keep], axis=1))
     index = np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int32)
     if len(index) == 0:
@@ -134,7 +140,8 @@ def build_slice_index(volumes: list[Path], folder: str | os.PathLike, log=print)
 
 
 class SliceIndex:
-    """Read-only view of an index folder: ``len()`` slices, ``slice(i)`` -> normalised (1, H, W) float32."""
+    """Read-only view of an index folder: ``len()`` slices, ``slice(i)`` -> normalised (1, H, W) float32.
+    Shards are named relative to the folder, or by absolute path when they live in a shared store."""
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
@@ -157,6 +164,9 @@ class SliceIndex:
 
     def slice(self, i: int) -> torch.Tensor:
         return torch.from_numpy(normalize_hu(self.hu(i)))[None]
+
+    def missing_shards(self) -> list[str]:
+        return [v["shard"] for v in self.volumes if not (self.folder / v["shard"]).is_file()]
 
     def summary(self) -> dict:
         return {"folder": str(self.folder), "volumes": len(self.volumes), "slices": len(self)}

@@ -2,11 +2,12 @@
 
 RUN_DIR: config.json (fully resolved), checkpoints/latest.pt (atomic: student, teacher, heads, Gram teacher,
 centres, optimiser, step = data position, RNG), metrics.jsonl, curves.png, status.json, backbone/ (the EMA
-teacher backbone as a model package, refreshed at every checkpoint and at the end), slices/ (the slice index,
-unless ``cache_dir`` is set). Alone or under torchrun (gloo on CPU, NCCL on CUDA; rank 0 writes), resumable
-after kill -9, stops cleanly on SIGTERM / SIGINT. ``parallel`` picks how several processes share the work: "ddp"
-(every rank holds the whole model, gradients averaged over ranks) or "fsdp" (student, EMA teacher and Gram teacher
-sharded with FSDP2, see ``parallel.py``: for sizes whose three networks and optimiser state do not fit one GPU).
+teacher backbone as a model package, refreshed at every checkpoint and at the end), slices/ (the slice index over
+int16 shards kept in ``cache_dir`` or MEDDINOV3_HOME/cache/pretrain-slices, read once for all runs). Alone or
+under torchrun (gloo on CPU, NCCL on CUDA; rank 0 writes), resumable after kill -9, stops cleanly on SIGTERM /
+SIGINT. ``parallel`` picks how several processes share the work: "ddp" (every rank holds the whole model, gradients
+averaged over ranks) or "fsdp" (student, EMA teacher and Gram teacher sharded with FSDP2, see ``parallel.py``: for
+sizes whose three networks and optimiser state do not fit one GPU).
 Checkpoints hold full, unsharded state in one layout either way: a run resumes with or without FSDP, on any number
 of processes.
 """
@@ -17,7 +18,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -127,7 +128,7 @@ class PretrainConfig(JsonOptions):
     collapse_usage: float = 0.02  # ... or prototype-usage entropy (fraction of log K) below this ...
     collapse_uniform: float = 0.995  # ... or per-sample teacher entropy above this fraction of log K ...
     collapse_patience: int = 3  # ... for this many steps in a row: collapse_warning
-    cache_dir: str | None = None
+    cache_dir: str | None = None  # slice shard store (default MEDDINOV3_HOME/cache/pretrain-slices)
     parallel: str = "ddp"  # under torchrun: "ddp" (replicated model) or "fsdp" (sharded with FSDP2)
 
     def validate(self) -> None:
@@ -184,6 +185,31 @@ def resolve_base(cfg: PretrainConfig, log) -> tuple[object, dict | None, dict | 
                 "starting from random initialisation (size base)")
     mcfg = model_config(cfg.size or "base", 1, **cfg.model)
     return mcfg, None, None, {"base": None, "kind": "random", "size": cfg.size or "base"}
+
+
+def inherit_heads(cfg: PretrainConfig, base_head: dict | None, log) -> PretrainConfig:
+    """A run continuing a previous pretrain run (e.g. stage 2 on stage 1) takes over its prototype heads, weights
+    and shape: the shape comes from the base run unless `head` was set to another one, which is an error."""
+    if not base_head or base_head == cfg.head:
+        return cfg
+    if cfg.head != PretrainConfig().head:
+        raise PretrainError(f"--base {cfg.base}: its heads {base_head} differ from head={cfg.head}; leave `head` "
+                            "unset to continue with the base run's heads")
+    log(f"heads of the base run: {base_head}")
+    return replace(cfg, head=dict(base_head))
+
+
+def shard_store(cfg: PretrainConfig) -> Path:
+    """Where the int16 slice shards live: ``cache_dir``, else one store under MEDDINOV3_HOME shared by all runs."""
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir)
+    from ..resources import user_dir
+    return user_dir() / "cache" / "pretrain-slices"
+
+
+def _index_complete(folder: Path) -> bool:
+    return (folder / "index.json").is_file() and (folder / "index.npy").is_file() and \
+        not SliceIndex(folder).missing_shards()
 
 
 def make_optimizer(meta: SSLMetaArch) -> torch.optim.Optimizer:
@@ -297,12 +323,13 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         status.update(state="starting")
-    # ---- data: indexed by rank 0, opened by every rank
-    folder = Path(cfg.cache_dir) if cfg.cache_dir else run_dir / "slices"
+    # ---- data: indexed by rank 0 (volumes read once into the shared shard store), opened by every rank
+    folder = run_dir / "slices"
     error = None
     if main:
         try:
-            build_slice_index(collect_volumes(cfg.data), folder, log)
+            if not (resume and _index_complete(folder)):  # a resumed run needs only its index, not the volumes
+                build_slice_index(collect_volumes(cfg.data), folder, log, shards=shard_store(cfg))
         except PretrainDataError as e:
             error = str(e)
     error = D.broadcast_object(error, dist_info)
@@ -313,6 +340,8 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
     # ---- model
     torch.manual_seed(cfg.seed)
     mcfg, base_sd, prev_state, base_info = resolve_base(cfg, log)
+    if prev_state is not None:
+        cfg = inherit_heads(cfg, prev_state.get("config", {}).get("head"), log)
     head = HeadConfig(**cfg.head)
     meta = SSLMetaArch(mcfg, head, cfg.centering, cfg.student_temp, cfg.center_momentum, cfg.loss_weights)
     if base_sd is not None:
@@ -322,7 +351,8 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
         try:
             meta.load_state_dict(sd, strict=True)
         except RuntimeError as e:
-            raise PretrainError(f"--base {cfg.base}: its heads differ from this config's ({str(e)[:300]})") from None
+            detail = " ".join(str(e).split())[:300]
+            raise PretrainError(f"--base {cfg.base}: its heads differ from this config's ({detail})") from None
     if cfg.stage >= 2:
         gsd = None
         if cfg.gram_teacher:
