@@ -46,7 +46,11 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
+        mask = _umask()
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp creates 0700
+        for file in tmp.rglob("*"):  # some writers (safetensors) create 0600: the permissions a plain open() gives
+            if file.is_file():
+                os.chmod(file, 0o666 & ~mask)
         if not path.exists():
             os.replace(tmp, path)
         elif not overwrite:

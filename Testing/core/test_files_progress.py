@@ -81,3 +81,106 @@ def test_report_failure_records_the_error_and_reraises(tmp_path):
         with report_failure(status, progress, (UserError,)):
             raise SystemExit(0)
     assert read_json(tmp_path / "status.json")["state"] == "stopped"
+
+
+def test_atomic_dir_gives_its_files_normal_permissions(tmp_path):
+    from meddinov3.files import atomic_dir
+
+    with atomic_dir(tmp_path / "model") as tmp:
+        fd = os.open(tmp / "model.safetensors", os.O_WRONLY | os.O_CREAT, 0o600)  # as safetensors creates it
+        os.close(fd)
+        (tmp / "sub").mkdir()
+        fd = os.open(tmp / "sub" / "w.bin", os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("model.safetensors", "sub/w.bin"):
+        assert stat.S_IMODE((tmp_path / "model" / name).stat().st_mode) == 0o666 & ~mask, name
+
+
+def _status(tmp_path, **fields):
+    import socket
+
+    data = {"kind": "train", "state": "running", "step": 3, "total": 10, "pid": os.getpid(),
+            "host": socket.gethostname(), **fields}
+    write_json(tmp_path / "status.json", data)
+    return data
+
+
+def test_running_pid_needs_a_live_meddinov3_process_on_this_host(tmp_path):
+    import subprocess
+    import sys
+
+    from meddinov3.progress import running_pid
+
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "meddinov3"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert running_pid(_status(tmp_path, pid=trainer.pid)) == trainer.pid
+        for state in ("starting", "stopping"):
+            assert running_pid(_status(tmp_path, pid=trainer.pid, state=state)) == trainer.pid
+        assert running_pid(_status(tmp_path, pid=trainer.pid, state="stopped")) is None
+        assert running_pid(_status(tmp_path, pid=trainer.pid, host="another-host")) is None
+        assert running_pid(_status(tmp_path, pid=other.pid)) is None  # a reused pid: not a meddinov3 process
+    finally:
+        trainer.kill()
+        other.kill()
+        trainer.wait()
+        other.wait()
+    assert running_pid(_status(tmp_path, pid=trainer.pid)) is None  # dead
+
+
+def test_open_run_refuses_a_busy_or_foreign_folder(tmp_path):
+    import subprocess
+    import sys
+
+    from meddinov3.progress import RunFolderError, open_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("job.json", "log.txt"):  # the Slicer module's job files, written before it launches the trainer
+        (run / name).write_text("{}")
+    _status(run, state="failed", pid=1)  # a failed start of the same command
+    assert open_run(run, "train", resume=False)[0] is None
+    (run / "model").mkdir()
+    with pytest.raises(RunFolderError, match=r"not empty \(model\)"):
+        open_run(run, "train", resume=False)
+    with pytest.raises(RunFolderError, match="nothing to resume"):
+        open_run(run, "train", resume=True)
+    write_json(run / "config.json", {"train": {"data": "/d", "steps": 4, "device": "cpu", "out": str(run)}})
+    with pytest.raises(RunFolderError, match="already holds a run"):
+        open_run(run, "train", resume=False)
+    saved, previous = open_run(run, "train", resume=True, explicit={"out": "x", "device": "cuda", "steps": 4})
+    assert saved["steps"] == 4 and previous["state"] == "failed"
+    with pytest.raises(RunFolderError, match=r"--resume continues the saved configuration .*steps 8 \(saved: 4\); "
+                                             r"train longer so"):
+        open_run(run, "train", resume=True, explicit={"steps": 8}, longer="train longer so")
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "meddinov3"])
+    try:
+        _status(run, pid=trainer.pid)
+        with pytest.raises(RunFolderError, match=f"another process \\(pid {trainer.pid}\\) is running"):
+            open_run(run, "train", resume=True)
+    finally:
+        trainer.kill()
+        trainer.wait()
+    assert open_run(run, "train", resume=True)[0]["steps"] == 4  # its process is gone
+
+
+def test_report_failure_keeps_a_resumed_runs_status_until_it_starts(tmp_path):
+    from meddinov3.progress import RunStopped, report_failure
+
+    previous = _status(tmp_path, state="stopped", step=3)
+    stream = io.StringIO()
+    progress = Progress(json_lines=True, stream=stream)
+    status = RunStatus(tmp_path, total=10, kind="train", previous=previous)
+    with pytest.raises(ValueError):
+        with report_failure(status, progress):
+            status.update(state="starting")
+            raise ValueError("data/nn: no such dataset folder")
+    assert read_json(tmp_path / "status.json") == previous  # still stopped, still resumable
+    with report_failure(status, progress):  # a signal during the start-up: a clean stop, not an error
+        raise RunStopped("SIGTERM")
+    data = read_json(tmp_path / "status.json")
+    assert data["state"] == "stopped" and data["step"] == 3
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [e["event"] for e in events] == ["failed", "stopped"] and events[1]["signal"] == "SIGTERM"
