@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,3 +102,38 @@ def test_cache_is_built_once_and_matches_spacing(ds_folder, tmp_path):
     assert build_cache(ds, tmp_path / "cache") == folder
     assert (folder / "index.json").stat().st_mtime_ns == mtime
     assert set(np.unique(cache.cases[0].label)) <= set(ds.labels.values())
+
+
+def test_label_direction_mismatch_names_the_direction(ds_folder):
+    path = ds_folder / "labelsTr" / "case0.nii.gz"
+    lab = sitk.ReadImage(str(path))
+    lab.SetDirection((0, 1, 0, 1, 0, 0, 0, 0, 1))
+    sitk.WriteImage(lab, str(path))
+    with pytest.raises(DatasetError, match=r"case 'case0'.*geometry does not match") as e:
+        check_dataset(load_dataset(ds_folder))
+    message = str(e.value)
+    assert "direction: image (1.0, 0.0, 0.0," in message and "label (0.0, 1.0, 0.0," in message
+    assert "size" not in message and "origin" not in message  # only what differs
+
+
+def test_csv_row_without_a_label_names_the_row(ds_folder, tmp_path):
+    image = ds_folder / "imagesTr" / "case0_0000.nii.gz"
+    csv = tmp_path / "list.csv"
+    csv.write_text(f"# labels: background=0, liver=1\nimage,label,name\n{image},{image},ok\n{image}\n")
+    with pytest.raises(DatasetError, match=r"list.csv: row 2 after the header needs both an image and a label"):
+        load_dataset(csv)
+
+
+def test_empty_case_list_says_the_dataset_has_no_cases(tmp_path):
+    path = tmp_path / "list.json"
+    path.write_text(json.dumps({"labels": {"background": 0, "liver": 1}, "cases": []}))
+    with pytest.raises(DatasetError, match=r"list.json: the dataset has no cases"):
+        load_dataset(path)
+
+
+def test_dataset_paths_are_absolute(ds_folder, monkeypatch):
+    monkeypatch.chdir(ds_folder.parent)
+    ds = load_dataset(ds_folder.name)
+    assert ds.source == str(ds_folder)
+    assert all(c.image.is_absolute() and c.label.is_absolute() for c in ds.cases)
+    assert all(Path(c["image"]).is_absolute() for c in ds.summary()["cases"])

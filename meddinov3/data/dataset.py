@@ -173,16 +173,22 @@ def _csv_list(path: Path) -> Dataset:
     if not rows or "image" not in rows[0] or "label" not in rows[0]:
         raise DatasetError(f"{path}: needs a header row with columns image,label[,name]")
     cases = []
-    for r in rows:
-        img = _resolve(path.parent, r["image"].strip())
-        cases.append(Case((r.get("name") or "").strip() or _default_name(img), img,
-                          _resolve(path.parent, r["label"].strip())))
+    for i, r in enumerate(rows):
+        image, label, name = ((r.get(k) or "").strip() for k in ("image", "label", "name"))
+        if not image or not label:
+            raise DatasetError(f"{path}: row {i + 1} after the header{f' (case {name!r})' if name else ''} needs "
+                               "both an image and a label path")
+        img = _resolve(path.parent, image)
+        cases.append(Case(name or _default_name(img), img, _resolve(path.parent, label)))
     return Dataset(cases, labels, "CT", str(path), "csv")
 
 
 def load_dataset(path: str | os.PathLike) -> Dataset:
-    """Read a dataset description (no voxels read); see the module docstring for the formats."""
-    path = Path(path).expanduser()
+    """Read a dataset description (no voxels read); see the module docstring for the formats.
+
+    Paths come out absolute: the run's config.json records them, and a resume may start in another folder.
+    """
+    path = Path(path).expanduser().absolute()
     if not path.exists():
         raise DatasetError(f"{path}: no such dataset folder or file")
     if path.is_dir():
@@ -195,6 +201,8 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
         ds = _csv_list(path)
     else:
         raise DatasetError(f"{path}: unknown dataset format (an nnU-Net folder, a .json or a .csv list)")
+    if not ds.cases:
+        raise DatasetError(f"{path}: the dataset has no cases")
     names = [c.name for c in ds.cases]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -220,12 +228,19 @@ def read_case(case: Case, modality: str = "CT") -> tuple[sitk.Image, sitk.Image]
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise DatasetError(f"case {case.name!r}: {case.image} is not a 3D single-channel image")
     if not same_geometry(image, label, tol=1e-3):
-        raise DatasetError(
-            f"case {case.name!r}: label geometry does not match the image (image size {image.GetSize()} spacing "
-            f"{tuple(round(s, 4) for s in image.GetSpacing())} origin {tuple(round(o, 3) for o in image.GetOrigin())}; "
-            f"label size {label.GetSize()} spacing {tuple(round(s, 4) for s in label.GetSpacing())} origin "
-            f"{tuple(round(o, 3) for o in label.GetOrigin())})")
+        raise DatasetError(f"case {case.name!r}: label geometry does not match the image "
+                           f"({geometry_difference(image, label)})")
     return image, label
+
+
+def geometry_difference(image: sitk.Image, label: sitk.Image, tol: float = 1e-3) -> str:
+    """The geometry fields in which `label` differs from `image`, with both values."""
+    fields = {"size": lambda im: im.GetSize(), "spacing": lambda im: tuple(round(v, 4) for v in im.GetSpacing()),
+              "origin": lambda im: tuple(round(v, 3) for v in im.GetOrigin()),
+              "direction": lambda im: tuple(round(v, 4) for v in im.GetDirection())}
+    differ = [f"{name}: image {get(image)}, label {get(label)}" for name, get in fields.items()
+              if len(get(image)) != len(get(label)) or not np.allclose(get(image), get(label), atol=tol)]
+    return "; ".join(differ)
 
 
 def label_array(case: Case, label: sitk.Image, declared: list[int]) -> np.ndarray:
