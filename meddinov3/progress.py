@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -94,16 +95,21 @@ class RunStatus:
     States: "starting", "running", "stopping", "stopped", "finished", "failed".
     """
 
-    def __init__(self, run_dir: str | os.PathLike, total: int, kind: str):
+    def __init__(self, run_dir: str | os.PathLike, total: int, kind: str, previous: dict | None = None):
         self.path = Path(run_dir) / "status.json"
         self.total = total
         self.kind = kind
         self._start = time.monotonic()
         self._start_step: int | None = None
         self.data: dict[str, Any] = {
-            "kind": kind, "state": "starting", "step": 0, "total": total, "eta_s": None,
-            "pid": os.getpid(), "metrics": {}, "error": None, "started": time.time(), "updated": time.time(),
+            "kind": kind, "state": "starting", "step": 0, "total": total, "eta_s": None, "pid": os.getpid(),
+            "host": socket.gethostname(), "metrics": {}, "error": None, "started": time.time(), "updated": time.time(),
         }
+        # `previous`: status.json of the run this one resumes (its step and metrics carry on); put back when the
+        # resume fails before training starts, so a stopped run stays "stopped" instead of becoming "failed"
+        self.previous = previous
+        if previous:
+            self.data.update(step=previous.get("step", 0), metrics=dict(previous.get("metrics") or {}))
 
     def update(self, state: str | None = None, step: int | None = None, metrics: dict | None = None,
                error: str | None = None, **extra: Any) -> dict:
@@ -132,34 +138,58 @@ class RunStatus:
         return read_json(path) if path.exists() else None
 
 
+class RunStopped(Exception):
+    """SIGTERM / SIGINT outside the training loop (start-up, final save): raised from the signal handler."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(f"stopped by {signal_name}")
+        self.signal = signal_name
+
+
 @contextlib.contextmanager
 def report_failure(status: RunStatus | None, progress: Progress, user_errors: tuple[type, ...] = ()):
-    """Record an exception escaping a run as its "failed" state (status.json and a `failed` event), then re-raise.
+    """Record how a run that raised ended, in status.json and as an event.
 
-    A user error (one of `user_errors`) is reported by its message alone, anything else with its type name.
+    `RunStopped` (a signal during start-up) is a clean stop: state "stopped", a `stopped` event, not re-raised.
+    Anything else is "failed" and re-raised: a user error (one of `user_errors`) is reported by its message alone,
+    anything else with its type name; a resume that fails before training starts puts the previous status back.
     `status` is None on the ranks of a distributed run that do not report.
     """
     try:
         yield
+    except RunStopped as e:
+        if status is not None:
+            status.update(state="stopped")
+            progress.event("stopped", step=status.data["step"], signal=e.signal)
     except BaseException as e:
         if status is not None and not isinstance(e, SystemExit):
             message = str(e) if isinstance(e, user_errors) else f"{type(e).__name__}: {e}"
-            status.update(state="failed", error=message)
+            if status.previous is not None and status.data["state"] == "starting":
+                write_json(status.path, status.previous)
+            else:
+                status.update(state="failed", error=message)
             progress.event("failed", message=message)
         raise
 
 
 class StopRequest:
-    """SIGTERM / SIGINT during a training or pretraining run: remembered, so the loop saves and stops cleanly."""
+    """SIGTERM / SIGINT during a training or pretraining run: remembered, so the loop saves and stops cleanly.
 
-    def __init__(self):
+    `immediate`: raise `RunStopped` from the handler instead, for the start-up (dataset checks, caches), which
+    has no point at which it could look at a flag; temporary files are removed as the exception unwinds.
+    """
+
+    def __init__(self, immediate: bool = False):
         self.requested = False
         self.signal = ""
+        self.immediate = immediate
         self._previous: dict = {}
 
     def __call__(self, signum, frame) -> None:
         self.requested = True
         self.signal = signal.Signals(signum).name
+        if self.immediate:
+            raise RunStopped(self.signal)
 
     def install(self) -> "StopRequest":
         self._previous = {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -169,6 +199,107 @@ class StopRequest:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous = {}
+
+
+BUSY_STATES = ("starting", "running", "stopping")
+JOB_FILES = ("job.json", "log.txt")  # the Slicer Train module writes them into the run folder before launching us
+
+
+class RunFolderError(Exception):
+    """The run folder cannot be used as asked: busy, not empty, nothing to resume, or changed options."""
+
+
+def running_pid(status: dict | None) -> int | None:
+    """The pid of a live meddinov3 process on this host that `status` (a status.json) says uses its run folder.
+
+    A dead pid, or one reused by another program (Linux: its /proc/PID/cmdline does not mention meddinov3), is
+    not a running run.
+    """
+    if not status or status.get("state") not in BUSY_STATES or status.get("host") != socket.gethostname():
+        return None
+    pid = status.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, another user's
+    if sys.platform.startswith("linux"):
+        try:
+            if b"meddinov3" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return None
+        except OSError:
+            return None
+    return pid
+
+
+def open_run(run_dir: str | os.PathLike, section: str, resume: bool, explicit: dict | None = None,
+             leftovers: tuple[str, ...] = ("status.json",), longer: str = "") -> tuple[dict | None, dict | None]:
+    """Check, before anything is written, that a run may go into `run_dir`: (saved options, previous status.json).
+
+    Refused (RunFolderError): a folder another live process trains into; a new run into a folder holding anything
+    but `leftovers` (what a failed start of the same command leaves) and the Slicer module's JOB_FILES; `resume`
+    without config.json, or with `explicit` options (those given on the command line, paths absolute) that differ
+    from the saved `section` of config.json (only the device may change: `longer` says how to train further).
+    """
+    run_dir = Path(run_dir)
+    try:
+        previous = RunStatus.read(run_dir)
+    except (OSError, ValueError):
+        previous = None  # a damaged status.json says nothing about a live process; it is rewritten
+    pid = running_pid(previous)
+    if pid is not None:
+        raise RunFolderError(f"{run_dir}: another process (pid {pid}) is {previous['state']} this run; stop it "
+                             "first, or choose another --out")
+    config = run_dir / "config.json"
+    if resume:
+        if not config.is_file():
+            raise RunFolderError(f"{run_dir}: nothing to resume (no config.json)")
+        saved = read_json(config)[section]
+        changed = [f"{key} {value!r} (saved: {saved.get(key)!r})" for key, value in (explicit or {}).items()
+                   if key not in ("out", "device") and saved.get(key) != value]
+        if changed:
+            raise RunFolderError(f"{run_dir}: --resume continues the saved configuration (only --device and "
+                                 f"--json-progress may differ), but {'; '.join(changed)}; {longer}")
+        return saved, previous
+    if config.exists():
+        raise RunFolderError(f"{run_dir}: already holds a run (pass --resume to continue it, or another --out)")
+    others = sorted(p.name for p in run_dir.iterdir() if p.name not in (*leftovers, *JOB_FILES)) \
+        if run_dir.is_dir() else []
+    if others:
+        raise RunFolderError(f"{run_dir}: not empty ({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}); "
+                             "choose a new or empty --out")
+    return None, previous
+
+
+def absolute_path(path: str | os.PathLike) -> Path:
+    """`path` absolute, `~` and `..` resolved, symbolic links kept (what the user named)."""
+    return Path(os.path.abspath(os.path.expanduser(path)))
+
+
+def absolute_paths(options: dict, paths: tuple[str, ...], paths_if_existing: tuple[str, ...] = ()) -> dict:
+    """`options` with the values under `paths` (strings or lists of them) made absolute, and those under
+    `paths_if_existing` when they name an existing file or folder (else they are model names): config.json then
+    works from any working directory (`--resume`, `--config`)."""
+
+    def absolute(value):
+        if isinstance(value, list):
+            return [absolute(v) for v in value]
+        return str(absolute_path(value)) if isinstance(value, str) and value else value
+
+    out = dict(options)
+    for key in set(paths) & set(out):
+        out[key] = absolute(out[key])
+    for key in set(paths_if_existing) & set(out):
+        if isinstance(out[key], str) and Path(out[key]).expanduser().exists():
+            out[key] = absolute(out[key])
+    return out
+
+
+def is_finished(status: dict | None) -> bool:
+    return bool(status) and status.get("state") == "finished" and status.get("step") == status.get("total")
 
 
 def peak_gpu_memory_gb(device) -> float | None:

@@ -62,9 +62,9 @@ def run_cli(args: list[str], timeout: float = 300, env_extra: dict | None = None
                           text=True, timeout=timeout, **kw)
 
 
-def popen_cli(args: list[str], env_extra: dict | None = None) -> subprocess.Popen:
+def popen_cli(args: list[str], env_extra: dict | None = None, cwd: Path = REPO) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "meddinov3.cli", *args], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "meddinov3.cli", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

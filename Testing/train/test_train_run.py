@@ -119,10 +119,16 @@ def _common(phantom, tmp_path, steps: int) -> list[str]:
 
 def test_kill9_then_resume_gives_same_step_count(phantom, tmp_path):
     out = tmp_path / "run"
-    proc = popen_cli(["train", "--out", str(out), *_common(phantom, tmp_path, 12)])
+    # started with relative paths, resumed from another working directory (config.json stores them absolute)
+    args = _common(phantom, tmp_path, 12)
+    args[1] = os.path.relpath(phantom, tmp_path)
+    proc = popen_cli(["train", "--out", "run", *args], cwd=tmp_path)
     _wait_for(proc, lambda e: e["event"] == "checkpoint" and e["step"] >= 3)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train"]["data"] == str(phantom) and saved["train"]["out"] == str(out)
+    assert saved["data"]["cases"][0]["image"] == str(phantom / "imagesTr" / "case0_0000.nii.gz")
     r = run_cli(["train", "--out", str(out), "--resume", "--json-progress"], timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     evs = events(r.stdout)
@@ -133,6 +139,17 @@ def test_kill9_then_resume_gives_same_step_count(phantom, tmp_path):
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
              if json.loads(x)["kind"] == "step"]
     assert steps == list(range(1, 13))  # nothing lost, nothing counted twice
+
+    # a finished run: --resume does nothing; other options are refused, not ignored
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    r = run_cli(["train", "--out", str(out), "--resume", "--json-progress"], timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert events(r.stdout) == [{**events(r.stdout)[0], "event": "finished", "already_finished": True, "step": 12}]
+    r = run_cli(["train", "--out", str(out), "--resume", "--steps", "24", "--device", "cpu"], timeout=120)
+    assert r.returncode == 2
+    assert "--resume continues the saved configuration" in r.stderr and "steps 24 (saved: 12)" in r.stderr
+    assert f"--base {out}" in r.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == files
 
 
 def test_resume_continues_the_same_trajectory(phantom, tmp_path):
@@ -157,8 +174,19 @@ def test_resume_continues_the_same_trajectory(phantom, tmp_path):
 
 def test_sigterm_saves_and_exits_cleanly(phantom, tmp_path):
     out = tmp_path / "run"
-    proc = popen_cli(["train", "--out", str(out), *_common(phantom, tmp_path, 500)])
-    _wait_for(proc, lambda e: e["event"] == "step" and e["step"] >= 2)
+    data = tmp_path / "ds"
+    shutil.copytree(phantom, data)
+    args = _common(data, tmp_path, 500)
+    proc = popen_cli(["train", "--out", str(out), *args])
+    seen = _wait_for(proc, lambda e: e["event"] == "step" and e["step"] >= 2)
+    started = next(e for e in seen if e["event"] == "started")
+    assert "no validation cases" in started["warning"] and "no best checkpoint" in started["warning"]
+    # a second process into the same run folder is refused and leaves its status alone
+    for second in (["--resume"], args):
+        r = run_cli(["train", "--out", str(out), *second], timeout=120)
+        assert r.returncode == 2
+        assert f"another process (pid {proc.pid}) is running this run" in r.stderr
+        assert json.loads((out / "status.json").read_text())["pid"] == proc.pid
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-2000:]
@@ -168,6 +196,52 @@ def test_sigterm_saves_and_exits_cleanly(phantom, tmp_path):
     assert status["state"] == "stopped" and status["step"] == stopped["step"] < 500
     import torch
     assert torch.load(out / "checkpoints" / "latest.pt", weights_only=False)["step"] == stopped["step"]
+    # stopped before any validation: the current weights are a usable package already
+    spec = json.loads((out / "model" / "model.json").read_text())
+    assert spec["provenance"]["trained_steps"] == stopped["step"] and spec["provenance"]["total_steps"] == 500
+    # a resume that fails before training starts leaves the run stopped (and resumable)
+    data.rename(tmp_path / "moved")
+    r = run_cli(["train", "--out", str(out), "--resume"], timeout=120)
+    assert r.returncode == 2 and "no such dataset folder" in r.stderr
+    assert json.loads((out / "status.json").read_text()) == status
+
+
+def test_sigterm_during_start_up_stops_cleanly(tmp_path):
+    """SIGTERM while the slice cache is built: state "stopped", exit 0, no temporary cache folder, restartable."""
+    data = phantom_dataset(tmp_path / "ds", n=2, shape=(48, 192, 192))
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    args = ["train", "--data", str(data), "--out", str(out), "--steps", "1", "--batch-size", "2", "--val-fraction",
+            "0", *tiny_args(cache), "--set", "patch_size=[32, 32]"]
+    proc = popen_cli(args)
+    for line in proc.stderr:
+        if "preprocessing" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "stopped" and status["step"] == 0
+    assert not (out / "checkpoints").exists()  # stopped in the start-up, before the loop
+    assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []
+    r = run_cli(args, timeout=300)  # the same command starts again in that folder
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((out / "status.json").read_text())["state"] == "finished"
+
+
+def test_new_run_into_a_foreign_folder_is_refused(phantom, tmp_path):
+    out = tmp_path / "run"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "important.txt").write_text("keep me")
+    r = run_cli(["train", "--out", str(out), *_common(phantom, tmp_path, 2)], timeout=120)
+    assert r.returncode == 2 and f"{out}: not empty (model)" in r.stderr
+    assert sorted(p.name for p in out.rglob("*")) == ["important.txt", "model"]
+
+
+def test_bad_base_is_refused_before_caching(phantom, tmp_path):
+    r = run_cli(["train", "--data", str(phantom), "--out", str(tmp_path / "run"), "--steps", "1",
+                 "--base", str(tmp_path / "missing.pth"), *tiny_args(tmp_path / "cache")], timeout=120)
+    assert r.returncode == 2 and "missing.pth: unknown model" in r.stderr
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 
 def test_bad_dataset_is_refused_by_the_cli(phantom, tmp_path):

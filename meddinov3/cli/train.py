@@ -36,15 +36,31 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
+def flags(args) -> dict:
+    return dict(data=args.data, out=args.out, base=args.base, size=args.size, epochs=args.epochs, steps=args.steps,
+                steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size, val_fraction=args.val_fraction,
+                val_cases=args.val_cases, seed=args.seed, name=args.name, device=args.device)
+
+
 def build_config(args):
     from ..train import TrainConfig
     from .main import config_from_args
 
-    return config_from_args(TrainConfig, args, dict(
-        data=args.data, out=args.out, base=args.base, size=args.size, epochs=args.epochs, steps=args.steps,
-        steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size, val_fraction=args.val_fraction,
-        val_cases=args.val_cases, seed=args.seed, name=args.name, device=args.device),
-        clear={"steps": None} if args.epochs is not None else None)  # --epochs replaces a configured step count
+    return config_from_args(TrainConfig, args, flags(args),
+                            clear={"steps": None} if args.epochs is not None else None)  # --epochs replaces steps
+
+
+def explicit_options(args, cfg, flags: dict) -> dict:
+    """The options the command line gave (flags, `--set` keys, `--config` keys) with their values in `cfg`:
+    what `--resume` compares with the saved configuration."""
+    import json
+
+    keys = {k for k, v in flags.items() if v is not None} | {item.split("=", 1)[0] for item in args.set}
+    if args.config:
+        with open(args.config) as f:
+            saved = json.load(f)
+        keys |= set(saved.get(cfg.SECTION, saved))
+    return {k: getattr(cfg, k) for k in keys}
 
 
 def run(args) -> int:
@@ -54,7 +70,8 @@ def run(args) -> int:
 
     cfg = build_config(args)
     try:
-        status = train(cfg, resume=args.resume, json_progress=args.json_progress)
+        status = train(cfg, resume=args.resume, json_progress=args.json_progress,
+                       explicit=explicit_options(args, cfg, flags(args)))
     except (TrainError, DatasetError) as e:
         raise CommandError(str(e)) from None
     if status and status.get("state") == "stopped":

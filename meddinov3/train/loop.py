@@ -28,7 +28,8 @@ from ..data.prefetch import Prefetcher
 from ..data.sampler import PatchSampler
 from ..config import JsonOptions
 from ..files import write_json
-from ..progress import Progress, RunStatus, StopRequest, peak_gpu_memory_gb, report_failure
+from ..progress import (Progress, RunFolderError, RunStatus, StopRequest, absolute_path, absolute_paths, is_finished,
+                        open_run, peak_gpu_memory_gb, report_failure)
 from . import distributed as D
 from .checkpoint import load_state, save_state, set_rng_states
 from .curves import plot_curves
@@ -44,6 +45,8 @@ class TrainError(Exception):
 class TrainConfig(JsonOptions):
     SECTION = "train"  # key of these options in the run's config.json
     KIND = "training"
+    PATHS = ("data", "out", "cache_dir")  # stored absolute in config.json
+    PATHS_IF_EXISTING = ("base",)  # absolute when a path, kept when a model name
 
     data: str = ""
     out: str = ""
@@ -128,7 +131,7 @@ def default_patch(shapes: list[tuple[int, int]], multiple: int, cap: int = 512) 
 
 def build_network(cfg: TrainConfig, n_classes: int, class_names: list[str], log) -> tuple[torch.nn.Module, dict]:
     """The network (from scratch, a backbone of any layout, or a previous package) and what was loaded."""
-    from ..checkpoints import load_backbone, read_model
+    from ..checkpoints import CheckpointError, load_backbone, read_model
     from ..checkpoints.convert import load_strict
     from ..config import model_config
     from ..model import build_model
@@ -136,7 +139,10 @@ def build_network(cfg: TrainConfig, n_classes: int, class_names: list[str], log)
     if not cfg.base:
         mcfg = model_config(cfg.size, n_classes, **cfg.model)
         return build_model(mcfg), {"base": None, "decoder": "new"}
-    bcfg, backbone_sd, spec = load_backbone(cfg.base)
+    try:
+        bcfg, backbone_sd, spec = load_backbone(cfg.base)
+    except CheckpointError as e:
+        raise TrainError(f"--base: {e}") from None
     arch_keys = {"embed_dim", "depth", "num_heads", "patch_size", "mlp_ratio", "num_reg_tokens", "qkv_bias"}
     bad = sorted(set(cfg.model) & arch_keys)
     if bad:
@@ -260,31 +266,51 @@ def validate(net, spec, ds: Dataset, names: list[str], device, tta: bool = False
             "cases": {n: {names_by_value[v]: s for v, s in d.items()} for n, d in per_case.items()}}
 
 
-def train(cfg: TrainConfig, resume: bool = False, json_progress: bool = False, stream=None) -> dict:
-    """Run (or resume) training into `cfg.out`. Returns the final status dict. Raises TrainError/DatasetError."""
+def train(cfg: TrainConfig, resume: bool = False, json_progress: bool = False, stream=None,
+          explicit: dict | None = None) -> dict:
+    """Run (or resume) training into `cfg.out`. Returns the final status dict. Raises TrainError/DatasetError.
+
+    `explicit`: with `resume`, the options the user gave (refused when they differ from the saved ones).
+    """
     dist_info, device = D.init(cfg.device)
     main = dist_info.is_main
-    run_dir = Path(cfg.out)
+    run_dir = absolute_path(cfg.out)
     progress = Progress(json_lines=json_progress, stream=stream, desc="training", enabled=main)
+    startup_stop = StopRequest(immediate=True)
 
     def log(msg: str) -> None:
         if main and not json_progress:
             print(f"[meddinov3 train] {msg}", file=sys.stderr, flush=True)
 
     latest = run_dir / "checkpoints" / "latest.pt"
-    if resume:
-        if not (run_dir / "config.json").is_file():
-            raise TrainError(f"{run_dir}: nothing to resume (no config.json)")
-        saved = json.loads((run_dir / "config.json").read_text())["train"]
-        saved.update({k: getattr(cfg, k) for k in ("device",)})
-        cfg = TrainConfig.from_dict(saved)
-    elif (run_dir / "config.json").exists():
-        raise TrainError(f"{run_dir}: already holds a training run (pass --resume to continue it, or another --out)")
-    status = RunStatus(run_dir, cfg.total_steps, "train") if main else None
     try:
+        error, saved, previous = None, None, None
+        if main:  # status.json is rank 0's: it alone decides, so the ranks never disagree
+            try:
+                saved, previous = open_run(
+                    run_dir, TrainConfig.SECTION, resume,
+                    absolute_paths(explicit or {}, TrainConfig.PATHS, TrainConfig.PATHS_IF_EXISTING),
+                    longer=f"to train longer, start a new run with --base {run_dir} (it keeps the decoder)")
+            except RunFolderError as e:
+                error = str(e)
+        error, saved, previous = D.broadcast_object((error, saved, previous), dist_info)
+        if error:
+            raise TrainError(error)
+        if resume:
+            cfg = TrainConfig.from_dict({**saved, "device": cfg.device})
+            if is_finished(previous):
+                log(f"{run_dir} already finished ({previous['step']} steps): nothing to do")
+                progress.event("finished", step=previous["step"], already_finished=True, model=str(run_dir / "model"))
+                return previous
+        else:
+            cfg = TrainConfig.from_dict(absolute_paths(cfg.to_dict(), TrainConfig.PATHS, TrainConfig.PATHS_IF_EXISTING))
+        status = RunStatus(run_dir, cfg.total_steps, "train", previous if resume else None) if main else None
+        startup_stop.install()  # from here a signal outside the loop abandons the start-up: state "stopped"
         with report_failure(status, progress, (TrainError, DatasetError)):
             return _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, log)
+        return status.data if main else {}  # stopped during the start-up
     finally:
+        startup_stop.restore()
         progress.close()
         D.cleanup(dist_info)
 
@@ -293,10 +319,14 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
     main = dist_info.is_main
     if main:
         status.update(state="starting")
-    # ---- data: checked and cached by rank 0, then opened by every rank
+    # ---- data: checked and cached by rank 0, then opened by every rank; options and --base checked before that
     ds = load_dataset(cfg.data)
     postprocessing = package_postprocessing(cfg, ds)
     train_names, val_names = split_cases(ds, cfg)
+    class_names = [n for _, n in ds.class_names()]
+    log_fn = (lambda m: None) if not main else (lambda m: print(f"[meddinov3 train] {m}", file=sys.stderr))
+    torch.manual_seed(cfg.seed)
+    net, base_info = build_network(cfg, len(class_names), class_names, log_fn)
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else None
     if cache_root is None:
         from ..resources import user_dir
@@ -314,10 +344,6 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
     cache = SliceCache(Path(folder))
 
     # ---- network, optimiser, schedule
-    class_names = [n for _, n in ds.class_names()]
-    log_fn = (lambda m: None) if not main else (lambda m: print(f"[meddinov3 train] {m}", file=sys.stderr))
-    torch.manual_seed(cfg.seed)
-    net, base_info = build_network(cfg, len(class_names), class_names, log_fn)
     mcfg = net.config
     net.backbone.mask_token.requires_grad_(False)  # pretraining only
     n_frozen = freeze_blocks(net, cfg.freeze_blocks)
@@ -426,9 +452,13 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
 
     if main:
         status.update(state="running", step=step)
+        warning = None if val_names else ("no validation cases: the final weights are exported to model/ and no "
+                                          "best checkpoint is kept")
+        if warning:
+            print(f"[meddinov3 train] WARNING: {warning}", file=sys.stderr, flush=True)
         progress.event("started", run_dir=str(run_dir), total_steps=total, step=step, resumed=bool(resume and step),
                        device=str(device), world_size=world, patch_size=list(patch), spacing=list(cache.spacing),
-                       training_cases=len(train_names), validation_cases=len(val_names))
+                       training_cases=len(train_names), validation_cases=len(val_names), warning=warning)
     model.train()
     t_last, n_img, loss_acc, loss_n = time.perf_counter(), 0, 0.0, 0
     images_per_s = None
@@ -521,6 +551,8 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
     if main:
         if state_name == "finished" and best["step"] is not None and not (run_dir / "model").exists():
             export(load_state(run_dir / "checkpoints" / "best.pt")["model"], best["dice"])
+        if state_name == "stopped" and not (run_dir / "model").exists():  # stopped before any validation: usable
+            export(net.state_dict(), None)  # as --model / --base now (its provenance says how far it trained)
         plot_curves(metrics_path, run_dir / "curves.png")
         final = status.update(state=state_name, step=step, metrics={"best": best}, rank_checksums=checksums)
         if state_name == "stopped":
