@@ -277,6 +277,21 @@ def test_sha256_mismatch_is_refused(tmp_path, monkeypatch, manifest):
         resolve("hf:ricklisz123/MedDINOv3-ViTB-16-CT-3M/model.pth")
 
 
+def test_unreachable_hub_fails_at_once_without_retries(tmp_path, monkeypatch):
+    """No route to the Hub (here: a closed local port as its endpoint) is found out by one connection attempt;
+    huggingface_hub itself would retry for many seconds."""
+    import time
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    for var in ("HF_HUB_OFFLINE", "MEDDINOV3_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    started = time.perf_counter()
+    with pytest.raises(ModelNotAvailable, match="not in the local cache and the Hub cannot be reached"):
+        resolve("hf:someone/not-cached/model.safetensors")
+    assert time.perf_counter() - started < 5
+
+
 def test_models_import_makes_the_manifest_model_available_offline(tmp_path, monkeypatch, manifest):
     from meddinov3.checkpoints.hub import sha256_of
     payload = tmp_path / "downloaded-elsewhere.pth"

@@ -1,6 +1,7 @@
 """`meddinov3 segment` end to end: real liver CT, .seg.nrrd, probabilities, batch folders, DICOM, bad inputs."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -204,6 +205,58 @@ def test_unknown_model_and_bad_options(tmp_path, capsys):
     rc = main(["segment", str(src), "-o", str(tmp_path / "o.txt"), "--model", "x"])
     assert rc == 2 and "unsupported output" in capsys.readouterr().err
     assert not any(p.name.startswith("o.") for p in tmp_path.iterdir())
+
+
+def test_output_paths_are_checked_before_the_model_is_even_loaded(tmp_path, capsys):
+    """Every case names the user's path and the reason in one line; `--model` does not exist, so reaching the
+    model (let alone inference) would give another error."""
+    image, _ = make_phantom_ct((6, 24, 24), (3.0, 3.0, 5.0))
+    src = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(image, str(src))
+    ct_bytes = src.read_bytes()
+    (tmp_path / "b.nrrd").write_bytes(b"")
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "folder").mkdir()
+    cases = [
+        ([src, "-o", "/proc/seg.nii.gz"], "/proc/seg.nii.gz: cannot write there"),
+        ([src, "-o", tmp_path / "o.nii.gz", "--save-probabilities", "/proc/p.npz"], "/proc/p.npz: cannot write there"),
+        ([src, "-o", tmp_path / "a_file" / "seg.nii.gz"], "a_file is a file, not a folder"),
+        ([src, "-o", src, "--overwrite"], f"{src}: is the input {src} itself"),
+        ([tmp_path, "-o", tmp_path, "--overwrite"], f"{src}: is the input {src} itself"),  # batch into its own folder
+        ([src, tmp_path / "b.nrrd", "-o", tmp_path / "multi.nii.gz"],
+         "multi.nii.gz: several inputs need -o to be a folder, not a file name"),
+        ([src, "-o", tmp_path / "folder"], "folder: is a folder; a folder -o needs several inputs"),
+    ]
+    if os.geteuid() != 0:  # root writes into read-only folders
+        (tmp_path / "ro").mkdir(mode=0o555)
+        cases.append(([src, "-o", tmp_path / "ro" / "seg.nii.gz"], "ro/seg.nii.gz: cannot write there"))
+    for args, message in cases:
+        rc = main(["segment", *map(str, args), "--model", "no-such-model-xyz", "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert src.read_bytes() == ct_bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "b.nrrd", "ct.nii.gz", "folder"]
+
+
+def test_closed_pipe_is_not_a_traceback():
+    """`meddinov3 models list --json | head -1`: the reader goes away before the output is written."""
+    exe = Path(sys.executable).parent / "meddinov3"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "meddinov3.cli"]
+    p = subprocess.Popen(cmd + ["models", "list", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 1 and err == ""
+
+
+def test_upper_case_suffix_and_negative_roi(tmp_path, pkg):
+    image, _ = make_phantom_ct((6, 24, 24), (3.0, 3.0, 5.0))
+    src = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(image, str(src))
+    out = tmp_path / "UP.NII.GZ"
+    assert main(["segment", str(src), "-o", str(out), "--model", str(pkg), "--device", "cpu",
+                 "--roi", "-5,-5,-5,500,500,500"]) == 0
+    assert same_geometry(sitk.ReadImage(str(out)), image)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["UP.NII.GZ", "ct.nii.gz"]
 
 
 def test_demo_model_segments_reoriented_liver_ct(tmp_path):

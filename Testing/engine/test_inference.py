@@ -8,9 +8,10 @@ import SimpleITK as sitk
 import torch
 
 from meddinov3.checkpoints import load_model
-from meddinov3.engine import Cancelled, SlicePredictor, gaussian_weights, segment_image, tile_starts
+from meddinov3.engine import Cancelled, SlicePredictor, gaussian_weights, resolve_device, segment_image, tile_starts
 from meddinov3.engine.postprocess import fill_holes, keep_largest_component
 from meddinov3.phantom import make_phantom_ct
+from meddinov3.volumes import InputError, same_geometry
 from Testing.helpers import ThresholdNet, make_package, threshold_model
 
 
@@ -187,3 +188,38 @@ def test_fast_mode_never_interpolates_across_skipped_air():
     assert zs.tolist() == [0, 1, 2, 3] and zs2.tolist() == [4, 5, 6, 20, 21, 22, 23]
     assert out[1:3, 0, 0, 0].tolist() == pytest.approx([1 / 3, 2 / 3])
     assert out2[:, 0, 0, 0].tolist() == pytest.approx([4 / 3, 5 / 3, 2, 3, 10 / 3, 11 / 3, 4])
+
+
+def test_numpy_input_with_geometry_and_bad_arguments(phantom):
+    model = threshold_model()
+    ref = segment_image(phantom, model, device="cpu")
+    oblique = sitk.Image(phantom)
+    oblique.SetDirection((0, 1, 0, -1, 0, 0, 0, 0, 1))  # in-plane axes swapped: another result than the identity
+    oblique.SetOrigin((5.0, -3.0, 40.0))
+    expected = segment_image(oblique, model, device="cpu")
+    assert not np.array_equal(expected.label_array, ref.label_array)
+    res = segment_image(sitk.GetArrayFromImage(phantom), model, device="cpu", spacing=oblique.GetSpacing(),
+                        origin=oblique.GetOrigin(), direction=oblique.GetDirection())
+    assert np.array_equal(res.label_array, expected.label_array) and same_geometry(res.labels, oblique)
+    with pytest.raises(TypeError, match="SimpleITK.Image or a numpy array .* not str"):
+        segment_image("ct.nii.gz", model, device="cpu")
+    with pytest.raises(TypeError, match="spacing"):
+        segment_image(sitk.GetArrayFromImage(phantom), model, device="cpu")
+    for bad in (0, -2, "4"):
+        with pytest.raises(ValueError, match="batch_size must be 'auto' or a positive integer"):
+            segment_image(phantom, model, device="cpu", batch_size=bad)
+
+
+def test_slices_too_large_at_the_model_spacing_are_refused(phantom):
+    """64 px at 2 mm resampled to a 0.02 mm model spacing would be 6400 px per side."""
+    with pytest.raises(InputError, match=r"<image>: slices of 64x56 voxels .* 6400x5600 pixels"):
+        segment_image(phantom, threshold_model(spacing=(0.02, 0.02)), device="cpu")
+
+
+def test_devices_that_do_not_exist_are_refused():
+    with pytest.raises(ValueError, match="CUDA"):
+        resolve_device(f"cuda:{torch.cuda.device_count()}")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ValueError, match="MPS"):
+            resolve_device("mps")
+    assert resolve_device("cpu") == torch.device("cpu")

@@ -42,6 +42,13 @@ def test_opening_is_in_millimetres_along_each_axis():
     assert largest_region(m, (2.0, 2.0, 2.0), opening_mm=1.0)[10:16, 10:16, 30:36].all()
 
 
+def test_opening_work_is_bounded_at_absurdly_fine_spacing():
+    """A 2 mm opening at 0.001 mm spacing would need a 4001^3 structuring element (476 GiB): it is capped at
+    MAX_OPENING_VOXELS per axis, so the 16^3 'organ' is thinner than the opening and connectivity decides."""
+    m = two_cubes_with_bridge()
+    assert np.array_equal(largest_region(m, (0.001, 0.001, 0.001), opening_mm=2.0), m)
+
+
 def test_group_keeps_lesions_inside_the_organ_and_drops_the_rest():
     labels = two_cubes_with_bridge().astype(np.uint8)  # 1 = liver
     labels[8:12, 8:12, 8:12] = 2  # tumour inside the liver
@@ -95,9 +102,19 @@ def test_engine_and_cli_apply_the_package_steps_unless_told_not_to(tmp_path):
     sitk.WriteImage(ct, str(tmp_path / "ct.nii.gz"))
     for flag, name in (([], "pp"), (["--no-postprocessing"], "raw")):
         assert cli_main(["segment", str(tmp_path / "ct.nii.gz"), "-o", str(tmp_path / f"{name}.nii.gz"),
-                         "--model", str(pkg), "--device", "cpu", *flag]) == 0
+                         "--model", str(pkg), "--device", "cpu", "--save-probabilities",
+                         str(tmp_path / f"{name}.npz"), *flag]) == 0
+    # the probabilities are the model's: they say which steps the labels had after it
+    assert json.loads(str(np.load(tmp_path / "pp.npz")["postprocessing"])) == meta["postprocessing"]
+    raw_npz = np.load(tmp_path / "raw.npz")
+    assert json.loads(str(raw_npz["postprocessing"])) == []
+    p = np.sort(raw_npz["probabilities"].astype(np.float32), axis=0)
+    clear = p[-1] - p[-2] > 2e-3  # float16 keeps the argmax wherever the top two differ by more than its step
+    assert clear.mean() > 0.99
     pp = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "pp.nii.gz")))
     raw = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "raw.nii.gz")))
+    argmax = raw_npz["probabilities"].argmax(0)
+    assert np.array_equal(argmax[clear], raw[clear]) and (argmax == raw).mean() > 0.999
     cc_pp = largest_region(pp == 1, (4.0, 2.0, 2.0), 1.0)
     assert np.array_equal(pp == 1, cc_pp)  # post-processed output is already one region
     assert ((raw == 1) & ~(pp == 1)).sum() == ((raw == 1) & ~largest_region(raw == 1, (4.0, 2.0, 2.0), 1.0)).sum()

@@ -71,6 +71,23 @@ def is_offline(offline: bool | None = None) -> bool:
         os.environ.get("MEDDINOV3_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hub opens: when it does not (no network, no DNS), huggingface_hub would
+    spend many seconds retrying before it fails. Behind a proxy (HTTPS_PROXY...) the direct probe says nothing:
+    assume reachable."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def imports_dir() -> Path:
     return user_dir() / "imports"
 
@@ -107,15 +124,17 @@ def resolve_hf(ref: str, offline: bool | None = None, cache_dir: str | os.PathLi
         imported = imports_dir() / expected / Path(hub.filename).name
         if imported.is_file():
             return imported
+    unreachable = not offline and not hub_reachable()
     try:
         if hub.filename:
             path = Path(hf_hub_download(hub.repo_id, hub.filename, revision=hub.revision, cache_dir=cache_dir,
-                                        local_files_only=offline))
+                                        local_files_only=offline or unreachable))
         else:  # a model package stored as a whole repository
             path = Path(snapshot_download(hub.repo_id, revision=hub.revision, cache_dir=cache_dir,
-                                          local_files_only=offline))
+                                          local_files_only=offline or unreachable))
     except LocalEntryNotFoundError:
-        why = "offline mode is on" if offline else "it could not be downloaded (no connection to the Hub?)"
+        why = ("offline mode is on" if offline else "the Hub cannot be reached (no network?)" if unreachable
+               else "it could not be downloaded (no connection to the Hub?)")
         raise ModelNotAvailable(
             f"{ref}: not in the local cache and {why}. On a machine with internet, download "
             f"{hub.filename or 'the repository'} from https://huggingface.co/{hub.repo_id} and run "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 VERBS = ("segment", "train", "pretrain", "convert", "info", "models", "demo")
@@ -64,12 +65,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# options whose value may start with "-" (argparse would take `--roi -5,0,0,...` for an option)
+NEGATIVE_VALUE_OPTIONS = ("--roi",)
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """`--roi -5,...` -> `--roi=-5,...`."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in NEGATIVE_VALUE_OPTIONS and arg.startswith("-") and arg[1:2].isdigit():
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..checkpoints import CheckpointError
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_join_negative_values(sys.argv[1:] if argv is None else list(argv)))
     try:
-        return int(args.run(args) or 0)
+        code = int(args.run(args) or 0)
+        sys.stdout.flush()  # here, so that a closed pipe (`| head`) is handled below, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # the reader went away (`meddinov3 info X | head`): not an error of ours; no traceback, no flush error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (CommandError, CheckpointError, FileExistsError, FileNotFoundError) as e:
         print(f"meddinov3 {args.verb}: error: {e}", file=sys.stderr)
         return 2

@@ -23,7 +23,9 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", default="auto", help="slices/tiles per forward pass: auto or a number")
     p.add_argument("--roi", help="voxel box x0,y0,z0,x1,y1,z1 (end exclusive); outside is background")
     p.add_argument("--save-probabilities", metavar="FILE.npz",
-                   help="also save float16 class probabilities (several inputs: a folder, one NAME.npz per input)")
+                   help="also save float16 class probabilities (several inputs: a folder, one NAME.npz per input); "
+                        "they are the model's, before post-processing (the .npz lists the steps the labels had), "
+                        "so their argmax can differ from the label map where a step changed it")
     p.add_argument("--output-format", choices=FORMATS, default="nii.gz",
                    help="file type written into the -o folder when there are several inputs (default nii.gz)")
     p.add_argument("--keep-largest", action="store_true", help="keep the largest connected component per label")
@@ -68,10 +70,14 @@ def _outputs(inputs: list[Path], args, batch_mode: bool) -> tuple[list[Path], li
     out = Path(args.output)
     probs = Path(args.save_probabilities) if args.save_probabilities else None
     if not batch_mode:
+        for flag, file in (("-o", out), ("--save-probabilities", probs)):
+            if file is not None and file.is_dir():
+                raise CommandError(f"{file}: is a folder; a folder {flag} needs several inputs (or a folder of "
+                                   f"them), one input needs a file name")
         return [out], [probs]
     for flag, folder in (("-o", out), ("--save-probabilities", probs)):
-        if folder is not None and folder.exists() and not folder.is_dir():
-            raise CommandError(f"{folder}: several inputs need {flag} to be a folder")
+        if folder is not None and not folder.is_dir() and (folder.exists() or _file_name(folder)):
+            raise CommandError(f"{folder}: several inputs need {flag} to be a folder, not a file name")
     stems = [strip_suffix(p) for p in inputs]
     dupes = {n for n in stems if stems.count(n) > 1}
     if dupes:
@@ -80,9 +86,20 @@ def _outputs(inputs: list[Path], args, batch_mode: bool) -> tuple[list[Path], li
             [probs / f"{n}.npz" if probs else None for n in stems])
 
 
+def _file_name(path: Path) -> bool:
+    """Whether `path` is named like an output file (label map, .seg.nrrd or .npz) rather than a folder."""
+    from ..engine.outputs import output_kind
+
+    try:
+        output_kind(path)
+        return True
+    except ValueError:
+        return path.name.lower().endswith(".npz")
+
+
 def run(args) -> int:
     from ..engine import Cancelled, resolve_device, segment_file
-    from ..engine.outputs import check_output, check_probabilities_output
+    from ..engine.outputs import check_not_input, check_output, check_probabilities_output
     from ..progress import Progress
     from ..volumes import InputError, list_inputs
     from .main import CommandError
@@ -100,6 +117,8 @@ def run(args) -> int:
         outputs, prob_outputs = _outputs(inputs, args, batch_mode)
         for o, po in zip(outputs, prob_outputs):
             try:
+                for inp in inputs:
+                    check_not_input(o, inp)
                 check_output(o, args.overwrite)
                 if po is not None:
                     check_probabilities_output(po, args.overwrite)

@@ -5,7 +5,9 @@ Every writer goes through `atomic_path`, so a failed or interrupted run never le
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -31,21 +33,53 @@ def check_output(path: str | os.PathLike, overwrite: bool = False) -> None:
     output_kind(path)
     if Path(path).exists() and not overwrite:
         raise FileExistsError(f"{path}: output already exists (pass --overwrite to replace it)")
+    check_writable(path)
 
 
 def check_probabilities_output(path: str | os.PathLike, overwrite: bool = False) -> None:
     """What `check_output` is for label maps, for the .npz of `--save-probabilities`."""
-    if not Path(path).name.endswith(".npz"):
+    if not Path(path).name.lower().endswith(".npz"):
         raise ValueError(f"{path}: probabilities are written as .npz")
     if Path(path).exists() and not overwrite:
         raise FileExistsError(f"{path}: already exists (pass --overwrite to replace it)")
+    check_writable(path)
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail before a long inference, not after it: the output's folder (or, as missing folders are created, its
+    nearest existing parent) must accept a new file. Tried for real: permission bits say nothing for root or
+    read-only file systems."""
+    folder = Path(path).absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{path}: cannot write there ({folder} is a file, not a folder)")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".meddinov3-write-test-", dir=folder)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot write there ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_not_input(output: str | os.PathLike, input_path: str | os.PathLike) -> None:
+    """Never write a result over the image it comes from (with --overwrite that would replace the user's scan)."""
+    from ..volumes import dicom_series
+
+    out, source = Path(output), Path(input_path)
+    if not out.exists():
+        return
+    files = [Path(f) for f in dicom_series(source)] if source.is_dir() else [source]
+    if any(f.exists() and os.path.samefile(out, f) for f in files):
+        raise ValueError(f"{output}: is the input {input_path} itself; write the segmentation to another file")
 
 
 def write_labels(labels: sitk.Image, path: str | os.PathLike, classes, overwrite: bool = False) -> Path:
     """Write a label map; `.seg.nrrd` gets one named, coloured segment per non-background class."""
     check_output(path, overwrite)
     path = Path(path)
-    with atomic_path(path) as tmp:
+    # lower-case temporary suffix: ITK picks the format from it and knows `.nii.gz`, not `.NII.GZ`
+    with atomic_path(path, suffix="".join(path.suffixes).lower()) as tmp:
         if output_kind(path) == "seg":
             write_seg_nrrd(labels, tmp, classes)
         else:
@@ -86,13 +120,17 @@ def write_seg_nrrd(labels: sitk.Image, path: str | os.PathLike, classes) -> None
     slicerio.write_segmentation(str(path), segmentation, compression_level=1, index_order="C")
 
 
-def write_probabilities(path: str | os.PathLike, probabilities: np.ndarray, classes, overwrite: bool = False) -> Path:
-    """npz: `probabilities` float16 (classes, z, y, x) on the input grid, `labels` names, `values` label values."""
+def write_probabilities(path: str | os.PathLike, probabilities: np.ndarray, classes, overwrite: bool = False,
+                        postprocessing: list | None = None) -> Path:
+    """npz: `probabilities` float16 (classes, z, y, x) on the input grid, `labels` names, `values` label values,
+    `postprocessing` a JSON array of the steps the label map had after the model (the probabilities are the
+    model's, before them: where a step changed a voxel, its argmax is not its label)."""
     path = Path(path)
     check_probabilities_output(path, overwrite)
     with atomic_path(path, suffix=".npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez_compressed(f, probabilities=probabilities.astype(np.float16, copy=False),
                                 labels=np.array([c.name for c in classes]),
-                                values=np.array([c.value for c in classes], dtype=np.int32))
+                                values=np.array([c.value for c in classes], dtype=np.int32),
+                                postprocessing=np.array(json.dumps(postprocessing or [])))
     return path

@@ -27,6 +27,7 @@ from .postprocess import fill_holes as _fill_holes
 from .preprocess import fast_slice_step, make_normalizer, resampled_shape, resize, target_spacing
 
 AIR_HU = -600.0  # a slice whose maximum is below this is "all air"
+MAX_MODEL_SLICE_SIDE = 4096  # pixels per side of a slice resampled to the model's spacing
 
 
 class Cancelled(Exception):
@@ -38,7 +39,35 @@ class SegmentationResult:
     labels: sitk.Image  # label values on exactly the input's grid
     probabilities: np.ndarray | None  # float16 (classes, z, y, x) on the input grid, when asked for
     classes: list  # ClassInfo, channel order
-    stats: dict = field(default_factory=dict)  # device, batch size, slices, timings, OOM back-offs
+    stats: dict = field(default_factory=dict)  # device, batch size, slices, timings, OOM back-offs, post-processing
+
+    @property
+    def label_array(self) -> np.ndarray:
+        """The label map as a numpy array (z, y, x); its geometry is `labels`' spacing, origin and direction."""
+        return sitk.GetArrayFromImage(self.labels)
+
+
+def as_image(image, spacing=None, origin=None, direction=None) -> sitk.Image:
+    """A SimpleITK image as is, or a numpy array (z, y, x) placed by `spacing` (required), `origin` and
+    `direction` (SimpleITK order: x, y, z; defaults: zero origin, identity direction)."""
+    if isinstance(image, sitk.Image):
+        if any(v is not None for v in (spacing, origin, direction)):
+            raise TypeError("spacing/origin/direction are for numpy arrays: a SimpleITK image has its own")
+        return image
+    if isinstance(image, np.ndarray):
+        if spacing is None:
+            raise TypeError("a numpy array needs spacing=(x, y, z) in mm (and optionally origin and direction)")
+        out = sitk.GetImageFromArray(image)
+        if out.GetDimension() != 3 or out.GetNumberOfComponentsPerPixel() != 1:
+            raise ValueError(f"a numpy volume must have 3 axes (z, y, x), got shape {image.shape}")
+        out.SetSpacing([float(v) for v in spacing])
+        if origin is not None:
+            out.SetOrigin([float(v) for v in origin])
+        if direction is not None:
+            out.SetDirection([float(v) for v in np.ravel(direction)])
+        return out
+    raise TypeError(f"image must be a SimpleITK.Image or a numpy array (z, y, x) with spacing=..., not "
+                    f"{type(image).__name__} (segment_file reads and writes files)")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -50,8 +79,16 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         mps = getattr(torch.backends, "mps", None)
         return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
     dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} requested but this machine has {torch.cuda.device_count()} CUDA "
+                             f"device(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    if dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(f"device {device!r} requested but MPS (Apple GPU) is not available")
     return dev
 
 
@@ -136,12 +173,18 @@ class _SliceInterpolator:
         return np.array(out_z), out
 
 
-def segment_image(image: sitk.Image, model, device: str | torch.device = "auto", fast: bool = False, tta: bool = False,
-                  folds: list[str] | None = None, batch_size: int | str = "auto", roi=None,
+def segment_image(image: sitk.Image | np.ndarray, model, device: str | torch.device = "auto", fast: bool = False,
+                  tta: bool = False, folds: list[str] | None = None, batch_size: int | str = "auto", roi=None,
                   keep_largest: bool = False, fill_holes: bool = False, postprocess: bool = True, progress=None,
                   cancel=None, return_probabilities: bool = False, compile: bool | None = None,
-                  source: str | os.PathLike = "<image>") -> SegmentationResult:
+                  source: str | os.PathLike = "<image>", spacing=None, origin=None,
+                  direction=None) -> SegmentationResult:
     """Segment a 3D image. `model`: a reference (path, hf:, name) or a `LoadedModel`.
+
+    `image`: a SimpleITK image, or a numpy array (z, y, x) with `spacing` (and `origin`, `direction`; SimpleITK
+    order x, y, z). The result's `labels` is a SimpleITK image on the same grid (`label_array`: its voxels).
+    `return_probabilities`: the model's class probabilities, before any post-processing (`stats["postprocessing"]`
+    lists the steps the labels had).
 
     `fast`: the model's fast in-plane spacing, and only every n-th slice through the network (n from
     `fast_slice_step`; the slices between are interpolated). `roi` (x0, y0, z0, x1, y1, z1) voxel box of `image`
@@ -151,6 +194,9 @@ def segment_image(image: sitk.Image, model, device: str | torch.device = "auto",
     `keep_largest` / `fill_holes`. `source` names the image in error messages.
     """
     t_start = time.perf_counter()
+    image = as_image(image, spacing, origin, direction)
+    if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be 'auto' or a positive integer, got {batch_size!r}")
     dev = resolve_device(device)
     loaded = _load(model, dev, folds)
     spec = loaded.spec
@@ -178,6 +224,10 @@ def segment_image(image: sitk.Image, model, device: str | torch.device = "auto",
     slice_sp, row_sp, col_sp = orient.canonical_spacing(image.GetSpacing())
     target = target_spacing(spec, (row_sp, col_sp), fast)
     model_hw = resampled_shape((H, W), (row_sp, col_sp), target)
+    if max(model_hw) > MAX_MODEL_SLICE_SIDE:
+        raise InputError(source, f"slices of {H}x{W} voxels at {row_sp:g} x {col_sp:g} mm would be "
+                                 f"{model_hw[0]}x{model_hw[1]} pixels at the model's spacing {target[0]:g} x "
+                                 f"{target[1]:g} mm (at most {MAX_MODEL_SLICE_SIDE} per side): wrong spacing?")
     normalize = make_normalizer(spec.normalization, volume)
 
     bg_index = next((i for i, c in enumerate(classes) if c.value == 0), 0)
@@ -295,13 +345,17 @@ def segment_image(image: sitk.Image, model, device: str | torch.device = "auto",
             write_t.join(timeout=5)
     read_t.check()
 
+    steps = []
     if postprocess and spec.postprocessing:
         apply_postprocessing(index, spec.postprocessing, [c.value for c in classes], (slice_sp, row_sp, col_sp),
                              bg_index)
+        steps += [dict(step) for step in spec.postprocessing]
     if keep_largest:
         keep_largest_component(index, bg_index)
+        steps.append({"step": "keep_largest"})
     if fill_holes:
         _fill_holes(index, bg_index)
+        steps.append({"step": "fill_holes"})
     lut = np.array([c.value for c in classes], dtype=np.uint16 if max(c.value for c in classes) > 255 else np.uint8)
     values = lut[orient.from_canonical(index)]
     prob_out = np.ascontiguousarray(orient.from_canonical(probs)) if probs is not None else None
@@ -322,7 +376,7 @@ def segment_image(image: sitk.Image, model, device: str | torch.device = "auto",
              "predicted_slices": int(len(run_z)), "slice_step": step,
              "skipped_slices": int(Z - len(todo)), "model_shape": list(model_hw), "tiles_per_slice": per_slice,
              "spacing": list(target), "oom_backoffs": list(predictor.oom_events), "model_time_s": round(t_model, 3),
-             "seconds": round(time.perf_counter() - t_start, 3)}
+             "postprocessing": steps, "seconds": round(time.perf_counter() - t_start, 3)}
     return SegmentationResult(labels, prob_out, classes, stats)
 
 
@@ -332,8 +386,9 @@ def segment_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     """Read, segment and write one input (file or DICOM folder). Nothing is written when anything fails."""
     from ..checkpoints import LoadedModel
     from ..volumes import read_image
-    from .outputs import check_output, check_probabilities_output, write_labels, write_probabilities
+    from .outputs import check_not_input, check_output, check_probabilities_output, write_labels, write_probabilities
 
+    check_not_input(output_path, input_path)
     check_output(output_path, overwrite)
     if probabilities_path is not None:
         check_probabilities_output(probabilities_path, overwrite)
@@ -346,7 +401,8 @@ def segment_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     write_labels(result.labels, output_path, result.classes, overwrite=overwrite)
     if probabilities_path is not None:
         try:
-            write_probabilities(probabilities_path, result.probabilities, result.classes, overwrite=overwrite)
+            write_probabilities(probabilities_path, result.probabilities, result.classes, overwrite=overwrite,
+                                postprocessing=result.stats["postprocessing"])
         except BaseException:
             Path(output_path).unlink(missing_ok=True)
             raise

@@ -10,6 +10,7 @@ import numpy as np
 from scipy import ndimage
 
 _CONNECTIVITY = np.ones((3, 3, 3), bool)  # 26-connected
+MAX_OPENING_VOXELS = 16  # opening radius per axis, in voxels: finer axes are treated as this coarse
 
 
 def ball(radius_mm: float, spacing: Sequence[float]) -> np.ndarray:
@@ -26,11 +27,14 @@ def largest_region(mask: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0),
     radius r (mm, per-axis `spacing`) lies inside it; the cores then grow one voxel a step inside `mask`, up to 2 r
     along each axis, each voxel going to the core that reaches it first (ties: the largest), and the largest core's
     voxels stay. False positives that touch an organ through a thin contact go; the organ's own corners and edges
-    stay. About 4 s for a liver-sized mask in a 512 x 512 x 300 CT.
+    stay. About 4 s for a liver-sized mask in a 512 x 512 x 300 CT. Along axes finer than r / MAX_OPENING_VOXELS
+    the opening is that many voxels.
     """
     keep = np.zeros_like(mask, dtype=bool)
     if not mask.any():
         return keep
+    if opening_mm > 0:  # bounded work: a 2 mm ball at 0.001 mm spacing would be a 476 GiB structuring element
+        spacing = [max(float(s), opening_mm / MAX_OPENING_VOXELS) for s in spacing]
     pad = [int(np.ceil(2 * opening_mm / s)) + 1 for s in spacing]
     box = tuple(slice(max(int(i.min()) - p, 0), int(i.max()) + p + 1) for i, p in zip(np.nonzero(mask), pad))
     m = mask[box]
