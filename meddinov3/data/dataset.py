@@ -188,7 +188,7 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
 
     Paths come out absolute: the run's config.json records them, and a resume may start in another folder.
     """
-    path = Path(path).expanduser().absolute()
+    path = Path(os.path.abspath(Path(path).expanduser()))
     if not path.exists():
         raise DatasetError(f"{path}: no such dataset folder or file")
     if path.is_dir():
