@@ -359,3 +359,30 @@ def test_collapse_check_flags_uniform_targets_once_prototypes_train():
     assert reasons[:2] == [None, None] and "uniform teacher targets" in reasons[2] and reasons[3:] == [None, None]
     state = {"count": 0}
     assert all(collapse_check(healthy, state, cfg, s) is None for s in range(1, 40))
+
+
+def test_resume_of_a_finished_run_does_nothing_and_refuses_changed_options(stage1):
+    out = stage1[0]
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    r = _cli(["pretrain", "--out", str(out), "--resume", "--json-progress", "--device", "cpu"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    ev = _events(r.stdout)
+    assert len(ev) == 1 and ev[0]["event"] == "finished" and ev[0]["already_finished"] and ev[0]["step"] == 8
+    r = _cli(["pretrain", "--out", str(out), "--resume", "--steps", "16"])
+    assert r.returncode == 2
+    assert "--resume continues the saved configuration" in r.stderr and "steps 16 (saved: 8)" in r.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == files
+
+
+def test_bad_base_and_foreign_folder_are_refused_before_indexing(liver, tmp_path):
+    _, _, vol = liver
+    run = tmp_path / "run"
+    r = _cli([*_tiny_args(vol, run, 2), "--base", str(tmp_path / "missing.pth")])
+    assert r.returncode == 2 and "missing.pth: unknown model" in r.stderr
+    assert not (run / "slices").exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    r = _cli(_tiny_args(vol, other, 2))
+    assert r.returncode == 2 and f"{other}: not empty (notes.txt)" in r.stderr
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]

@@ -34,13 +34,16 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
+def flags(args) -> dict:
+    return dict(data=args.data, out=args.out, base=args.base, size=args.size, stage=args.stage, steps=args.steps,
+                batch_size=args.batch_size, seed=args.seed, name=args.name, device=args.device)
+
+
 def build_config(args):
     from ..pretrain.loop import PretrainConfig
     from .main import config_from_args
 
-    return config_from_args(PretrainConfig, args, dict(
-        data=args.data, out=args.out, base=args.base, size=args.size, stage=args.stage, steps=args.steps,
-        batch_size=args.batch_size, seed=args.seed, name=args.name, device=args.device))
+    return config_from_args(PretrainConfig, args, flags(args))
 
 
 def run(args) -> int:
@@ -48,9 +51,12 @@ def run(args) -> int:
     from ..pretrain.loop import PretrainError, pretrain
     from .main import CommandError
 
+    from .train import explicit_options
+
     cfg = build_config(args)
     try:
-        status = pretrain(cfg, resume=args.resume, json_progress=args.json_progress)
+        status = pretrain(cfg, resume=args.resume, json_progress=args.json_progress,
+                          explicit=explicit_options(args, cfg, flags(args)))
     except (PretrainError, PretrainDataError) as e:
         raise CommandError(str(e)) from None
     if status and status.get("state") == "stopped":

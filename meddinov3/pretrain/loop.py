@@ -287,33 +287,60 @@ def plot_curves(metrics_path: Path, out_path: Path) -> None:
 
 
 def pretrain(cfg: PretrainConfig, resume: bool = False, json_progress: bool = False, stream=None,
-             hooks: dict | None = None) -> dict:
+             hooks: dict | None = None, explicit: dict | None = None) -> dict:
     """Run (or resume) pretraining into ``cfg.out``; returns the final status dict.
 
     ``hooks``: test seams, e.g. ``{"meta": fn(meta)}`` called once the meta-architecture is built.
+    ``explicit``: with ``resume``, the options the user gave (refused when they differ from the saved ones).
     """
+    from ..checkpoints import CheckpointError, resolve
+    from ..progress import RunFolderError, absolute_path, absolute_paths, is_finished, open_run
+
     dist_info, device = D.init(cfg.device)
     main = dist_info.is_main
-    run_dir = Path(cfg.out)
+    run_dir = absolute_path(cfg.out)
     progress = Progress(json_lines=json_progress, stream=stream, desc="pretraining", enabled=main)
+    startup_stop = StopRequest(immediate=True)
+    paths, paths_if_existing = ("data", "out", "cache_dir"), ("base", "gram_teacher")
 
     def log(msg: str) -> None:
         if main:
             print(f"[meddinov3 pretrain] {msg}", file=sys.stderr, flush=True)
 
-    if resume:
-        if not (run_dir / "config.json").is_file():
-            raise PretrainError(f"{run_dir}: nothing to resume (no config.json)")
-        saved = json.loads((run_dir / "config.json").read_text())["pretrain"]
-        saved["device"] = cfg.device
-        cfg = PretrainConfig.from_dict(saved)
-    elif (run_dir / "config.json").exists():
-        raise PretrainError(f"{run_dir}: already holds a pretraining run (pass --resume to continue it)")
-    status = RunStatus(run_dir, cfg.steps, "pretrain") if main else None
     try:
+        error, saved, previous = None, None, None
+        if main:  # status.json is rank 0's: it alone decides, so the ranks never disagree
+            try:
+                saved, previous = open_run(run_dir, PretrainConfig.SECTION, resume,
+                                           absolute_paths(explicit or {}, paths, paths_if_existing),
+                                           leftovers=("status.json", "slices"),
+                                           longer=f"to train longer, start a new run with --base {run_dir}")
+            except RunFolderError as e:
+                error = str(e)
+        error, saved, previous = D.broadcast_object((error, saved, previous), dist_info)
+        if error:
+            raise PretrainError(error)
+        if resume:
+            cfg = PretrainConfig.from_dict({**saved, "device": cfg.device})
+            if is_finished(previous):
+                log(f"{run_dir} already finished ({previous['step']} steps): nothing to do")
+                progress.event("finished", step=previous["step"], already_finished=True,
+                               backbone=str(run_dir / "backbone"))
+                return previous
+        else:
+            cfg = PretrainConfig.from_dict(absolute_paths(cfg.to_dict(), paths, paths_if_existing))
+        status = RunStatus(run_dir, cfg.steps, "pretrain", previous if resume else None) if main else None
+        startup_stop.install()  # from here a signal outside the loop abandons the start-up: state "stopped"
         with report_failure(status, progress, (PretrainError, PretrainDataError)):
+            if cfg.base:  # a bad --base is reported before the slice index is built
+                try:
+                    resolve(cfg.base)
+                except CheckpointError as e:
+                    raise PretrainError(f"--base {cfg.base}: {e}") from None
             return _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks or {})
+        return status.data if main else {}  # stopped during the start-up
     finally:
+        startup_stop.restore()
         progress.close()
         D.cleanup(dist_info)
 
