@@ -180,8 +180,8 @@ def read_image(path: str | os.PathLike, num_classes: int = 2, probabilities: boo
         raise InputError(path, f"unreadable or truncated image file ({_first_line(e)})") from None
 
 
-def _truncated(path, have: int, need: int) -> InputError:
-    return InputError(path, f"unreadable or truncated image file (the header announces {need} bytes of voxel data, "
+def _truncated(path, have: int, need: int, what: str = "voxel data") -> InputError:
+    return InputError(path, f"unreadable or truncated image file (the header announces {need} bytes of {what}, "
                             f"the file holds {max(have, 0)})")
 
 
@@ -285,7 +285,8 @@ _META_TYPE_BYTES = {"CHAR": 1, "UCHAR": 1, "SHORT": 2, "USHORT": 2, "INT": 4, "U
 
 
 def check_metaimage_data(path: str | os.PathLike) -> None:
-    """Refuse an uncompressed MetaImage (.mha, or .mhd + one raw file) whose data is shorter than its header says."""
+    """Refuse a MetaImage (.mha, or .mhd + one raw file) whose data is shorter than its header says (for
+    compressed data: its CompressedDataSize)."""
     path = Path(path)
     fields: dict[str, str] = {}
     with open(path, "rb") as f:
@@ -306,9 +307,9 @@ def check_metaimage_data(path: str | os.PathLike) -> None:
         data_file = fields["elementdatafile"]
     except (KeyError, ValueError):
         return
-    if fields.get("compresseddata", "false").lower() == "true" or data_file.upper() == "LIST" or " " in data_file \
-            or "%" in data_file:
-        return  # compressed or multi-file data: ITK checks it
+    compressed = fields.get("compresseddata", "false").lower() == "true"
+    if data_file.upper() == "LIST" or " " in data_file or "%" in data_file:
+        return  # multi-file data: ITK checks it
     if data_file.upper() != "LOCAL":
         data_path = path.parent / data_file
         if not data_path.is_file():
@@ -320,9 +321,14 @@ def check_metaimage_data(path: str | os.PathLike) -> None:
         return  # data at the end of the file: any length fits
     if data_file.upper() != "LOCAL":
         data_start = max(header_size, 0)
-    need = int(np.prod(dims, dtype=np.int64)) * channels * itemsize
+    if not compressed:
+        need = int(np.prod(dims, dtype=np.int64)) * channels * itemsize
+    elif fields.get("compresseddatasize", "").isdigit():
+        need = int(fields["compresseddatasize"])
+    else:
+        return
     if size - data_start < need:
-        raise _truncated(path, size - data_start, need)
+        raise _truncated(path, size - data_start, need, "compressed voxel data" if compressed else "voxel data")
 
 
 def check_slice_positions(path, positions: list[str | None], direction, tolerance: float = 0.1) -> None:

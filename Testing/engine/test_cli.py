@@ -162,11 +162,15 @@ def _bad_inputs(tmp: Path) -> dict:
     data = (tmp / "whole.mha").read_bytes()
     (tmp / "half.mha").write_bytes(data[: len(data) - 100])
     cases["truncated .mha"] = (tmp / "half.mha", f"the file holds {6 * 24 * 24 * 2 - 100}")
+    sitk.WriteImage(good, str(tmp / "packed.mha"), useCompression=True)
+    data = (tmp / "packed.mha").read_bytes()
+    (tmp / "half_packed.mha").write_bytes(data[: len(data) - 100])
+    cases["truncated compressed .mha"] = (tmp / "half_packed.mha", "bytes of compressed voxel data")
     gap = write_dicom_series(good, tmp / "dicom_gap")
     (gap / "slice_003.dcm").unlink()
     cases["DICOM missing slice"] = (gap, "unevenly spaced: 10 mm between slices 3 and 4")
-    (tmp / "big.mhd").write_text("ObjectType = Image\nNDims = 3\nDimSize = 20000 20000 4000\nElementSpacing = 0.05 0.05 0.05\n"
-                                 "ElementType = MET_SHORT\nElementDataFile = big.raw\n")
+    (tmp / "big.mhd").write_text("ObjectType = Image\nNDims = 3\nDimSize = 20000 20000 4000\n"
+                                 "ElementSpacing = 0.05 0.05 0.05\nElementType = MET_SHORT\nElementDataFile = big.raw\n")
     (tmp / "big.raw").write_bytes(b"\0" * 16)
     cases["too large"] = (tmp / "big.mhd", "memory")
     (tmp / "empty.mhd").write_text("ObjectType = Image\nNDims = 3\nDimSize = 0 24 6\nElementSpacing = 1 1 1\n"
