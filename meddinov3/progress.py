@@ -202,7 +202,10 @@ class StopRequest:
 
 
 BUSY_STATES = ("starting", "running", "stopping")
-JOB_FILES = ("job.json", "log.txt")  # the Slicer Train module writes them into the run folder before launching us
+# what the Slicer Train module writes into the run folder before it launches us: its job record and log
+# (MedDINOv3TrainLib/jobs.py), the options it passes with --config and the dataset it exported from the scene
+# (MedDINOv3TrainLib/logic.py startJob)
+JOB_FILES = ("job.json", "log.txt", "job_config.json", "dataset")
 
 
 class RunFolderError(Exception):

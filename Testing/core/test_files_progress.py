@@ -138,8 +138,9 @@ def test_open_run_refuses_a_busy_or_foreign_folder(tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
-    for name in ("job.json", "log.txt"):  # the Slicer module's job files, written before it launches the trainer
-        (run / name).write_text("{}")
+    for name in ("job.json", "log.txt", "job_config.json"):  # the Slicer module's job files, written before it
+        (run / name).write_text("{}")  # launches the trainer, and the dataset it exported
+    (run / "dataset").mkdir()
     _status(run, state="failed", pid=1)  # a failed start of the same command
     assert open_run(run, "train", resume=False)[0] is None
     (run / "model").mkdir()
