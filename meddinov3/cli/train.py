@@ -1,7 +1,9 @@
 """`meddinov3 train --data DATASET --out RUN_DIR [...]`: fine-tune a MedDINOv3 segmentation model.
 
 Options given on the command line override `--config FILE.json` (a JSON object of `TrainConfig` fields, or a
-previous run's config.json), which overrides the defaults. `--resume` continues RUN_DIR with its saved config.
+previous run's config.json), which overrides the defaults. `--resume` continues RUN_DIR with its saved config
+(only --device and --json-progress may differ; a finished run is left as it is): to train longer, start a new run
+with `--base RUN_DIR`, which keeps the decoder. RUN_DIR must be new or empty, and one process trains into it at a time.
 Launch with `torchrun --nproc_per_node N -m meddinov3.cli.main train ...` for several GPUs / processes.
 """
 
