@@ -57,7 +57,7 @@ def check_writable(path: str | os.PathLike) -> None:
     try:
         fd, probe = tempfile.mkstemp(prefix=".meddinov3-write-test-", dir=folder)
     except OSError as e:
-        raise ValueError(f"{path}: cannot write there ({e.strerror or e})") from None
+        raise ValueError(f"{path}: cannot create a file in {folder} ({e.strerror or e})") from None
     os.close(fd)
     os.unlink(probe)
 
