@@ -1,5 +1,6 @@
 """`meddinov3 segment` end to end: real liver CT, .seg.nrrd, probabilities, batch folders, DICOM, bad inputs."""
 
+import gzip
 import json
 import os
 import subprocess
@@ -179,6 +180,53 @@ def _bad_inputs(tmp: Path) -> dict:
     cases["empty"] = (tmp / "empty.mhd", "")
     cases["missing"] = (tmp / "nope.nii.gz", "no such file")
     return cases
+
+
+def _nifti_bytes(version: int, order: str, data: np.ndarray, slope: float = 0.0) -> bytes:
+    """A minimal single-file NIfTI-1/NIfTI-2 image (only the fields that locate and decode the voxels)."""
+    import struct
+
+    codes = {np.dtype("f4"): 16, np.dtype("f8"): 64, np.dtype("i2"): 4}
+    code, bitpix = codes[data.dtype.newbyteorder("=")], data.dtype.itemsize * 8
+    dim = [data.ndim, *data.shape[::-1]] + [1] * (7 - data.ndim)
+    if version == 1:
+        head = bytearray(352)
+        struct.pack_into(order + "i", head, 0, 348)
+        struct.pack_into(order + "8h", head, 40, *dim)
+        struct.pack_into(order + "2h", head, 70, code, bitpix)
+        struct.pack_into(order + "3f", head, 108, 352.0, slope, 0.0)
+        head[344:348] = b"n+1\0"
+    else:
+        head = bytearray(544)
+        struct.pack_into(order + "i", head, 0, 540)
+        head[4:12] = b"n+2\0\r\n\x1a\n"
+        struct.pack_into(order + "2h", head, 12, code, bitpix)
+        struct.pack_into(order + "8q", head, 16, *dim)
+        struct.pack_into(order + "q2d", head, 168, 544, slope, 0.0)
+    return bytes(head) + data.astype(data.dtype.newbyteorder(order)).tobytes()
+
+
+@pytest.mark.parametrize("version,order", [(1, "<"), (1, ">"), (2, "<"), (2, ">")])
+def test_nifti_data_check_reads_both_versions_and_byte_orders(tmp_path, version, order):
+    from meddinov3.volumes import InputError, check_nifti_data
+
+    data = np.zeros((4, 5, 6), np.float32)
+    data[1, 2, 3], data[3, 4, 5] = np.nan, -np.inf
+    bad = tmp_path / "bad.nii"
+    bad.write_bytes(_nifti_bytes(version, order, data))
+    with pytest.raises(InputError, match="contains 2 NaN or infinite"):
+        check_nifti_data(bad, chunk_bytes=16)  # tiny chunks: the count adds up across them
+    good = tmp_path / "good.nii.gz"
+    good.write_bytes(gzip.compress(_nifti_bytes(version, order, np.nan_to_num(data, neginf=0).astype(np.float64))))
+    check_nifti_data(good, chunk_bytes=16)
+    scaled = tmp_path / "scaled.nii"  # integer voxels times an infinite scl_slope: every voxel is infinite
+    scaled.write_bytes(_nifti_bytes(version, order, np.ones((4, 5, 6), np.int16), slope=np.inf))
+    with pytest.raises(InputError, match="contains 120 NaN"):
+        check_nifti_data(scaled)
+    (tmp_path / "half.nii").write_bytes(_nifti_bytes(version, order, data)[:-10])
+    with pytest.raises(InputError, match=f"announces {data.nbytes} bytes of voxel data, the file holds "
+                                         f"{data.nbytes - 10}"):
+        check_nifti_data(tmp_path / "half.nii")
 
 
 def test_bad_inputs_fail_cleanly(tmp_path, pkg, capfd):
