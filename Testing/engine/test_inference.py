@@ -223,3 +223,28 @@ def test_devices_that_do_not_exist_are_refused():
         with pytest.raises(ValueError, match="MPS"):
             resolve_device("mps")
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_compiled_network_is_not_recompiled_within_or_across_volumes(phantom, monkeypatch):
+    """A compiled graph is specialised on input shape and strides: a first short volume (one padded chunk), then full
+    chunks and a padded last chunk must all reuse one graph (a recompile mid-volume cost seconds on the GPU). Real
+    torch.compile; only its code generator is the eager backend, which counts the graphs it is handed."""
+    from meddinov3.engine import inference
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(inference, "_COMPILED", inference.weakref.WeakKeyDictionary())
+    monkeypatch.setattr(inference.torch, "compile",
+                        lambda net, dynamic=False: torch._dynamo.optimize(counting_backend, dynamic=dynamic)(net))
+    model = threshold_model()
+    short = segment_image(phantom[:, :, :2], model, device="cpu", batch_size=5, compile=True)  # 2 of 5: padded
+    full = segment_image(phantom, model, device="cpu", batch_size=5, compile=True)  # 12 slices: 5, 5, 2 (padded)
+    eager = segment_image(phantom, model, device="cpu", batch_size=5)
+    assert len(graphs) == 1
+    assert np.array_equal(sitk.GetArrayFromImage(full.labels), sitk.GetArrayFromImage(eager.labels))
+    assert short.labels.GetSize()[2] == 2

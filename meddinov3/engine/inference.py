@@ -131,8 +131,13 @@ class SlicePredictor:
 
     def run_network(self, net, x: torch.Tensor) -> torch.Tensor:
         """One forward of a chunk (tests replace this to simulate running out of memory)."""
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        layout = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+        if self.compiled:
+            # A compiled graph is specialised on its input's strides, and a slice of a batch and a padded last chunk
+            # can differ in the stride of the size-1 channel dimension: without one layout it recompiles mid-volume.
+            x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=layout).copy_(x)
+        else:
+            x = x.contiguous(memory_format=layout)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             return net(x)
 
