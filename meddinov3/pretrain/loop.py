@@ -308,18 +308,13 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, json_progress: bool = Fa
             print(f"[meddinov3 pretrain] {msg}", file=sys.stderr, flush=True)
 
     try:
-        error, saved, previous = None, None, None
-        if main:  # status.json is rank 0's: it alone decides, so the ranks never disagree
-            try:
-                saved, previous = open_run(run_dir, PretrainConfig.SECTION, resume,
-                                           absolute_paths(explicit or {}, paths, paths_if_existing),
-                                           leftovers=("status.json", "slices"),
-                                           longer=f"to train longer, start a new run with --base {run_dir}")
-            except RunFolderError as e:
-                error = str(e)
-        error, saved, previous = D.broadcast_object((error, saved, previous), dist_info)
+        opened, error = D.decide_on_main(lambda: open_run(
+            run_dir, PretrainConfig.SECTION, resume, absolute_paths(explicit or {}, paths, paths_if_existing),
+            leftovers=("status.json", "slices"), longer=f"to train longer, start a new run with --base {run_dir}"),
+            (RunFolderError,), dist_info)
         if error:
             raise PretrainError(error)
+        saved, previous = opened
         if resume:
             cfg = PretrainConfig.from_dict({**saved, "device": cfg.device})
             if is_finished(previous):

@@ -65,6 +65,18 @@ def broadcast_object(obj, info: DistInfo):
     return box[0]
 
 
+def decide_on_main(decide, errors: tuple[type[Exception], ...], info: DistInfo):
+    """(result of `decide()` on rank 0, or None; the message of one of `errors` it raised, or None) on every rank:
+    a decision read from rank 0's files (status.json) then never differs between ranks."""
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = decide()
+        except errors as e:
+            error = str(e)
+    return broadcast_object((result, error), info)
+
+
 def all_gather_object(obj, info: DistInfo) -> list:
     if not info.enabled:
         return [obj]

@@ -284,18 +284,14 @@ def train(cfg: TrainConfig, resume: bool = False, json_progress: bool = False, s
 
     latest = run_dir / "checkpoints" / "latest.pt"
     try:
-        error, saved, previous = None, None, None
-        if main:  # status.json is rank 0's: it alone decides, so the ranks never disagree
-            try:
-                saved, previous = open_run(
-                    run_dir, TrainConfig.SECTION, resume,
-                    absolute_paths(explicit or {}, TrainConfig.PATHS, TrainConfig.PATHS_IF_EXISTING),
-                    longer=f"to train longer, start a new run with --base {run_dir} (it keeps the decoder)")
-            except RunFolderError as e:
-                error = str(e)
-        error, saved, previous = D.broadcast_object((error, saved, previous), dist_info)
+        opened, error = D.decide_on_main(lambda: open_run(
+            run_dir, TrainConfig.SECTION, resume,
+            absolute_paths(explicit or {}, TrainConfig.PATHS, TrainConfig.PATHS_IF_EXISTING),
+            longer=f"to train longer, start a new run with --base {run_dir} (it keeps the decoder)"),
+            (RunFolderError,), dist_info)
         if error:
             raise TrainError(error)
+        saved, previous = opened
         if resume:
             cfg = TrainConfig.from_dict({**saved, "device": cfg.device})
             if is_finished(previous):
