@@ -99,7 +99,7 @@ def _file_name(path: Path) -> bool:
 
 def run(args) -> int:
     from ..engine import Cancelled, resolve_device, segment_file
-    from ..engine.outputs import check_not_input, check_output, check_probabilities_output
+    from ..engine.outputs import check_not_input, check_output, check_probabilities_output, input_files
     from ..progress import Progress
     from ..volumes import InputError, list_inputs
     from .main import CommandError
@@ -115,10 +115,10 @@ def run(args) -> int:
         batch_mode = len(inputs) > 1 or (len(args.inputs) == 1 and Path(args.inputs[0]).is_dir()
                                          and inputs[0] != Path(args.inputs[0]))
         outputs, prob_outputs = _outputs(inputs, args, batch_mode)
+        sources = input_files(inputs) if any(o.exists() for o in outputs) else []
         for o, po in zip(outputs, prob_outputs):
             try:
-                for inp in inputs:
-                    check_not_input(o, inp)
+                check_not_input(o, sources)
                 check_output(o, args.overwrite)
                 if po is not None:
                     check_probabilities_output(po, args.overwrite)

@@ -62,16 +62,23 @@ def check_writable(path: str | os.PathLike) -> None:
     os.unlink(probe)
 
 
-def check_not_input(output: str | os.PathLike, input_path: str | os.PathLike) -> None:
-    """Never write a result over the image it comes from (with --overwrite that would replace the user's scan)."""
+def input_files(inputs) -> list[tuple[Path, list[Path]]]:
+    """(input, the image files it reads: a DICOM folder's series files) for each input, listed once for all the
+    outputs `check_not_input` compares with them."""
     from ..volumes import dicom_series
 
-    out, source = Path(output), Path(input_path)
+    return [(Path(p), [Path(f) for f in dicom_series(p)] if Path(p).is_dir() else [Path(p)]) for p in inputs]
+
+
+def check_not_input(output: str | os.PathLike, sources: list[tuple[Path, list[Path]]]) -> None:
+    """Never write a result over an image it comes from (with --overwrite that would replace the user's scan).
+    `sources`: from `input_files`."""
+    out = Path(output)
     if not out.exists():
         return
-    files = [Path(f) for f in dicom_series(source)] if source.is_dir() else [source]
-    if any(f.exists() and os.path.samefile(out, f) for f in files):
-        raise ValueError(f"{output}: is the input {input_path} itself; write the segmentation to another file")
+    for source, files in sources:
+        if any(f.exists() and os.path.samefile(out, f) for f in files):
+            raise ValueError(f"{output}: is the input {source} itself; write the segmentation to another file")
 
 
 def write_labels(labels: sitk.Image, path: str | os.PathLike, classes, overwrite: bool = False) -> Path:

@@ -386,9 +386,11 @@ def segment_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     """Read, segment and write one input (file or DICOM folder). Nothing is written when anything fails."""
     from ..checkpoints import LoadedModel
     from ..volumes import read_image
-    from .outputs import check_not_input, check_output, check_probabilities_output, write_labels, write_probabilities
+    from .outputs import (check_not_input, check_output, check_probabilities_output, input_files, write_labels,
+                          write_probabilities)
 
-    check_not_input(output_path, input_path)
+    if Path(output_path).exists():  # listing a DICOM series costs a folder scan: only when it could matter
+        check_not_input(output_path, input_files([input_path]))
     check_output(output_path, overwrite)
     if probabilities_path is not None:
         check_probabilities_output(probabilities_path, overwrite)
