@@ -131,16 +131,13 @@ def _bad_inputs(tmp: Path) -> dict:
     cases["truncated"] = (tmp / "truncated.nii.gz", "unreadable")
     (tmp / "garbage.nrrd").write_bytes(b"this is not an image\n" * 10)
     cases["garbage"] = (tmp / "garbage.nrrd", "unreadable")
-    for name, spacing in (("zero", "0 3 5"), ("huge", "3 3 80")):
-        (tmp / f"{name}.raw").write_bytes(np.zeros(6 * 24 * 24, np.int16).tobytes())
-        (tmp / f"{name}.mhd").write_text(f"ObjectType = Image\nNDims = 3\nDimSize = 24 24 6\nElementSpacing = {spacing}\n"
-                                         f"ElementType = MET_SHORT\nElementDataFile = {name}.raw\n")
-        cases[f"spacing {name}"] = (tmp / f"{name}.mhd", "spacing")
-    for name, spacing in (("metres", "0.001 0.001 0.005"), ("fov", "45 45 5")):  # 0.024 mm / 1.08 m wide slices
-        (tmp / f"{name}.mhd").write_text(f"ObjectType = Image\nNDims = 3\nDimSize = 24 24 6\n"
-                                         f"ElementSpacing = {spacing}\nElementType = MET_SHORT\n"
-                                         f"ElementDataFile = zero.raw\n")
-    cases["spacing in metres"] = (tmp / "metres.mhd", "spacing (0.001, 0.001, 0.005)")
+    (tmp / "zero.raw").write_bytes(np.zeros(6 * 24 * 24, np.int16).tobytes())
+    for name, spacing, problem in (("zero", "0 3 5", "spacing"), ("huge", "3 3 80", "spacing"),
+                                   ("in metres", "0.001 0.001 0.005", "spacing (0.001, 0.001, 0.005)")):
+        mhd = tmp / f"{name.replace(' ', '_')}.mhd"
+        mhd.write_text(f"ObjectType = Image\nNDims = 3\nDimSize = 24 24 6\nElementSpacing = {spacing}\n"
+                       "ElementType = MET_SHORT\nElementDataFile = zero.raw\n")
+        cases[f"spacing {name}"] = (mhd, problem)
     big_fov = make_phantom_ct((6, 48, 48), (45.0, 45.0, 5.0))[0]
     sitk.WriteImage(big_fov, str(tmp / "fov.nii.gz"))
     cases["field of view"] = (tmp / "fov.nii.gz", "field of view 2160 x 2160 x 30 mm")
