@@ -56,10 +56,10 @@ class ThresholdNet(nn.Module):
 
 
 def threshold_model(nets: list[nn.Module] | None = None, **spec_fields) -> LoadedModel:
-    fields = dict(normalization={"scheme": "none"}, spacing=None, patch_size=None)
+    fields = dict(normalization={"scheme": "none"}, spacing=None, patch_size=None, classes=list(CLASSES3))
     fields.update(spec_fields)
     nets = nets or [ThresholdNet()]
-    spec = ModelSpec(name="threshold", config=model_config("tiny", num_classes=3), classes=list(CLASSES3),
+    spec = ModelSpec(name="threshold", config=model_config("tiny", num_classes=3),
                      folds=[str(i) for i in range(len(nets))], weights=["x"] * len(nets), **fields)
     return LoadedModel(spec, [n.eval() for n in nets], "test", Path("threshold"))
 

@@ -104,3 +104,31 @@ def test_transpose_in_plane(phantom):
     wrong = segment_image(phantom, threshold_model([ThresholdNet(transpose=True)]), device="cpu").labels
     assert np.array_equal(sitk.GetArrayFromImage(plain), sitk.GetArrayFromImage(transposed))
     assert not np.array_equal(sitk.GetArrayFromImage(plain), sitk.GetArrayFromImage(wrong))
+
+
+def test_label_values_written_in_place_of_class_indices(phantom):
+    """Labels go straight into the output array through the reoriented view; values that are not the class indices
+    (background not first, a value above 255) are looked up, and outside a ROI stays 0 whatever the orientation."""
+    from meddinov3.checkpoints import ClassInfo
+
+    arr = sitk.GetArrayFromImage(phantom)
+    arr[0] = -1000  # an all-air slice, skipped: background
+    image = sitk.GetImageFromArray(arr)
+    image.CopyInformation(phantom)
+    ref = sitk.GetArrayFromImage(segment_image(image, threshold_model(), device="cpu").labels)  # indices 0, 1, 2
+    classes = [ClassInfo(7, "below 100 HU"), ClassInfo(0, "background"), ClassInfo(300, "bright")]
+    model = threshold_model(classes=classes, skip_empty_slices=True)
+    expected = np.array([7, 0, 300])[ref]
+    expected[0] = 0
+    roi = (3, 4, 2, 30, 33, 15)  # x0, y0, z0, x1, y1, z1 of the reoriented image
+    for perm, flip in [((0, 1, 2), (False, False, False)), ((2, 0, 1), (True, False, True))]:
+        moved = reoriented(image, perm, flip)
+        out = segment_image(moved, model, device="cpu").labels
+        assert out.GetPixelID() == sitk.sitkUInt16 and same_geometry(out, moved)
+        assert np.array_equal(on_grid(out, image), expected), (perm, flip)
+
+        cropped = sitk.GetArrayFromImage(segment_image(moved, model, device="cpu", roi=roi).labels)
+        inside = np.zeros(cropped.shape, bool)
+        inside[2:15, 4:33, 3:30] = True
+        assert not cropped[~inside].any()
+        assert set(np.unique(cropped[inside])) == {0, 7, 300}

@@ -244,7 +244,19 @@ def segment_image(image: sitk.Image | np.ndarray, model, device: str | torch.dev
     slices_per_batch = max(1, bs // per_slice)
     batches = [run_z[i:i + slices_per_batch] for i in range(0, len(run_z), slices_per_batch)]
 
-    index = np.full((Z, H, W), bg_index, dtype=np.uint8 if n_classes <= 256 else np.uint16)
+    # The labels are written straight into the output array, in the input's own axis order, through the canonical
+    # view: no reorienting copy and, when label values are the class indices (the usual case), no lookup afterwards.
+    values = [c.value for c in classes]
+    lut = np.array(values, dtype=np.uint8 if n_classes <= 256 and max(values) <= 255 else np.uint16)
+    out_full = np.zeros(sitk.GetArrayViewFromImage(full).shape, dtype=lut.dtype)  # outside a ROI: background 0
+    out = out_full
+    if roi is not None:
+        (x0, y0, z0), (x1, y1, z1) = lo, hi
+        out = out_full[z0:z1, y0:y1, x0:x1]
+    index = orient.to_canonical(out)  # (S, P, L) class indices, a view of `out`
+    if bg_index != 0:
+        index[...] = bg_index
+    t_setup = time.perf_counter() - t_start
     probs = None
     if return_probabilities:
         probs = np.zeros((n_classes, Z, H, W), dtype=np.float16)
@@ -345,10 +357,10 @@ def segment_image(image: sitk.Image | np.ndarray, model, device: str | torch.dev
             write_t.join(timeout=5)
     read_t.check()
 
+    t_finish = time.perf_counter()
     steps = []
     if postprocess and spec.postprocessing:
-        apply_postprocessing(index, spec.postprocessing, [c.value for c in classes], (slice_sp, row_sp, col_sp),
-                             bg_index)
+        apply_postprocessing(index, spec.postprocessing, values, (slice_sp, row_sp, col_sp), bg_index)
         steps += [dict(step) for step in spec.postprocessing]
     if keep_largest:
         keep_largest_component(index, bg_index)
@@ -356,27 +368,22 @@ def segment_image(image: sitk.Image | np.ndarray, model, device: str | torch.dev
     if fill_holes:
         _fill_holes(index, bg_index)
         steps.append({"step": "fill_holes"})
-    lut = np.array([c.value for c in classes], dtype=np.uint16 if max(c.value for c in classes) > 255 else np.uint8)
-    values = lut[orient.from_canonical(index)]
+    if np.any(lut != np.arange(n_classes)):  # class index -> label value
+        out[...] = lut[out]
     prob_out = np.ascontiguousarray(orient.from_canonical(probs)) if probs is not None else None
-
-    if roi is not None:
-        (x0, y0, z0), (x1, y1, z1) = lo, hi
-        canvas = np.zeros(sitk.GetArrayViewFromImage(full).shape, dtype=values.dtype)
-        canvas[z0:z1, y0:y1, x0:x1] = values
-        values = canvas
-        if prob_out is not None:
-            pc = np.zeros((n_classes,) + canvas.shape, dtype=np.float16)
-            pc[bg_index] = 1.0
-            pc[:, z0:z1, y0:y1, x0:x1] = prob_out
-            prob_out = pc
-    labels = sitk.GetImageFromArray(np.ascontiguousarray(values))
+    if prob_out is not None and roi is not None:
+        pc = np.zeros((n_classes,) + out_full.shape, dtype=np.float16)
+        pc[bg_index] = 1.0
+        pc[:, z0:z1, y0:y1, x0:x1] = prob_out
+        prob_out = pc
+    labels = sitk.GetImageFromArray(out_full)
     labels.CopyInformation(full)
     stats = {"device": str(dev), "batch_size": predictor.batch_size, "slices": int(len(todo)),
              "predicted_slices": int(len(run_z)), "slice_step": step,
              "skipped_slices": int(Z - len(todo)), "model_shape": list(model_hw), "tiles_per_slice": per_slice,
              "spacing": list(target), "oom_backoffs": list(predictor.oom_events), "model_time_s": round(t_model, 3),
-             "postprocessing": steps, "seconds": round(time.perf_counter() - t_start, 3)}
+             "postprocessing": steps, "setup_s": round(t_setup, 3),
+             "finish_s": round(time.perf_counter() - t_finish, 3), "seconds": round(time.perf_counter() - t_start, 3)}
     return SegmentationResult(labels, prob_out, classes, stats)
 
 
