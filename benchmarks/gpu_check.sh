@@ -19,6 +19,8 @@ step 60 "engine: ViT-B 512 px, 300 slices, default auto batch (4 GiB VRAM budget
   "$PY" benchmarks/segment.py --size base --device cuda
 step 120 "engine: same, --compile (warm-up compiles; the timed run must not recompile)" \
   "$PY" benchmarks/segment.py --size base --device cuda --compile
+step 45 "engine: host-side work alone (the network replaced by a 1x1 convolution)" \
+  "$PY" benchmarks/segment.py --size base --device cuda --host-only
 step 60 "train: ViT-B 512 px batch 32, model-only / inline / prefetch" "$PY" benchmarks/train.py
 step 120 "train: same with --compile" "$PY" benchmarks/train.py --compile
 step 60 "pretrain: stage 1 ViT-B, 2x224 + 8x96 crops, batch 32, one step" \

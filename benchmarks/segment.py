@@ -9,6 +9,10 @@ every n-th slice through the network: "net slices"), and the ratio end-to-end / 
 
 Run it twice with different --slices to see time grow linearly while peak memory stays flat
 (each run is a fresh process, so peak RSS is per run).
+
+`--host-only` replaces the network by a 1x1 convolution (same classes, negligible cost): what remains is the engine's
+own work around the network (checks, reading, normalising, resampling, class argmax, writing the label volume), split
+into set-up, the batch loop and finishing (`setup_s`, `finish_s` of the result's stats).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from meddinov3.checkpoints import ClassInfo, ModelSpec, load_model, write_package  # noqa: E402
+from meddinov3.checkpoints import ClassInfo, LoadedModel, ModelSpec, load_model, write_package  # noqa: E402
 from meddinov3.config import model_config  # noqa: E402
 from meddinov3.engine import resolve_device, segment_image  # noqa: E402
 from meddinov3.engine.inference import SlicePredictor  # noqa: E402
@@ -88,6 +92,7 @@ def main(argv=None) -> int:
     ap.add_argument("--classes", type=int, default=16)
     ap.add_argument("--batch-size", default="auto")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--host-only", action="store_true", help="a 1x1 convolution instead of the network")
     args = ap.parse_args(argv)
     dev = resolve_device(args.device)
     if dev.type == "cpu":
@@ -102,6 +107,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         pkg = write_package(Path(tmp) / "pkg", spec, [build_model(cfg).state_dict()])
         model = load_model(str(pkg), device=dev)
+    if args.host_only:
+        model = LoadedModel(model.spec, [torch.nn.Conv2d(1, args.classes, 1)], "host-only", model.path)
     image, source = big_ct(args.slices)
     rss_before = peak_rss_mib()
     if dev.type == "cuda":
@@ -119,9 +126,18 @@ def main(argv=None) -> int:
     sampler.stop.set()
     sampler.join()
     vram = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+    hw = resampled_shape((512, 512), (0.75, 0.75), target_spacing(spec, (0.75, 0.75), args.fast))
+    if args.host_only:
+        st = result.stats
+        print("| device | input | net px | batch | wall s | set-up s | batch loop s | finishing s | peak RSS MiB |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        setup, finish = st.get("setup_s", float("nan")), st.get("finish_s", float("nan"))
+        device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
+        print(f"| {device} | 512x512x{args.slices}{' fast' if args.fast else ''} | {hw[0]}x{hw[1]} | {st['batch_size']} "
+              f"| {wall:.2f} | {setup:.2f} | {wall - setup - finish:.2f} | {finish:.2f} | {sampler.peak / 2**20:.0f} |")
+        return 0
 
     # forward only: the same number of model inputs at the same shape and batch size, data already on the device
-    hw = resampled_shape((512, 512), (0.75, 0.75), target_spacing(spec, (0.75, 0.75), args.fast))
     pred = SlicePredictor(model.networks, spec, dev, tta=args.tta, batch_size=result.stats["batch_size"],
                           compile=args.compile)
     x = torch.randn(result.stats["batch_size"], 1, *hw, device=dev)

@@ -214,7 +214,8 @@ class SlicePredictor:
                 acc /= weight
             p = torch.softmax(acc.permute(0, 2, 3, 1), dim=-1).permute(0, 3, 1, 2)  # channels-last, as on CPU
             probs = p if probs is None else probs.add_(p)
-        probs /= len(self.networks)
+        if len(self.networks) > 1:
+            probs /= len(self.networks)
         probs = probs[:, :, ph // 2:ph // 2 + h, pw // 2:pw // 2 + w]
         if self.spec.transpose_in_plane:
             probs = probs.transpose(-1, -2)
