@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU figure the issues ask for, in one run of at most 9 minutes (the sum of the steps' limits; ~5 minutes on
-# the H200) on one H100 / H200 (no network needed; the
-# machine's own torch/timm are used). Prints each benchmark's table; copy them into benchmarks/RESULTS.md.
+# Every GPU figure the issues ask for, in one run on one H100 / H200: at most 9 minutes (the sum of the steps'
+# limits; ~5 minutes on the H200). No network needed; the machine's own torch/timm are used. Prints each
+# benchmark's table; copy them into benchmarks/RESULTS.md.
 #   bash benchmarks/gpu_check.sh [OUT_FILE]     (default: gpu_check.txt)
 # Each step has its own time limit so one slow step (a cold torch.compile) cannot eat the others' time.
 set -uo pipefail
