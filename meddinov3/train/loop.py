@@ -183,7 +183,10 @@ def amp_dtype(cfg: TrainConfig, device: torch.device):
 
 def forward_loss(model, criterion, adt, device_type: str, compile: bool = False):
     """`(images, labels) -> loss`: the network under autocast, then the loss; `compile`: one torch.compile'd function
-    (dynamic=False). The function is compiled, not the module, so state_dicts keep their keys (no `_orig_mod.`)."""
+    (dynamic=False). The function is compiled, not the module, so state_dicts keep their keys (no `_orig_mod.`).
+    On CUDA, cuDNN times its convolution algorithms once (every step has the same shapes; nnU-Net does the same)."""
+    if device_type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
     def run(xs, ys):
         with torch.autocast(device_type, dtype=adt, enabled=adt is not None):
