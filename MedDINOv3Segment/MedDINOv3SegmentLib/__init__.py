@@ -8,7 +8,16 @@
 - `dependencies`: Python packages the module needs in Slicer's Python, and installing them (Widget only).
 """
 
-from .errors import MedDINOv3SegmentCancelled, MedDINOv3SegmentError
+import os
+import sys
+
+# Run from a checkout (Slicer's "Additional module paths" name MedDINOv3Segment/ and MedDINOv3Train/), the core
+# package `meddinov3` is in the repository root, two folders up; an installed extension has it beside the modules.
+_checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if os.path.isfile(os.path.join(_checkout, "meddinov3", "__init__.py")) and _checkout not in sys.path:
+    sys.path.insert(0, _checkout)
+
+from .errors import MedDINOv3SegmentCancelled, MedDINOv3SegmentError  # noqa: E402
 
 __all__ = ["MedDINOv3SegmentCancelled", "MedDINOv3SegmentError", "MedDINOv3SegmentLogic", "SegmentTask"]
 

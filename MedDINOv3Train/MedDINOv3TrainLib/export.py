@@ -19,8 +19,6 @@ from pathlib import Path
 
 import numpy as np
 
-from meddinov3.files import atomic_dir
-
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
@@ -230,6 +228,9 @@ def exportDataset(pairs, outputFolder, modality: str = "CT") -> str:
     if outputFolder.exists() and (not outputFolder.is_dir() or (
             any(outputFolder.iterdir()) and not (outputFolder / "dataset.json").is_file())):
         raise DatasetExportError(f"{outputFolder} exists and is not an exported dataset: choose another folder.")
+    from meddinov3.files import atomic_dir  # here, not at load: from a checkout the core is on sys.path only
+    # once the Segment module's helpers are imported (MedDINOv3SegmentLib/__init__.py)
+
     with atomic_dir(outputFolder, overwrite=True) as staging:
         (staging / "imagesTr").mkdir()
         (staging / "labelsTr").mkdir()

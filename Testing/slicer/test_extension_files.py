@@ -174,3 +174,30 @@ def test_cmake_parser_expands_module_name(tmp_path):
     cmake_file.write_text("set(MODULE_NAME Foo)\nset(MODULE_PYTHON_SCRIPTS\n  ${MODULE_NAME}.py # main\n  ${MODULE_NAME}Lib/a.py\n  )\n")
     assert cmake_lists(cmake_file)["MODULE_PYTHON_SCRIPTS"] == ["Foo.py", "FooLib/a.py"]
     assert _Template("Foo").format("FooLib/a.py") == "${MODULE_NAME}Lib/a.py"
+
+
+def test_checkout_modules_find_the_core_package(tmp_path):
+    """Slicer run from a checkout puts only the module folders on sys.path ("Additional module paths"): the modules'
+    helpers must still reach `meddinov3` and hand it to their child processes. Python runs with -S and the
+    site-packages folder added without its .pth files, so the editable install of this test environment is not seen."""
+    import subprocess
+    import sys
+    import sysconfig
+
+    code = f"""
+import importlib.util, sys
+sys.path[:0] = [{str(REPO / 'MedDINOv3Segment')!r}, {str(REPO / 'MedDINOv3Train')!r}]
+sys.path.append({sysconfig.get_paths()['purelib']!r})
+assert importlib.util.find_spec('meddinov3') is None, 'the core package is visible without the modules'
+import MedDINOv3TrainLib.logic  # loads without the core package (Train may load before Segment)
+from MedDINOv3SegmentLib.worker import child_environment
+import meddinov3.files
+print(meddinov3.files.__file__)
+print(child_environment()['PYTHONPATH'])
+"""
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    module_file, pythonpath = out.stdout.split("\n")[:2]
+    assert Path(module_file).resolve() == REPO / "meddinov3" / "files.py"
+    assert str(REPO) in pythonpath.split(":")
