@@ -104,6 +104,7 @@ class SlicePredictor:
         self.requested_batch = batch_size
         self.batch_size: int | None = None if batch_size == "auto" else int(batch_size)
         self.oom_events: list[int] = []  # batch sizes that ran out of memory
+        self._windows: dict = {}  # sliding-window weights per slice shape (see _window_weights)
 
     # ------------------------------------------------------------------ geometry of the network input
 
@@ -126,6 +127,19 @@ class SlicePredictor:
         if self.batch_size is None:
             self.batch_size = auto_batch_size(self.device, self.spec.config, self.tile(self.network_shape(shape)))
         return self.batch_size
+
+    def _window_weights(self, tile, padded, ys, xs, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gaussian tile weights and their sum over the padded slice, made once per slice shape: building them per
+        batch copies a CPU tensor to the GPU, which waits for all queued work and stalls the pipeline."""
+        key = (tile, padded, str(device))
+        if key not in self._windows:
+            gauss = gaussian_weights(tile, device=device)
+            weight = torch.zeros(padded, device=device)
+            for y in ys:
+                for xx in xs:
+                    weight[y:y + tile[0], xx:xx + tile[1]] += gauss
+            self._windows[key] = (gauss, weight)
+        return self._windows[key]
 
     # ------------------------------------------------------------------ forward
 
@@ -183,7 +197,7 @@ class SlicePredictor:
             tiles = x
         else:
             tiles = torch.stack([x[b, :, y:y + th, xx:xx + tw] for b, y, xx in positions])
-        gauss = None if single else gaussian_weights((th, tw), device=x.device)
+        gauss, weight = (None, None) if single else self._window_weights((th, tw), (Hp, Wp), ys, xs, x.device)
         self.resolve_batch_size((H, W))
         probs = None
         for net in self.networks:
@@ -207,10 +221,6 @@ class SlicePredictor:
                             b, y, xx = positions[start + k]
                             acc[b, :, y:y + th, xx:xx + tw] += logits[k] * gauss
             if not single:
-                weight = torch.zeros((Hp, Wp), device=x.device)
-                for y in ys:
-                    for xx in xs:
-                        weight[y:y + th, xx:xx + tw] += gauss
                 acc /= weight
             p = torch.softmax(acc.permute(0, 2, 3, 1), dim=-1).permute(0, 3, 1, 2)  # channels-last, as on CPU
             probs = p if probs is None else probs.add_(p)
