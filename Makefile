@@ -1,5 +1,6 @@
 # One-command entry points for a fresh Linux machine (Python 3.10+ with venv).
-#   make demo   install, then segment the offline liver CT with the shipped demo model
+#   make demo   install, then segment the offline liver CT with the shipped demo model; rerunnable
+#               (--overwrite replaces the previous meddinov3-demo/ files)
 #   make test   install with test extras, then run the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +8,7 @@ BIN := $(VENV)/bin
 # Every transitive dependency pinned to the versions CI tests.
 PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check -q -c requirements.lock
 
-.PHONY: install install-test demo test benchmark clean
+.PHONY: install install-test demo test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +27,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: install
-	$(BIN)/meddinov3 demo
+	$(BIN)/meddinov3 demo --overwrite
 
 test: install-test
 	$(BIN)/python -m pytest -q Testing

@@ -52,7 +52,7 @@ def main() -> None:
 
     root = Path(a.out)
     root.mkdir(parents=True, exist_ok=True)
-    ds = export_dataset(root / "dataset", heldout_as_validation=True)
+    ds = export_dataset(root / "dataset", heldout_as_validation=True, overwrite=True)  # this script's own files
     results = {seed: one_seed(a, root, ds, seed) for seed in a.seeds}
     print("| seed | pretrained liver | pretrained tumour | scratch liver | scratch tumour |")
     print("|---|---|---|---|---|")

@@ -8,7 +8,7 @@ Split (literally "axis-0 indices of the source array"): the .mrc's axis 0 is the
 body, `mrc[0:64, :, :]`, and the held-out part is `mrc[64:128, :, :]` (the left half). The network still works on
 true axial slices; only which voxels are trained on / held out follows the source array's axis 0.
 `--export-dataset DIR` instead writes the nnU-Net dataset the demo model was trained on (see
-tools/train_demo_model.sh).
+tools/train_demo_model.sh). Existing files are never replaced without `--overwrite`.
 """
 
 from __future__ import annotations
@@ -29,14 +29,28 @@ def add_parser(sub) -> None:
                        description=__doc__)
     p.add_argument("--out", default="meddinov3-demo", help="output folder (default meddinov3-demo/)")
     p.add_argument("--model", default=DEMO_MODEL, help="model to run (default: the shipped demo model)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda, cuda:N, mps or auto (default cpu: the demo model is small)")
     p.add_argument("--no-postprocessing", dest="postprocess", action="store_false",
                    help="skip the post-processing the model package declares (the network's raw labels)")
     p.add_argument("--export-dataset", metavar="DIR", help="write the demo training dataset (nnU-Net layout) and exit")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing outputs (segmentation.nii.gz, overlay.png, or the --export-dataset files)")
     p.set_defaults(run=run)
 
 
-def export_dataset(out_dir: str | Path, heldout_as_validation: bool = False) -> Path:
+def check_new(paths, overwrite: bool = False) -> None:
+    """Refuse before any work, not after it: an existing file is the user's unless `overwrite`, and each file's
+    folder must accept new files. FileExistsError or ValueError, naming the file."""
+    from ..engine.outputs import check_writable
+
+    for path in paths:
+        if Path(path).exists() and not overwrite:
+            raise FileExistsError(f"{path}: output already exists (pass --overwrite to replace it)")
+        check_writable(path)
+
+
+def export_dataset(out_dir: str | Path, heldout_as_validation: bool = False, overwrite: bool = False) -> Path:
     """nnU-Net v2 raw dataset of the source-array axis-0 split.
 
     imagesTr/labelsTr: `liver117_train` = `mrc[0:64, :, :]`, the only training case (the demo model is the final
@@ -45,21 +59,28 @@ def export_dataset(out_dir: str | Path, heldout_as_validation: bool = False) -> 
     cropping with SimpleITK index slicing keeps each crop's origin where it lies in the full volume.
     `heldout_as_validation`: the held-out case goes to imagesTr/labelsTr too, for experiments that validate on it
     with `--val-cases liver117_heldout` (pipeline tests, benchmarks; never the demo model).
+    Every file is written atomically; existing ones are refused (FileExistsError) unless `overwrite`.
     """
     import SimpleITK as sitk
 
+    from ..files import atomic_path, write_json
     from ..phantom import load_liver_ct
 
     out = Path(out_dir)
+    held_part = "Tr" if heldout_as_validation else "Ts"
+    names = {"Tr": "liver117_train", held_part: "liver117_heldout"}
+    files = {part: (out / f"images{part}" / f"{name}_0000.nii.gz", out / f"labels{part}" / f"{name}.nii.gz")
+             for part, name in names.items()}
+    check_new([f for pair in files.values() for f in pair] + [out / "dataset.json"], overwrite)
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     image, labels = load_liver_ct()
     nx = image.GetSize()[0]
-    held_part = "Tr" if heldout_as_validation else "Ts"
-    crops = {("Tr", "liver117_train"): slice(0, SPLIT), (held_part, "liver117_heldout"): slice(SPLIT, nx)}
-    for (part, name), xs in crops.items():
-        sitk.WriteImage(image[xs, :, :], str(out / f"images{part}" / f"{name}_0000.nii.gz"))
-        sitk.WriteImage(labels[xs, :, :], str(out / f"labels{part}" / f"{name}.nii.gz"))
+    crops = {"Tr": slice(0, SPLIT), held_part: slice(SPLIT, nx)}
+    for part, xs in crops.items():
+        for source, path in zip((image, labels), files[part]):
+            with atomic_path(path) as tmp:
+                sitk.WriteImage(source[xs, :, :], str(tmp))
     meta = {"name": "LiTS case 117 (liver-ct-segmentation-package)", "channel_names": {"0": "CT"}, "labels": LABELS,
             "numTraining": 2 if heldout_as_validation else 1, "file_ending": ".nii.gz",
             "licence": "data: LiTS via liver-ct-segmentation-package (MIT)",
@@ -67,7 +88,7 @@ def export_dataset(out_dir: str | Path, heldout_as_validation: bool = False) -> 
                            f"liver117_train = mrc[0:{SPLIT}, :, :]; held out (imagesTs/labelsTs): liver117_heldout = "
                            f"mrc[{SPLIT}:{nx}, :, :]; of the 128^3 LiTS case 117 crop at the assumed 1 mm spacing "
                            "(meddinov3.phantom.load_liver_ct)."}
-    (out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_json(out / "dataset.json", meta)
     return out
 
 
@@ -79,6 +100,7 @@ def overlay_png(ct: np.ndarray, seg: np.ndarray, path: Path, classes, n: int = 8
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 
+    from ..files import atomic_path
     from ..terminology import describe_classes
 
     entries = describe_classes(classes)
@@ -96,7 +118,8 @@ def overlay_png(ct: np.ndarray, seg: np.ndarray, path: Path, classes, n: int = 8
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[i][:3]) for i in range(1, len(colors))]
     fig.legend(handles, [e.name for e in entries[1:]], loc="lower center", ncol=len(handles))
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(path, dpi=80)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)
 
 
@@ -104,19 +127,28 @@ def run(args) -> int:
     import SimpleITK as sitk
 
     from ..checkpoints import load_model
-    from ..engine import segment_image
+    from ..engine import resolve_device, segment_image
     from ..files import atomic_path
     from ..phantom import load_liver_ct
     from ..train.losses import dice_per_class
+    from .main import CommandError
 
-    if args.export_dataset:
-        print(export_dataset(args.export_dataset))
-        return 0
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        if args.export_dataset:
+            print(export_dataset(args.export_dataset, overwrite=args.overwrite))
+            return 0
+        out = Path(args.out)
+        # no mkdir: atomic_path creates --out with the first file, so a failed run leaves no empty folder behind
+        check_new([out / "segmentation.nii.gz", out / "overlay.png"], args.overwrite)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    try:
+        device = resolve_device(args.device)
+    except (ValueError, RuntimeError) as e:
+        raise CommandError(f"--device {args.device}: {e}") from None
     image, labels = load_liver_ct()
-    model = load_model(args.model, device=args.device, offline=True)
-    result = segment_image(image, model, device=args.device, postprocess=args.postprocess)
+    model = load_model(args.model, device=device, offline=True)
+    result = segment_image(image, model, device=device, postprocess=args.postprocess)
     seg = sitk.GetArrayFromImage(result.labels)  # (z, y, x) = mrc axes reversed
     truth = sitk.GetArrayViewFromImage(labels)
     # back to the source .mrc array order (load_liver_ct transposed it with .transpose(2, 1, 0))
