@@ -316,6 +316,106 @@ def test_models_import_of_a_package_lists_it_by_name(tmp_path):
         import_file(tmp_path / "pkg", name="my-liver")
 
 
+# --- names: manifest entries without a checksum, imported files, registered models --------------------------
+
+BACKBONE, BACKBONE_REF = "meddinov3-vitb16-ct3m", "hf:ricklisz123/MedDINOv3-ViTB-16-CT-3M/model.pth"
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """No network and an empty huggingface_hub cache: only imported files can resolve an hf: reference."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_file_named_like_an_unverified_entry_becomes_its_offline_copy(tmp_path, manifest, offline_hub):
+    from meddinov3.pretrain.loop import OFFICIAL_BASE
+    manifest(None)  # the published file could not be hashed yet
+    download = tmp_path / "downloads" / "model.pth"
+    download.parent.mkdir()
+    enc = write_official_pretrained(download)
+    with pytest.raises(ModelNotAvailable):
+        resolve(BACKBONE, offline=True)
+    stored = import_file(download)
+    assert resolve(BACKBONE, offline=True) == stored == resolve(BACKBONE_REF, offline=True)
+    fmt, spec, _, path = read_model(BACKBONE, offline=True)
+    assert fmt == "meddinov3-pretrained" and path == stored and spec.kind == "backbone"
+    assert describe(BACKBONE, offline=True)["format"] == "meddinov3-pretrained"
+    _, backbone, _ = load_backbone(OFFICIAL_BASE, offline=True)  # what `pretrain` without --base starts from
+    assert torch.equal(backbone["vit.cls_token"], enc["cls_token"])
+    assert not (tmp_path / "meddinov3-home" / "models").exists()
+
+
+def test_renamed_download_is_the_entry_named_and_own_model_pth_stays_own(tmp_path, manifest, offline_hub):
+    manifest(None)
+    write_official_pretrained(tmp_path / "downloaded.pth")
+    write_meta_dinov3(tmp_path / "model.pth", seed=1)
+    own = import_file(tmp_path / "model.pth", name="my-pretrain")  # a common file name, not the official file
+    assert resolve("my-pretrain") == own
+    with pytest.raises(ModelNotAvailable):
+        resolve(BACKBONE, offline=True)
+    renamed = import_file(tmp_path / "downloaded.pth", name=BACKBONE)
+    assert resolve(BACKBONE, offline=True) == renamed
+    assert describe(BACKBONE, offline=True)["format"] == "meddinov3-pretrained"
+
+
+def test_file_named_like_a_checksummed_entry_with_other_content_is_refused(tmp_path, manifest, offline_hub):
+    manifest("0" * 64)
+    write_official_pretrained(tmp_path / "model.pth")
+    with pytest.raises(CheckpointError, match=rf"model\.pth: named as the file of manifest model {BACKBONE} .* "
+                                              "not the published one; the file is corrupt or a different one"):
+        import_file(tmp_path / "model.pth")
+    home = tmp_path / "meddinov3-home"
+    assert not (home / "models").exists() and not [p for p in home.rglob("*") if p.is_file()]
+
+
+def test_imported_single_file_resolves_by_its_name_to_the_file(tmp_path):
+    from meddinov3.cli.models import list_models
+    write_meta_dinov3(tmp_path / "dinov3_vitb16_pretrain.pth")
+    stored = import_file(tmp_path / "dinov3_vitb16_pretrain.pth", name="my-dinov3")
+    assert stored.is_file() and stored.name == "dinov3_vitb16_pretrain.pth"
+    assert resolve("my-dinov3") == stored
+    assert describe("my-dinov3")["format"] == "dinov3-backbone"
+    assert load_backbone("my-dinov3")[0].qkv_bias  # `train/pretrain --base my-dinov3`
+    assert {"name": "my-dinov3", "source": "imported", "ref": str(stored)} in list_models()
+
+
+def test_registered_model_resolves_by_its_listed_name_and_duplicates_are_refused(tmp_path):
+    from meddinov3.checkpoints import register_model
+    from meddinov3.cli.models import list_models
+    _tiny_package(tmp_path / "runs" / "liver-v2" / "model")  # a training run's output: listed as its run, liver-v2
+    _tiny_package(tmp_path / "runs" / "kidney")
+    _tiny_package(tmp_path / "other" / "kidney")
+    for folder in ("runs/liver-v2/model", "runs/kidney", "other/kidney"):
+        register_model(tmp_path / folder)
+    listed = {r["ref"]: r["name"] for r in list_models() if r["source"] == "registered"}
+    liver = str((tmp_path / "runs" / "liver-v2" / "model").resolve())
+    assert listed[liver] == "liver-v2"
+    assert resolve("liver-v2") == Path(liver)
+    assert describe("liver-v2")["format"] == "package"
+    with pytest.raises(CheckpointError, match=r"kidney: several registered models have this name \(.*runs/kidney, "
+                                              r".*other/kidney\); give the path"):
+        resolve("kidney")
+
+
+def test_cli_imports_the_backbone_for_offline_use_and_describes_it(tmp_path, manifest, offline_hub):
+    """`meddinov3 models import FILE` then `meddinov3 info NAME`, as README tells offline users."""
+    from meddinov3.checkpoints.hub import sha256_of
+    manifest(None)
+    write_official_pretrained(tmp_path / "model.pth")
+    env = {"MEDDINOV3_HOME": str(tmp_path / "home")}  # the rest (manifest copy, offline hub) from os.environ
+    result = _cli("models", "import", str(tmp_path / "model.pth"), env=env)
+    assert result.returncode == 0, result.stderr
+    assert f"the offline copy of {BACKBONE} ({BACKBONE_REF}), matched by file name" in result.stdout
+    assert "could not be verified by checksum" in result.stdout
+    assert f"sha256 {sha256_of(tmp_path / 'model.pth')}" in result.stdout
+    result = _cli("info", BACKBONE, env=env)
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["format"] == "meddinov3-pretrained" and info["kind"] == "backbone"
+    assert Path(info["path"]).is_relative_to(tmp_path / "home")
+
+
 # --- `meddinov3 info` / `convert` on each layout -------------------------------------------------------------
 
 def _cli(*args, env=None):

@@ -2,7 +2,8 @@
 
 Downloads go through huggingface_hub (its cache, revision pinning, offline mode); every file named in the
 manifest is checked against its sha256. Machines without internet import files with `meddinov3 models import`,
-which stores them under the user's model store where the resolver finds them by checksum.
+which stores them under the user's model store where the resolver finds them by checksum, or by the reference
+whose file they are named after while the manifest has no checksum for it.
 """
 
 from __future__ import annotations
@@ -92,6 +93,22 @@ def imports_dir() -> Path:
     return user_dir() / "imports"
 
 
+def unverified_import_path(hub: HubRef) -> Path:
+    """Where an imported file recognised only by its name lives: keyed by the reference, since there is no
+    checksum to key it by."""
+    repo = hub.repo_id.replace("/", "--") + (f"@{hub.revision}" if hub.revision else "")
+    return imports_dir() / "unverified" / repo / hub.filename
+
+
+def imported_model_path(folder: Path) -> Path:
+    """An imported single file is stored as `models/<name>/<file>`: the model is the file, not its folder."""
+    if folder.is_dir():
+        entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+        if len(entries) == 1 and entries[0].is_file():
+            return entries[0]
+    return folder
+
+
 def _verified_ok(path: Path, sha256: str) -> bool:
     """Hash a large file once; remember the result keyed by size and mtime."""
     record_path = user_dir() / "verified.json"
@@ -124,6 +141,12 @@ def resolve_hf(ref: str, offline: bool | None = None, cache_dir: str | os.PathLi
         imported = imports_dir() / expected / Path(hub.filename).name
         if imported.is_file():
             return imported
+    if hub.filename and unverified_import_path(hub).is_file():
+        path = unverified_import_path(hub)
+        if expected and not _verified_ok(path, expected):
+            raise CheckpointError(f"{path}: sha256 does not match the manifest entry for {ref}; the imported file is "
+                                  "corrupt or not the published one. Import the published file again.")
+        return path
     unreachable = not offline and not hub_reachable()
     try:
         if hub.filename:
@@ -147,24 +170,66 @@ def resolve_hf(ref: str, offline: bool | None = None, cache_dir: str | os.PathLi
     return path
 
 
-def import_file(path: str | os.PathLike, name: str | None = None) -> Path:
-    """Copy a downloaded file or model folder into the user's store; returns where it now lives.
+@dataclass(frozen=True)
+class ImportResult:
+    """Where an import went and how the file was recognised, so the command line can say whether it was verified."""
 
-    A file whose sha256 matches a manifest entry becomes that entry's offline copy (its hf: reference then
-    resolves without network); anything else is stored under `models/<name>` and listed as imported.
+    path: Path
+    name: str  # what `resolve` finds it by: the manifest entry's or the imported model's name
+    sha256: str | None = None  # of a single file
+    entry: dict | None = None  # the manifest entry whose offline copy the file became
+    matched_by: str | None = None  # "sha256" (verified), "file name" or "name" (the entry has no checksum)
+
+
+def _manifest_match(src: Path, digest: str, name: str | None) -> tuple[dict, str] | None:
+    """(entry, matched by) of the manifest entry a downloaded file is a copy of: by sha256, else by name: the file is
+    named like the file of the entry's hf: reference, or `name` is the entry's name (a renamed download). Any other
+    `name` means the user's own model, which a common file name such as model.pth must not turn into an entry's."""
+    entries = [e for e in load_manifest() if e["ref"].startswith("hf:")]
+    for entry in entries:
+        if entry.get("sha256") == digest:
+            return entry, "sha256"
+    files = [e for e in entries if parse_hf_ref(e["ref"]).filename]
+    if name is None:
+        named = [e for e in files if Path(parse_hf_ref(e["ref"]).filename).name == src.name]
+    else:
+        named = [e for e in files if e["name"] == name]
+    if len(named) > 1:
+        raise CheckpointError(f"{src}: its name matches the files of several manifest models "
+                              f"({', '.join(e['name'] for e in named)}); pass --name with the one it is")
+    if not named:
+        return None
+    entry = named[0]
+    if entry.get("sha256"):
+        raise CheckpointError(f"{src}: named as the file of manifest model {entry['name']} ({entry['ref']}) but its "
+                              f"sha256 {digest} is not the published one; the file is corrupt or a different one")
+    return entry, "file name" if name is None else "name"
+
+
+def import_model(path: str | os.PathLike, name: str | None = None) -> ImportResult:
+    """Copy a downloaded file or model folder into the user's store.
+
+    A file that matches a manifest entry (by sha256, or by name while the entry has no checksum: see
+    `_manifest_match`) becomes that entry's offline copy: its hf: reference then resolves without network. Anything
+    else is stored under `models/<name>` and listed as imported; a single file is then the model, not its folder.
     """
     src = Path(path)
     if not src.exists():
         raise CheckpointError(f"{src}: no such file or folder")
+    digest = None
     if src.is_file():
         digest = sha256_of(src)
-        for entry in load_manifest():
-            if entry.get("sha256") == digest and entry["ref"].startswith("hf:"):
-                filename = parse_hf_ref(entry["ref"]).filename or src.name
-                dest = imports_dir() / digest / Path(filename).name
-                with atomic_path(dest) as tmp:
-                    shutil.copyfile(src, tmp)
-                return dest
+        match = _manifest_match(src, digest, name)
+        if match is not None:
+            entry, matched_by = match
+            hub = parse_hf_ref(entry["ref"])
+            if matched_by == "sha256":
+                dest = imports_dir() / digest / Path(hub.filename or src.name).name
+            else:
+                dest = unverified_import_path(hub)
+            with atomic_path(dest) as tmp:
+                shutil.copyfile(src, tmp)
+            return ImportResult(dest, entry["name"], digest, entry, matched_by)
     dest = user_dir() / "models" / (name or src.name.split(".")[0])
     if dest.exists():
         raise FileExistsError(f"{dest}: a model with this name was already imported; choose another --name")
@@ -176,11 +241,26 @@ def import_file(path: str | os.PathLike, name: str | None = None) -> Path:
         tmp.mkdir(parents=True)
         shutil.copyfile(src, tmp / src.name)
     os.replace(tmp, dest)
-    return dest
+    return ImportResult(imported_model_path(dest), dest.name, digest)
+
+
+def import_file(path: str | os.PathLike, name: str | None = None) -> Path:
+    """Where `import_model` stored the file or folder (the model reference callers list and load)."""
+    return import_model(path, name).path
 
 
 def registry_path() -> Path:
     return user_dir() / "registered.json"
+
+
+RUN_OUTPUT_FOLDERS = ("model", "backbone")  # what `train` / `pretrain` write inside a run folder
+
+
+def registered_name(path: str) -> str:
+    """The name a registered model is listed and resolved by: its folder's name, or its run folder's name when it is
+    a run's `model/` or `backbone/` (every trained model would otherwise be called "model")."""
+    p = Path(path)
+    return p.parent.name if p.name in RUN_OUTPUT_FOLDERS and p.parent.name else p.name
 
 
 def registered_models() -> list[str]:

@@ -17,7 +17,7 @@ from ..config import ModelConfig
 from ..model import MedDINOv3, build_model
 from ..resources import resources_dir, user_dir
 from .convert import DROPPED_PREFIXES, dinov3_to_backbone, infer_backbone_config, load_strict, strip_prefix, unwrap_module_prefixes
-from .hub import manifest_entry, resolve_hf
+from .hub import imported_model_path, manifest_entry, registered_models, registered_name, resolve_hf
 from .nnunet import is_nnunet_folder, read_nnunet_folder
 from .package import ModelSpec, default_classes, is_package, provenance_now, read_spec, read_weights, write_package
 from .safe_load import CheckpointError, safe_torch_load
@@ -30,7 +30,8 @@ class UnknownModel(CheckpointError):
 
 
 def resolve(ref: str | os.PathLike, offline: bool | None = None) -> Path:
-    """Path on this machine of a model reference: a path, `hf:...`, a manifest name, or an imported name."""
+    """Path on this machine of a model reference: a path, `hf:...`, a manifest name, an imported name, or the name
+    of a registered model (all as `meddinov3 models list` shows them), in this order."""
     ref = os.fspath(ref)
     if ref.startswith("hf:"):
         return resolve_hf(ref, offline=offline)
@@ -45,9 +46,15 @@ def resolve(ref: str | os.PathLike, offline: bool | None = None) -> Path:
         return (resources_dir() / target).resolve()
     imported = user_dir() / "models" / ref
     if imported.exists():
-        return imported
+        return imported_model_path(imported)
+    registered = [p for p in registered_models() if registered_name(p) == ref]
+    if len(registered) > 1:
+        raise CheckpointError(f"{ref}: several registered models have this name ({', '.join(registered)}); "
+                              "give the path of the one you mean")
+    if registered:
+        return Path(registered[0])
     raise UnknownModel(f"{ref}: unknown model (not a file or folder, not an hf: reference, not a name in the "
-                       "model manifest or among imported models; `meddinov3 models list` shows them)")
+                       "model manifest or among imported or registered models; `meddinov3 models list` shows them)")
 
 
 def detect_format(path: Path) -> str:

@@ -7,7 +7,8 @@ import json
 
 def add_parser(sub) -> None:
     p = sub.add_parser("info", help="print what a model is (format, architecture, classes, spacing...) as JSON")
-    p.add_argument("model", help="model package folder, nnU-Net result folder, .pth checkpoint, hf: reference or name")
+    p.add_argument("model", help="model package folder, nnU-Net result folder, .pth checkpoint, hf: reference, "
+                   "or a name that `meddinov3 models list` shows")
     p.add_argument("--offline", action="store_true", default=None, help="never use the network")
     p.set_defaults(run=run)
 

@@ -12,28 +12,44 @@ def add_parser(sub) -> None:
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     imp = verbs.add_parser("import", help="import a downloaded file or model folder (no network needed)")
     imp.add_argument("file")
-    imp.add_argument("--name", help="name to list it under (default: from the file name)")
+    imp.add_argument("--name", help="name to list it under (default: from the file name); the name of a manifest "
+                     "model imports a renamed download of that model's file")
     dl = verbs.add_parser("download", help="download a manifest model into the cache (sha256 checked)")
     dl.add_argument("name")
     p.set_defaults(run=run)
 
 
 def list_models() -> list[dict]:
+    """Each model by the name `resolve` finds it by, with the path (or hf: reference) it resolves to."""
     from ..checkpoints import load_manifest, registered_models
+    from ..checkpoints.hub import imported_model_path, registered_name
     from ..resources import user_dir
 
     rows = [{"name": e["name"], "source": "manifest", "kind": e.get("kind", "segmentation"), "ref": e["ref"],
              "license": e.get("license", "")} for e in load_manifest()]
     models_dir = user_dir() / "models"
     if models_dir.is_dir():
-        rows += [{"name": p.name, "source": "imported", "ref": str(p)} for p in sorted(models_dir.iterdir())
-                 if not p.name.startswith(".")]
-    rows += [{"name": p.rstrip("/").split("/")[-1], "source": "registered", "ref": p} for p in registered_models()]
+        rows += [{"name": p.name, "source": "imported", "ref": str(imported_model_path(p))}
+                 for p in sorted(models_dir.iterdir()) if not p.name.startswith(".")]
+    rows += [{"name": registered_name(p), "source": "registered", "ref": p} for p in registered_models()]
     return rows
 
 
+def import_report(result) -> list[str]:
+    """What `models import` prints: where the file went, the name to use, and whether a manifest match was
+    verified by checksum (if not, the checksum a maintainer can add to the manifest)."""
+    if result.entry is None:
+        return [f"imported to {result.path}; use it as {result.name}"]
+    copy = f"imported to {result.path}: the offline copy of {result.name} ({result.entry['ref']})"
+    if result.matched_by == "sha256":
+        return [f"{copy}, sha256 verified"]
+    return [f"{copy}, matched by {result.matched_by}; it could not be verified by checksum (the manifest has none "
+            "for it)", f"sha256 {result.sha256} (not yet in Resources/models.json for {result.name})"]
+
+
 def run(args) -> int:
-    from ..checkpoints import import_file, resolve
+    from ..checkpoints import resolve
+    from ..checkpoints.hub import import_model
 
     if args.models_verb == "list":
         rows = list_models()
@@ -43,7 +59,7 @@ def run(args) -> int:
             for r in rows:
                 print(f"{r['name']:32s} {r['source']:10s} {r['ref']}")
     elif args.models_verb == "import":
-        print(f"imported to {import_file(args.file, name=args.name)}")
+        print("\n".join(import_report(import_model(args.file, name=args.name))))
     elif args.models_verb == "download":
         print(resolve(args.name, offline=False))
     return 0
