@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
     imp.add_argument("file")
     imp.add_argument("--name", help="name to list it under (default: from the file name); the name of a manifest "
                      "model imports a renamed download of that model's file")
-    dl = verbs.add_parser("download", help="download a manifest model into the cache (sha256 checked)")
+    dl = verbs.add_parser("download", help="download a manifest model into the cache (sha256 checked when the manifest has one)")
     dl.add_argument("name")
     p.set_defaults(run=run)
 
