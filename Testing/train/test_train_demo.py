@@ -143,3 +143,13 @@ def test_export_dataset_writes_atomically(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         export_dataset(tmp_path / "ds")
     assert not [p for p in (tmp_path / "ds").rglob("*") if p.is_file()]
+
+
+def test_export_dataset_heldout_as_validation_keeps_both_cases(tmp_path):
+    """Pipeline tests and benchmarks validate on the held-out half: both halves go to imagesTr/labelsTr."""
+    from meddinov3.cli.demo import export_dataset
+    from meddinov3.data import load_dataset
+
+    ds = load_dataset(export_dataset(tmp_path / "ds", heldout_as_validation=True))
+    assert sorted(c.name for c in ds.cases) == ["liver117_heldout", "liver117_train"]
+    assert not any((tmp_path / "ds" / "imagesTs").iterdir())

@@ -68,17 +68,16 @@ def export_dataset(out_dir: str | Path, heldout_as_validation: bool = False, ove
 
     out = Path(out_dir)
     held_part = "Tr" if heldout_as_validation else "Ts"
-    names = {"Tr": "liver117_train", held_part: "liver117_heldout"}
-    files = {part: (out / f"images{part}" / f"{name}_0000.nii.gz", out / f"labels{part}" / f"{name}.nii.gz")
-             for part, name in names.items()}
-    check_new([f for pair in files.values() for f in pair] + [out / "dataset.json"], overwrite)
-    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
     image, labels = load_liver_ct()
     nx = image.GetSize()[0]
-    crops = {"Tr": slice(0, SPLIT), held_part: slice(SPLIT, nx)}
-    for part, xs in crops.items():
-        for source, path in zip((image, labels), files[part]):
+    cases = [("Tr", "liver117_train", slice(0, SPLIT)), (held_part, "liver117_heldout", slice(SPLIT, nx))]
+    files = [(out / f"images{part}" / f"{name}_0000.nii.gz", out / f"labels{part}" / f"{name}.nii.gz")
+             for part, name, _ in cases]
+    check_new([f for pair in files for f in pair] + [out / "dataset.json"], overwrite)
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    for (_, _, xs), pair in zip(cases, files):
+        for source, path in zip((image, labels), pair):
             with atomic_path(path) as tmp:
                 sitk.WriteImage(source[xs, :, :], str(tmp))
     meta = {"name": "LiTS case 117 (liver-ct-segmentation-package)", "channel_names": {"0": "CT"}, "labels": LABELS,
