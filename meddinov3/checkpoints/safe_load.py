@@ -2,7 +2,9 @@
 
 `torch.load(weights_only=True)` refuses anything but tensors and plain containers. Real nnU-Net checkpoints
 also hold numpy scalars (logged losses, `_best_ema`), numpy dtypes, a `torch.device` and a GradScaler state, so
-exactly those types are allow-listed; anything else (a class, a function, `os.system`) is refused.
+exactly those types are allow-listed; anything else (a class, a function, `os.system`) is refused. Training and
+pretraining run checkpoints are loaded here too (a run folder may come from anyone), with numpy arrays allowed
+for the ones written before their RNG states were saved as plain lists.
 """
 
 from __future__ import annotations
@@ -37,12 +39,26 @@ def _allowed_globals() -> list:
     return allowed
 
 
-def safe_torch_load(path: str | os.PathLike):
-    """`torch.load` with weights_only=True, the allow-list above, and tensors mapped to the CPU."""
+def _numpy_array_globals() -> list:
+    """What a pickled numpy array needs: run checkpoints written before RNG states were plain data hold numpy's
+    legacy RNG state, whose key is an array (an object array's items still pass through the allow-list)."""
+    core = np._core if hasattr(np, "_core") else np.core
+    rebuild = core.multiarray._reconstruct
+    return [rebuild, (rebuild, "numpy.core.multiarray._reconstruct"), (rebuild, "numpy._core.multiarray._reconstruct"),
+            np.ndarray]
+
+
+def safe_torch_load(path: str | os.PathLike, numpy_arrays: bool = False, mmap: bool = False):
+    """`torch.load` with weights_only=True, the allow-list above, and tensors mapped to the CPU.
+
+    `numpy_arrays`: allow numpy arrays too (run checkpoints). `mmap`: tensors memory-mapped, not read: a cheap
+    check that a file would be accepted.
+    """
     path = os.fspath(path)
+    allowed = _allowed_globals() + (_numpy_array_globals() if numpy_arrays else [])
     try:
-        with torch.serialization.safe_globals(_allowed_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         detail = next((line for line in lines if "GLOBAL" in line or "Unsupported global" in line), None)

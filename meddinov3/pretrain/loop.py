@@ -147,11 +147,26 @@ class PretrainConfig(JsonOptions):
 # ----------------------------------------------------------------------------------------------- set-up
 
 
-def _read_state(path: Path) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file
+def _read_state(path: Path, other_ok: bool = False, mmap: bool = False) -> dict | None:
+    """A pretraining checkpoint, with restricted unpickling (a --base run folder may come from anyone); None for a
+    readable file of another kind when `other_ok`. `mmap`: a cheap check, tensors not read."""
+    from ..checkpoints import CheckpointError, safe_torch_load
+
+    try:
+        state = safe_torch_load(path, numpy_arrays=True, mmap=mmap)
+    except CheckpointError as e:
+        raise PretrainError(str(e)) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
+        if other_ok:
+            return None
         raise PretrainError(f"{path}: not a MedDINOv3 pretraining checkpoint")
     return state
+
+
+def _base_run_checkpoint(base: str) -> Path | None:
+    """checkpoints/latest.pt of a previous pretrain run given as --base, if there is one."""
+    path = Path(base).expanduser() / "checkpoints" / "latest.pt"
+    return path if path.is_file() else None
 
 
 def resolve_base(cfg: PretrainConfig, log) -> tuple[object, dict | None, dict | None, dict]:
@@ -160,12 +175,9 @@ def resolve_base(cfg: PretrainConfig, log) -> tuple[object, dict | None, dict | 
     from ..config import model_config
 
     if cfg.base:
-        prev = Path(cfg.base).expanduser() / "checkpoints" / "latest.pt"
-        if prev.is_file():
-            try:
-                state = _read_state(prev)
-            except PretrainError:
-                state = None
+        prev = _base_run_checkpoint(cfg.base)
+        if prev is not None:
+            state = _read_state(prev, other_ok=True)
             if state is not None:
                 from ..config import ModelConfig
                 mcfg = ModelConfig.from_dict(state["model_config"])
@@ -332,6 +344,9 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, json_progress: bool = Fa
                     resolve(cfg.base)
                 except CheckpointError as e:
                     raise PretrainError(f"--base {cfg.base}: {e}") from None
+                prev = _base_run_checkpoint(cfg.base)
+                if prev is not None:  # a refused run checkpoint too, before anything is built
+                    _read_state(prev, other_ok=True, mmap=True)
             return _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks or {})
         return status.data if main else {}  # stopped during the start-up
     finally:
