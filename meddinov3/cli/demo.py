@@ -126,11 +126,11 @@ def run(args) -> int:
     import SimpleITK as sitk
 
     from ..checkpoints import load_model
-    from ..engine import resolve_device, segment_image
+    from ..engine import segment_image
     from ..files import atomic_path
     from ..phantom import load_liver_ct
     from ..train.losses import dice_per_class
-    from .main import CommandError
+    from .main import CommandError, device_option
 
     try:
         if args.export_dataset:
@@ -141,10 +141,7 @@ def run(args) -> int:
         check_new([out / "segmentation.nii.gz", out / "overlay.png"], args.overwrite)
     except ValueError as e:
         raise CommandError(str(e)) from None
-    try:
-        device = resolve_device(args.device)
-    except (ValueError, RuntimeError) as e:
-        raise CommandError(f"--device {args.device}: {e}") from None
+    device = device_option(args.device)
     image, labels = load_liver_ct()
     model = load_model(args.model, device=device, offline=True)
     result = segment_image(image, model, device=device, postprocess=args.postprocess)

@@ -14,6 +14,16 @@ class CommandError(Exception):
     """A problem the user can fix; printed as one line, exit code 2."""
 
 
+def device_option(value: str):
+    """`--device` as a torch.device, or a CommandError naming the value (unknown name, no CUDA, no such GPU)."""
+    from ..engine import resolve_device
+
+    try:
+        return resolve_device(value)
+    except (ValueError, RuntimeError) as e:
+        raise CommandError(f"--device {value}: {e}") from None
+
+
 def config_from_args(config_cls, args, overrides: dict, clear: dict | None = None):
     """Defaults < `--config FILE.json` < `--set KEY=JSON` < explicit flags (`overrides` that are not None).
 

@@ -98,11 +98,11 @@ def _file_name(path: Path) -> bool:
 
 
 def run(args) -> int:
-    from ..engine import Cancelled, resolve_device, segment_file
+    from ..engine import Cancelled, segment_file
     from ..engine.outputs import check_not_input, check_output, check_probabilities_output, input_files
     from ..progress import Progress
     from ..volumes import InputError, list_inputs
-    from .main import CommandError
+    from .main import CommandError, device_option
 
     progress = Progress(json_lines=args.json_progress, desc="segment")
     started = time.perf_counter()
@@ -124,10 +124,7 @@ def run(args) -> int:
                     check_probabilities_output(po, args.overwrite)
             except ValueError as e:
                 raise CommandError(str(e)) from None
-        try:
-            device = resolve_device(args.device)
-        except (ValueError, RuntimeError) as e:
-            raise CommandError(f"--device {args.device}: {e}") from None
+        device = device_option(args.device)
         from ..checkpoints import load_model
 
         model = load_model(args.model, device=device, folds=folds)
