@@ -19,7 +19,9 @@ def add_parser(sub) -> None:
                        description=__doc__)
     p.add_argument("--data", help="folder of CT volumes (NIfTI/NRRD/MHA/DICOM series) or a .txt/.json list")
     p.add_argument("--out", required=True, help="run folder (config.json, checkpoints/, backbone/, metrics.jsonl...)")
-    p.add_argument("--base", help="starting weights: MedDINOv3/DINOv3 backbone (any layout) or a previous run folder")
+    p.add_argument("--base", help="starting weights: MedDINOv3/DINOv3 backbone (any layout) or a previous run folder; "
+                   "without --base and --size: the official MedDINOv3 backbone when it is available offline "
+                   "(`meddinov3 models import`), else a random ViT-B with a warning")
     p.add_argument("--size", choices=["tiny", "small", "base", "large"], help="architecture from scratch")
     p.add_argument("--stage", type=int, choices=[1, 2, 3], help="1 DINO+iBOT, 2 + Gram anchoring, 3 high resolution")
     p.add_argument("--config", help="JSON file of options (PretrainConfig fields)")
