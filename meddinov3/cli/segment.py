@@ -17,7 +17,9 @@ def add_parser(sub) -> None:
                    help="output .nii.gz/.nrrd label map or .seg.nrrd; a folder when there are several inputs")
     p.add_argument("--model", required=True, help="model package, nnU-Net result folder, hf: reference or name")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
-    p.add_argument("--fast", action="store_true", help="lower resolution (the model's fast spacing or 2x) for CPUs")
+    p.add_argument("--fast", action="store_true",
+                   help="for CPUs: lower in-plane resolution (the model's fast spacing or 2x), and only every n-th thin "
+                   "slice through the network (the slices between are interpolated)")
     p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (up to 4 passes)")
     p.add_argument("--folds", default="all", help="'all' or comma-separated fold names (probabilities averaged)")
     p.add_argument("--batch-size", default="auto", help="slices/tiles per forward pass: auto or a number")

@@ -18,7 +18,8 @@ def add_parser(sub) -> None:
     p.add_argument("--data", help="nnU-Net v2 raw dataset folder, or a .json / .csv list of image,label pairs")
     p.add_argument("--out", required=True, help="run folder (config.json, checkpoints/, model/, metrics.jsonl...)")
     p.add_argument("--base", help="starting weights: MedDINOv3/DINOv3 backbone, model package, pretrain run folder")
-    p.add_argument("--size", choices=["tiny", "small", "base", "large"], help="architecture when there is no --base")
+    p.add_argument("--size", choices=["tiny", "small", "base", "large"],
+                   help="architecture when there is no --base (default base)")
     p.add_argument("--config", help="JSON file of training options (TrainConfig fields)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--epochs", type=int, help="epochs of --steps-per-epoch steps (default 1000 x 250)")
