@@ -39,17 +39,6 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def check_new(paths, overwrite: bool = False) -> None:
-    """Refuse before any work, not after it: an existing file is the user's unless `overwrite`, and each file's
-    folder must accept new files. FileExistsError or ValueError, naming the file."""
-    from ..engine.outputs import check_writable
-
-    for path in paths:
-        if Path(path).exists() and not overwrite:
-            raise FileExistsError(f"{path}: output already exists (pass --overwrite to replace it)")
-        check_writable(path)
-
-
 def export_dataset(out_dir: str | Path, heldout_as_validation: bool = False, overwrite: bool = False) -> Path:
     """nnU-Net v2 raw dataset of the source-array axis-0 split.
 
@@ -63,6 +52,7 @@ def export_dataset(out_dir: str | Path, heldout_as_validation: bool = False, ove
     """
     import SimpleITK as sitk
 
+    from ..engine.outputs import check_new_output
     from ..files import atomic_path, write_json
     from ..phantom import load_liver_ct
 
@@ -73,7 +63,8 @@ def export_dataset(out_dir: str | Path, heldout_as_validation: bool = False, ove
     cases = [("Tr", "liver117_train", slice(0, SPLIT)), (held_part, "liver117_heldout", slice(SPLIT, nx))]
     files = [(out / f"images{part}" / f"{name}_0000.nii.gz", out / f"labels{part}" / f"{name}.nii.gz")
              for part, name, _ in cases]
-    check_new([f for pair in files for f in pair] + [out / "dataset.json"], overwrite)
+    for path in [f for pair in files for f in pair] + [out / "dataset.json"]:  # all refused before any is written
+        check_new_output(path, overwrite)
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     for (_, _, xs), pair in zip(cases, files):
@@ -127,6 +118,7 @@ def run(args) -> int:
 
     from ..checkpoints import load_model
     from ..engine import segment_image
+    from ..engine.outputs import check_new_output
     from ..files import atomic_path
     from ..phantom import load_liver_ct
     from ..train.losses import dice_per_class
@@ -138,7 +130,8 @@ def run(args) -> int:
             return 0
         out = Path(args.out)
         # no mkdir: atomic_path creates --out with the first file, so a failed run leaves no empty folder behind
-        check_new([out / "segmentation.nii.gz", out / "overlay.png"], args.overwrite)
+        for path in (out / "segmentation.nii.gz", out / "overlay.png"):
+            check_new_output(path, args.overwrite)
     except ValueError as e:
         raise CommandError(str(e)) from None
     device = device_option(args.device)

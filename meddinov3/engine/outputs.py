@@ -31,17 +31,21 @@ def output_kind(path: str | os.PathLike) -> str:
 
 def check_output(path: str | os.PathLike, overwrite: bool = False) -> None:
     output_kind(path)
-    if Path(path).exists() and not overwrite:
-        raise FileExistsError(f"{path}: output already exists (pass --overwrite to replace it)")
-    check_writable(path)
+    check_new_output(path, overwrite)
 
 
 def check_probabilities_output(path: str | os.PathLike, overwrite: bool = False) -> None:
     """What `check_output` is for label maps, for the .npz of `--save-probabilities`."""
     if not Path(path).name.lower().endswith(".npz"):
         raise ValueError(f"{path}: probabilities are written as .npz")
+    check_new_output(path, overwrite)
+
+
+def check_new_output(path: str | os.PathLike, overwrite: bool = False) -> None:
+    """Any output file: an existing file is the user's unless `overwrite` (FileExistsError), and its folder must
+    accept a new file (ValueError)."""
     if Path(path).exists() and not overwrite:
-        raise FileExistsError(f"{path}: already exists (pass --overwrite to replace it)")
+        raise FileExistsError(f"{path}: output already exists (pass --overwrite to replace it)")
     check_writable(path)
 
 
