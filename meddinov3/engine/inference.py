@@ -128,15 +128,15 @@ class SlicePredictor:
             self.batch_size = auto_batch_size(self.device, self.spec.config, self.tile(self.network_shape(shape)))
         return self.batch_size
 
-    def _window_weights(self, tile, padded, ys, xs, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _window_weights(self, tile, padded) -> tuple[torch.Tensor, torch.Tensor]:
         """Gaussian tile weights and their sum over the padded slice, made once per slice shape: building them per
         batch copies a CPU tensor to the GPU, which waits for all queued work and stalls the pipeline."""
-        key = (tile, padded, str(device))
+        key = (tile, padded)
         if key not in self._windows:
-            gauss = gaussian_weights(tile, device=device)
-            weight = torch.zeros(padded, device=device)
-            for y in ys:
-                for xx in xs:
+            gauss = gaussian_weights(tile, device=self.device)
+            weight = torch.zeros(padded, device=self.device)
+            for y in tile_starts(padded[0], tile[0]):
+                for xx in tile_starts(padded[1], tile[1]):
                     weight[y:y + tile[0], xx:xx + tile[1]] += gauss
             self._windows[key] = (gauss, weight)
         return self._windows[key]
@@ -197,7 +197,7 @@ class SlicePredictor:
             tiles = x
         else:
             tiles = torch.stack([x[b, :, y:y + th, xx:xx + tw] for b, y, xx in positions])
-        gauss, weight = (None, None) if single else self._window_weights((th, tw), (Hp, Wp), ys, xs, x.device)
+        gauss, weight = (None, None) if single else self._window_weights((th, tw), (Hp, Wp))
         self.resolve_batch_size((H, W))
         probs = None
         for net in self.networks:
