@@ -141,12 +141,12 @@ def resolve_hf(ref: str, offline: bool | None = None, cache_dir: str | os.PathLi
         imported = imports_dir() / expected / Path(hub.filename).name
         if imported.is_file():
             return imported
-    if hub.filename and unverified_import_path(hub).is_file():
-        path = unverified_import_path(hub)
-        if expected and not _verified_ok(path, expected):
-            raise CheckpointError(f"{path}: sha256 does not match the manifest entry for {ref}; the imported file is "
-                                  "corrupt or not the published one. Import the published file again.")
-        return path
+    unverified = unverified_import_path(hub) if hub.filename else None
+    if unverified is not None and unverified.is_file():
+        if expected and not _verified_ok(unverified, expected):
+            raise CheckpointError(f"{unverified}: sha256 does not match the manifest entry for {ref}; the imported "
+                                  "file is corrupt or not the published one. Import the published file again.")
+        return unverified
     unreachable = not offline and not hub_reachable()
     try:
         if hub.filename:
