@@ -20,6 +20,7 @@ from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmen
 
 from MedDINOv3SegmentLib.errors import MedDINOv3SegmentCancelled, MedDINOv3SegmentError
 from MedDINOv3SegmentLib.logic import MedDINOv3SegmentLogic
+from MedDINOv3SegmentLib.parameters import connectGui
 
 from slicer.util import VTKObservationMixin
 
@@ -110,8 +111,8 @@ class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._task.cancel()
         if self._timer is not None:
             self._timer.stop()
+        self._disconnectParameterNode()  # before removeObservers(): removing its observer again only warns
         self.removeObservers()
-        self._disconnectParameterNode()
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -145,7 +146,7 @@ class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._disconnectParameterNode()
         self._parameterNode = parameterNode
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self._parameterNodeGuiTag = connectGui(self._parameterNode, self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
             self._onParameterNodeModified()
 
@@ -233,12 +234,9 @@ class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelInfoText.setHtml("".join(f"<b>{html.escape(k)}:</b> {html.escape(str(v))}<br>" for k, v in rows if v))
 
     def _fillDevices(self) -> None:
-        from MedDINOv3SegmentLib.dependencies import deviceChoices
+        from MedDINOv3SegmentLib.dependencies import fillDeviceSelector
 
-        self._deviceValues = dict(deviceChoices())
-        self.ui.deviceSelector.clear()
-        for label in self._deviceValues:
-            self.ui.deviceSelector.addItem(label)
+        self._deviceValues = fillDeviceSelector(self.ui.deviceSelector)
 
     def _setUpImportMenu(self) -> None:
         menu = qt.QMenu(self.ui.importModelButton)

@@ -145,7 +145,8 @@ class MedDINOv3TrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.start()
 
     def exit(self) -> None:
-        self._timer.stop()  # the job keeps running; the Jobs table reattaches next time
+        if self._segmentTask is None:  # a segmentation started here is polled (and its result loaded) until it ends
+            self._timer.stop()  # the job keeps running; the Jobs table reattaches next time
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
@@ -161,7 +162,7 @@ class MedDINOv3TrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event) -> None:
         if self._segmentTask is not None:
             self._segmentTask.cancel()  # its volume is about to go
-        if self._parameterNode and self._parameterNodeGuiTag:
+        if self._parameterNode and self._parameterNodeGuiTag is not None:  # the first tag of a wrapper is 0
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
         self._parameterNode, self._parameterNodeGuiTag = None, None
         self._plotWidget.setMRMLPlotViewNode(None)  # removed with the scene; _poll makes a new one
@@ -171,11 +172,13 @@ class MedDINOv3TrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
+        from MedDINOv3SegmentLib.parameters import connectGui
+
         node = self.logic.getParameterNode()
-        if self._parameterNode and self._parameterNodeGuiTag:
+        if self._parameterNode and self._parameterNodeGuiTag is not None:  # the first tag of a wrapper is 0
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
         self._parameterNode = node
-        self._parameterNodeGuiTag = node.connectGui(self.ui)
+        self._parameterNodeGuiTag = connectGui(node, self.ui)
         # Widgets not bound by connectGui (see MedDINOv3TrainParameterNode): parameter node -> widget.
         self.ui.dataFolderPathLineEdit.currentPath = node.dataFolder
         self.ui.outputFolderPathLineEdit.currentPath = node.outputFolder
@@ -191,22 +194,12 @@ class MedDINOv3TrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- choices ----------------------------------------------------------------------------------
 
     def _populateDevices(self) -> None:
-        self.ui.deviceSelector.clear()
-        self.ui.deviceSelector.addItem("Auto")
-        try:
-            import torch
+        from MedDINOv3SegmentLib.dependencies import fillDeviceSelector
 
-            for index in range(torch.cuda.device_count()):
-                self.ui.deviceSelector.addItem(f"GPU {index}: {torch.cuda.get_device_name(index)}")
-        except Exception:  # noqa: BLE001 - no torch yet: CPU / Auto only
-            pass
-        self.ui.deviceSelector.addItem("CPU")
+        self._deviceValues = fillDeviceSelector(self.ui.deviceSelector)
 
     def _device(self) -> str:
-        text = self.ui.deviceSelector.currentText
-        if text.startswith("GPU "):
-            return "cuda:" + text.split(":")[0].split()[1]
-        return "cpu" if text == "CPU" else "auto"
+        return self._deviceValues.get(self.ui.deviceSelector.currentText, "auto")
 
     def _onDeviceChanged(self) -> None:
         if self.ui.deviceSelector.currentText == "CPU":
@@ -404,6 +397,8 @@ class MedDINOv3TrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         def finished(node, error):
             self._segmentTask = None
+            if not self.parent.isEntered:
+                self._timer.stop()  # exit() left it running for this task
             self.ui.statusLabel.text = str(error) if error else _("Segmented {name}.").format(name=volumeNode.GetName())
 
         with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
@@ -456,8 +451,13 @@ class MedDINOv3TrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.metricsLabel.text = ", ".join(parts)
         memory = metrics.get("gpu_memory_gb")  # peak the training process reports: no GPU query on this thread
         self.ui.gpuMemoryLabel.text = f"GPU memory (peak) {memory:.1f} GB" if memory else ""
-        self.ui.logText.setPlainText("\n".join(job.logTail(200)))
-        self.ui.logText.verticalScrollBar().setValue(self.ui.logText.verticalScrollBar().maximum)
+        logText = "\n".join(job.logTail(200))
+        if logText != self.ui.logText.toPlainText():  # unchanged: keep the reader's scroll position and selection
+            scrollBar = self.ui.logText.verticalScrollBar()
+            following = scrollBar.value >= scrollBar.maximum  # at the end: keep following new lines
+            self.ui.logText.setPlainText(logText)
+            if following:
+                scrollBar.setValue(scrollBar.maximum)
         chart = self.logic.updatePlotNodes(job)
         if self._plotWidget.mrmlPlotViewNode() is None:
             viewNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotViewNode", "MedDINOv3 Train plot view")

@@ -46,6 +46,15 @@ def deviceChoices() -> list[tuple[str, str]]:
     return choices
 
 
+def fillDeviceSelector(selector) -> dict[str, str]:
+    """Fill a combo box with the `deviceChoices()` labels; returns label -> device value for the Logic."""
+    values = dict(deviceChoices())
+    selector.clear()
+    for label in values:
+        selector.addItem(label)
+    return values
+
+
 def ensureDependencies(askConfirmation: bool = True, training: bool = False) -> bool:
     """Offer to install what is missing (`training`: also what training jobs need). True when everything is
     importable afterwards. Never installs during Slicer's self-tests (`slicer.app.testingEnabled()`).

@@ -466,3 +466,29 @@ def test_dependency_check_adds_training_packages(headless_slicer, monkeypatch):
     torch_missing, pip_missing = dependencies.missingPackages()
     assert not torch_missing and pip_missing == ["timm>=1.0.20"]
     assert dependencies.missingPackages(training=True)[1] == ["timm>=1.0.20", "matplotlib"]
+
+
+def test_device_selector_lists_what_torch_sees(headless_slicer, monkeypatch):
+    """Both Widgets fill their device combo box with `fillDeviceSelector`; the combo box is a stand-in (no Qt here)."""
+    import torch
+
+    from MedDINOv3SegmentLib import dependencies
+
+    class ComboBox:
+        def __init__(self):
+            self.items = ["stale"]
+
+        def clear(self):
+            self.items = []
+
+        def addItem(self, text):
+            self.items.append(text)
+
+    box = ComboBox()
+    values = dependencies.fillDeviceSelector(box)
+    assert box.items == list(values)
+    assert values["Auto"] == "auto" and values["CPU"] == "cpu"
+    gpus = [value for value in values.values() if value.startswith("cuda:")]
+    assert gpus == [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    monkeypatch.setattr(dependencies.importlib.util, "find_spec", lambda name: None)  # a Slicer without torch yet
+    assert dependencies.fillDeviceSelector(box) == {"Auto": "auto", "CPU": "cpu"} and box.items == ["Auto", "CPU"]

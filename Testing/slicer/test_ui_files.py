@@ -350,3 +350,56 @@ def test_bound_widgets_can_be_connected(module):
             assert "Choice(" in annotation, f"{widget} is bound to {parameter}: {annotation} without Choice"
         assert classes[widget] != "ctkPathLineEdit" or "Path" in annotation, f"{widget}: {annotation} is not a Path"
         assert classes[widget] != "ctkDoubleSpinBox", f"{widget}: use QDoubleSpinBox (Slicer 5.6)"
+
+
+@pytest.mark.parametrize("module", UI_FILES)
+def test_gui_tag_is_never_tested_for_truth(module):
+    """`connectGui` numbers the connections of each wrapper from 0 (parameterNodeWrapper/wrapper.py,
+    `_nextParameterGUIsTag = 0`), and the Logic makes a new wrapper for each getParameterNode(): a check such as
+    `if self._parameterNodeGuiTag:` skips disconnectGui for tag 0 and leaves the old connectors attached."""
+    source = require_module_file(module).read_text(encoding="utf-8")
+    problems = []
+    for node in ast.walk(ast.parse(source)):
+        tests = [node.test] if isinstance(node, (ast.If, ast.IfExp, ast.While)) else []
+        tests += node.values if isinstance(node, ast.BoolOp) else []
+        tests += [node.operand] if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not) else []
+        problems += [f"line {t.lineno}: {ast.unparse(t)}" for t in tests
+                     if isinstance(t, ast.Attribute) and t.attr == "_parameterNodeGuiTag"]
+    assert not problems, "compare the GUI tag with None instead:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("module", UI_FILES)
+def test_gui_tag_comes_from_connect_parameters_to_gui(module, headless_slicer):
+    """Slicer 5.8's `connectGui` returns None (wrapper.py `_connectGui` lacks the `return`; fixed in 5.10), so the
+    Widgets connect through the shared `connectGui` helper: `connectParametersToGui` returns the tag in every
+    version, given the widgets `connectGui` would find (those with a SlicerParameterName)."""
+    source = require_module_file(module).read_text(encoding="utf-8")
+    direct = [node.lineno for node in ast.walk(ast.parse(source))
+              if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "connectGui"]
+    assert not direct, f"lines {direct}: use MedDINOv3SegmentLib.parameters.connectGui (Slicer 5.8 tag)"
+    assert "MedDINOv3SegmentLib.parameters import connectGui" in source
+    from MedDINOv3SegmentLib.parameters import connectGui as helper
+
+    class FakeWidget:
+        def __init__(self, parameter):
+            self.parameter = parameter
+
+        def property(self, name):
+            assert name == "SlicerParameterName"
+            return self.parameter
+
+    bindings = ui_parameter_names(UI_FILES[module])
+    ui = type("", (), {})()  # what slicer.util.childWidgetVariables returns
+    for name in ui_object_names(UI_FILES[module]):
+        setattr(ui, name, FakeWidget(bindings.get(name)))
+
+    class FakeParameterNode:
+        def connectParametersToGui(self, mapping):
+            self.mapping = mapping
+            return 0
+
+    node = FakeParameterNode()
+    assert helper(node, ui) == 0
+    assert {parameter: widget.parameter for parameter, widget in node.mapping.items()} == {
+        parameter: parameter for parameter in bindings.values()}
+    assert {name for name in bindings if getattr(ui, name) in node.mapping.values()} == set(bindings)
