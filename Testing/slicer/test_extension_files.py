@@ -201,3 +201,37 @@ print(child_environment()['PYTHONPATH'])
     module_file, pythonpath = out.stdout.split("\n")[:2]
     assert Path(module_file).resolve() == REPO / "meddinov3" / "files.py"
     assert str(REPO) in pythonpath.split(":")
+
+
+def test_code_slicer_runs_keeps_to_python_39():
+    """Slicer 5.8 embeds Python 3.9, and runs both the modules and the core package (the modules' child processes
+    are `PythonSlicer -m meddinov3.cli.main`): no 3.10 syntax, and `X | Y` annotations only where
+    `from __future__ import annotations` keeps them unevaluated. The parameter node classes are excepted from that
+    too: parameterNodeWrapper evaluates their annotations with get_type_hints."""
+    import ast
+
+    problems = []
+    paths = sorted((REPO / "meddinov3").rglob("*.py")) + [p for m in MODULES for p in sorted((REPO / m).rglob("*.py"))]
+    for path in paths:
+        name = path.relative_to(REPO)
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(name), feature_version=(3, 9))
+        except SyntaxError as e:
+            problems.append(f"{name}:{e.lineno}: {e.msg}")
+            continue
+        postponed = any(isinstance(n, ast.ImportFrom) and n.module == "__future__"
+                        and any(a.name == "annotations" for a in n.names) for n in tree.body)
+        wrapped = {id(n) for c in ast.walk(tree) if isinstance(c, ast.ClassDef)
+                   and any("parameterNodeWrapper" in ast.unparse(d) for d in c.decorator_list) for n in ast.walk(c)}
+        for node in ast.walk(tree):
+            annotations = []
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                annotations = [node.returns] + [a.annotation for a in ast.walk(node.args) if isinstance(a, ast.arg)]
+            elif isinstance(node, ast.AnnAssign):
+                annotations = [node.annotation]
+            for annotation in filter(None, annotations):
+                union = any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr) for n in ast.walk(annotation))
+                if union and (not postponed or id(node) in wrapped):
+                    problems.append(f"{name}:{annotation.lineno}: '{ast.unparse(annotation)}' is evaluated on "
+                                    f"Python 3.9: use Optional/Union")
+    assert paths and not problems, "\n".join(problems)
