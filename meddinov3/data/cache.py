@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..files import atomic_dir
 from ..engine.preprocess import make_normalizer, resampled_shape, resize
 from ..volumes import Orientation
-from .dataset import Case, Dataset, label_array, read_case
+from .dataset import Case, Dataset, DatasetError, label_array, read_case
 
 CACHE_VERSION = 1
 LOCATIONS_PER_CLASS = 10_000
@@ -163,7 +163,10 @@ def build_cache(ds: Dataset, root: str | os.PathLike, spacing=None, normalizatio
                 log(f"preprocessing {len(ds.cases)} case(s) into {folder}")
             stats = dataset_statistics(ds, seed)
             target = tuple(float(s) for s in spacing) if spacing else tuple(stats["median_spacing"])
-            norm = resolve_normalization(normalization, ds.modality, stats)
+            try:
+                norm = resolve_normalization(normalization, ds.modality, stats)
+            except ValueError as e:
+                raise DatasetError(f"{ds.source}: {e}") from None
             n_classes = len(ds.label_values)
             rng = np.random.default_rng(seed)
             entries = []

@@ -3,12 +3,14 @@
 Formats accepted by `load_dataset(path)`:
 
 - nnU-Net v2 raw dataset folder: `dataset.json` (`labels` {name: value}, `channel_names` with one channel),
-  `imagesTr/<case>_0000.<ext>`, `labelsTr/<case>.<ext>`.
+  `imagesTr/<case>_0000.<ext>`, `labelsTr/<case>.<ext>` (or the path of its dataset.json). Refused: further
+  channels (`<case>_0001.<ext>`), labels without an image, `numTraining` not matching imagesTr.
 - JSON list (what the Slicer Train module exports):
   `{"labels": {"background": 0, "liver": 1}, "modality": "CT",
     "cases": [{"image": "a.nii.gz", "label": "a_seg.nii.gz", "name": "a"}, ...]}`
   Relative paths are relative to the JSON file. `name` is optional (default: image file name).
-- CSV list: a header row with columns `image,label[,name]`; label names either in a sidecar JSON next to it
+- CSV list (`.tsv`: tab-separated; a spreadsheet's byte order mark is fine): a header row with columns
+  `image,label[,name]`; label names either in a sidecar JSON next to it
   (`<file>.labels.json` or `labels.json`, holding `{"background": 0, "liver": 1}`) or in comment lines before
   the header: `# labels: background=0, liver=1`.
 
@@ -112,6 +114,20 @@ def _nnunet(folder: Path) -> Dataset:
         cases.append(Case(name, img, labels_dir / f"{name}{ext}"))
     if not cases:
         raise DatasetError(f"{images}: no images named <case>_0000{ext}")
+    names = {c.name for c in cases}
+    for other in sorted(images.glob(f"*_[0-9][0-9][0-9][0-9]{ext}")):  # a second channel would be dropped silently
+        name = other.name[: -len(f"_0000{ext}")]
+        if not other.name.endswith(f"_0000{ext}") and name in names:
+            raise DatasetError(f"case {name!r}: {other} is a further input channel, but {meta_path.name} declares "
+                               "one channel (MedDINOv3 takes one channel)")
+    for lab in sorted(labels_dir.glob(f"*{ext}")) if labels_dir.is_dir() else []:
+        name = lab.name[: -len(ext)]
+        if name not in names and not name.startswith("."):  # "._x.nii.gz": macOS metadata, not a case
+            raise DatasetError(f"case {name!r}: label {lab} has no image {images / f'{name}_0000{ext}'}")
+    expected = meta.get("numTraining")
+    if isinstance(expected, int) and not isinstance(expected, bool) and expected != len(cases):
+        raise DatasetError(f"{meta_path}: numTraining is {expected} but imagesTr holds {len(cases)} case(s) "
+                           f"(<case>_0000{ext}); fix numTraining or add the missing cases")
     return Dataset(cases, labels, "CT" if modality.upper() == "CT" else modality, str(folder), "nnunet")
 
 
@@ -138,6 +154,9 @@ def _json_list(path: Path) -> Dataset:
     for i, c in enumerate(meta["cases"]):
         if not isinstance(c, dict) or "image" not in c or "label" not in c:
             raise DatasetError(f"{path}: case #{i + 1} needs 'image' and 'label'")
+        for key in ("image", "label"):
+            if not isinstance(c[key], str) or not c[key].strip():
+                raise DatasetError(f"{path}: case #{i + 1}: {key!r} must be a file path, got {c[key]!r}")
         img = _resolve(path.parent, c["image"])
         cases.append(Case(str(c.get("name") or _default_name(img)), img, _resolve(path.parent, c["label"])))
     return Dataset(cases, labels, str(meta.get("modality", "CT")), str(path), "json")
@@ -145,7 +164,7 @@ def _json_list(path: Path) -> Dataset:
 
 def _csv_list(path: Path) -> Dataset:
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # spreadsheets write a byte order mark
     except OSError as e:
         raise DatasetError(f"{path}: unreadable ({e})") from None
     labels_raw = None
@@ -166,12 +185,18 @@ def _csv_list(path: Path) -> Dataset:
                     labels_raw = json.loads(side.read_text())
                 except json.JSONDecodeError as e:
                     raise DatasetError(f"{side}: unreadable JSON ({e})") from None
+                if not isinstance(labels_raw, dict):
+                    raise DatasetError(f"{side}: expected the label names as an object, e.g. "
+                                       '{"background": 0, "liver": 1}')
                 labels_raw = labels_raw.get("labels", labels_raw)
                 break
     labels = _labels(labels_raw, f"{path} (label names: '# labels: background=0, ...' or {path.name}.labels.json)")
-    rows = list(csv.DictReader(ln for ln in lines if not ln.startswith("#") and ln.strip()))
+    reader = csv.DictReader((ln for ln in lines if not ln.startswith("#") and ln.strip()),
+                            delimiter="\t" if path.suffix.lower() == ".tsv" else ",", skipinitialspace=True)
+    rows = [{(k or "").strip(): v for k, v in r.items()} for r in reader]
     if not rows or "image" not in rows[0] or "label" not in rows[0]:
-        raise DatasetError(f"{path}: needs a header row with columns image,label[,name]")
+        raise DatasetError(f"{path}: needs a header row with columns image,label[,name]"
+                           f"{' (tab-separated)' if path.suffix.lower() == '.tsv' else ''}")
     cases = []
     for i, r in enumerate(rows):
         image, label, name = ((r.get(k) or "").strip() for k in ("image", "label", "name"))
@@ -191,6 +216,8 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
     path = Path(os.path.abspath(Path(path).expanduser()))
     if not path.exists():
         raise DatasetError(f"{path}: no such dataset folder or file")
+    if path.name == "dataset.json" and (path.parent / "imagesTr").is_dir():
+        path = path.parent  # an nnU-Net dataset named by its dataset.json
     if path.is_dir():
         if not (path / "dataset.json").is_file():
             raise DatasetError(f"{path}: folder has no dataset.json (expected an nnU-Net v2 raw dataset)")
@@ -204,6 +231,9 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
     if not ds.cases:
         raise DatasetError(f"{path}: the dataset has no cases")
     names = [c.name for c in ds.cases]
+    for n in names:  # names become file names in the slice cache
+        if not n.strip() or n in (".", "..") or "/" in n or "\\" in n or "\0" in n:
+            raise DatasetError(f"{path}: case name {n!r} cannot be a file name (no '/' or '\\', not empty)")
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise DatasetError(f"{path}: duplicate case names {dup}")
@@ -266,5 +296,5 @@ def check_dataset(ds: Dataset, min_cases: int = 1) -> dict[str, dict]:
         image, label = read_case(case, ds.modality)
         arr = label_array(case, label, ds.label_values)
         info[case.name] = {"size": list(image.GetSize()), "spacing": list(image.GetSpacing()),
-                           "foreground_voxels": int((arr > 0).sum())}
+                           "foreground_voxels": int((arr > 0).sum()), "values": [int(v) for v in np.unique(arr)]}
     return info

@@ -97,6 +97,23 @@ class TrainConfig(JsonOptions):
         return AugmentConfig.from_dict(self.augment)
 
     def validate(self) -> None:
+        def whole(key: str, optional: bool = False) -> None:
+            value = getattr(self, key)
+            if optional and value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be a whole number of at least 1, got {value!r}")
+
+        for key in ("epochs", "steps_per_epoch", "batch_size"):
+            whole(key)
+        for key in ("steps", "micro_batch"):
+            whole(key, optional=True)
+        vf = self.val_fraction
+        if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0 <= vf < 1:
+            raise ValueError(f"val_fraction must be at least 0 (no validation) and below 1, got {vf!r}")
+        if self.val_cases is not None and (not isinstance(self.val_cases, list)
+                                           or not all(isinstance(n, str) for n in self.val_cases)):
+            raise ValueError(f"val_cases must be a list of case names, got {self.val_cases!r}")
         self.augment_config  # noqa: B018 - parsing the augmentation options validates them
 
 
@@ -275,7 +292,10 @@ def train(cfg: TrainConfig, resume: bool = False, json_progress: bool = False, s
 
     `explicit`: with `resume`, the options the user gave (refused when they differ from the saved ones).
     """
-    dist_info, device = D.init(cfg.device)
+    try:
+        dist_info, device = D.init(cfg.device)
+    except D.DeviceError as e:
+        raise TrainError(f"--device {cfg.device}: {e}") from None
     main = dist_info.is_main
     run_dir = absolute_path(cfg.out)
     progress = Progress(json_lines=json_progress, stream=stream, desc="training", enabled=main)
@@ -333,7 +353,12 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
     error, folder = None, None
     if main:
         try:
-            check_dataset(ds)
+            info = check_dataset(ds)
+            absent = [f"{name!r} ({value})" for value, name in ds.class_names()
+                      if value and not any(value in info[n]["values"] for n in train_names)]
+            if absent:  # nnU-Net trains on such data too, but the class can only be learnt as absent
+                print(f"[meddinov3 train] WARNING: label(s) {', '.join(absent)} have no voxels in any training case",
+                      file=sys.stderr, flush=True)
             folder = build_cache(ds.subset(train_names), cache_root, cfg.spacing, cfg.normalization, cfg.seed, log)
         except (DatasetError, ValueError) as e:
             error = str(e)
