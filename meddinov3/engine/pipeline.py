@@ -79,6 +79,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         mps = getattr(torch.backends, "mps", None)
         return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
     dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda", "mps"):  # torch knows more (meta, xla, ...): the engine runs on these
+        raise ValueError(f"unsupported device {device!r} (use auto, cpu, cuda, cuda:N or mps)")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r} requested but CUDA is not available")

@@ -308,7 +308,10 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, json_progress: bool = Fa
     from ..checkpoints import CheckpointError, resolve
     from ..progress import RunFolderError, absolute_path, absolute_paths, is_finished, open_run
 
-    dist_info, device = D.init(cfg.device)
+    try:
+        dist_info, device = D.init(cfg.device)
+    except D.DeviceError as e:
+        raise PretrainError(f"--device {cfg.device}: {e}") from None
     main = dist_info.is_main
     run_dir = absolute_path(cfg.out)
     progress = Progress(json_lines=json_progress, stream=stream, desc="pretraining", enabled=main)

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..engine import resolve_device
+
 
 @dataclass
 class DistInfo:
@@ -25,16 +27,21 @@ class DistInfo:
         return self.rank == 0
 
 
+class DeviceError(ValueError):
+    """The requested device does not exist here (unknown name, no CUDA, no such GPU)."""
+
+
 def init(device: str = "auto") -> tuple[DistInfo, torch.device]:
     """Join the torchrun job if launched by torchrun (WORLD_SIZE > 1); pick this process's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     info = DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
     if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = resolve_device(device)  # the engine's check: unknown name, no CUDA (or MPS), no such GPU
+    except (ValueError, RuntimeError, TypeError) as e:
+        raise DeviceError(str(e)) from None
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available")
         if dev.index is None:
             dev = torch.device("cuda", info.local_rank if info.enabled else torch.cuda.current_device())
         torch.cuda.set_device(dev)
