@@ -20,6 +20,8 @@ import numpy as np
 import SimpleITK as sitk
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+_ITK_IMAGE_IO = {".nii.gz": "NiftiImageIO", ".nii": "NiftiImageIO", ".nrrd": "NrrdImageIO", ".mha": "MetaImageIO",
+                 ".mhd": "MetaImageIO"}
 MIN_SPACING_MM = 0.01  # below: spacing written in metres (or a broken header); the slices would be absurdly large
 MAX_SPACING_MM = 50.0
 MAX_EXTENT_MM = 2000.0  # field of view (size x spacing) along any axis: a whole-body CT is under 2 m
@@ -64,12 +66,21 @@ def itk_warnings_off():
 
 
 def dicom_series(folder: str | os.PathLike) -> list[str]:
-    """File names of the largest DICOM series directly in `folder` (empty when there is none)."""
+    """File names of the largest DICOM series directly in `folder` (empty when there is none).
+
+    A scout or a dose report beside the CT is smaller than it; two series of the same size (two kernels or phases)
+    are refused, since picking one would be a guess.
+    """
     reader = sitk.ImageSeriesReader
     with itk_warnings_off():  # GDCM warns "No Series were found" for other folders
         ids = reader.GetGDCMSeriesIDs(str(folder)) or ()
-    series = [reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in ids]
-    return list(max(series, key=len)) if series else []
+    series = sorted(((reader.GetGDCMSeriesFileNames(str(folder), sid), sid) for sid in ids), key=lambda s: -len(s[0]))
+    if len(series) > 1 and len(series[0][0]) == len(series[1][0]):
+        tied = [sid for files, sid in series if len(files) == len(series[0][0])]
+        raise InputError(folder, f"holds {len(series)} DICOM series, {len(tied)} of them with {len(series[0][0])} "
+                                 f"files each (series UIDs {', '.join(tied)}): put the series to segment in a "
+                                 "folder of its own")
+    return list(series[0][0]) if series else []
 
 
 def list_inputs(paths: list[str | os.PathLike]) -> list[Path]:
@@ -77,7 +88,8 @@ def list_inputs(paths: list[str | os.PathLike]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir() and not dicom_series(p):
-            found = sorted(c for c in p.iterdir() if c.is_file() and image_suffix(c) and not c.name.startswith("."))
+            found = sorted(c for c in p.iterdir() if c.is_file() and image_suffix(c) and not c.name.startswith(".")
+                           and not c.name.lower().endswith(".seg.nrrd"))  # earlier results, not scans
             found += sorted(c for c in p.iterdir() if c.is_dir() and dicom_series(c))
             if not found:
                 raise InputError(p, "folder holds no images (.nii/.nii.gz/.nrrd/.mha/.mhd) and no DICOM series")
@@ -156,7 +168,7 @@ def read_image(path: str | os.PathLike, num_classes: int = 2, probabilities: boo
             raise InputError(path, f"unreadable DICOM series ({_first_line(e)})") from None
         positions = [reader.GetMetaData(i, "0020|0032") if reader.HasMetaDataKey(i, "0020|0032") else None
                      for i in range(len(files))]
-        check_slice_positions(path, positions, image.GetDirection())
+        check_slice_positions(path, positions, image.GetDirection(), spacing=image.GetSpacing())
         check_header(path, image.GetSize(), image.GetSpacing(), image.GetDimension(),
                      image.GetNumberOfComponentsPerPixel(), num_classes, probabilities)
         return image
@@ -164,8 +176,12 @@ def read_image(path: str | os.PathLike, num_classes: int = 2, probabilities: boo
         raise InputError(path, "unsupported file type (use .nii, .nii.gz, .nrrd, .mha, .mhd or a DICOM folder)")
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
+    suffix = image_suffix(path)
+    if suffix and not path.name.endswith(suffix):  # ITK picks MetaImage by the lower-case suffix only (CT.MHA)
+        reader.SetImageIO(_ITK_IMAGE_IO[suffix])
     try:
-        reader.ReadImageInformation()
+        with itk_warnings_off():  # e.g. NIfTI "unexpected scales in sform" before its own error: ours is one line
+            reader.ReadImageInformation()
     except RuntimeError as e:
         raise InputError(path, f"unreadable image file ({_first_line(e)})") from None
     check_header(path, reader.GetSize(), reader.GetSpacing(), reader.GetDimension(),
@@ -175,7 +191,8 @@ def read_image(path: str | os.PathLike, num_classes: int = 2, probabilities: boo
     elif image_suffix(path) in (".mha", ".mhd"):
         check_metaimage_data(path)  # ITK prints its own lines on stderr, then gives a wrong reason
     try:
-        return reader.Execute()
+        with itk_warnings_off():
+            return reader.Execute()
     except RuntimeError as e:
         raise InputError(path, f"unreadable or truncated image file ({_first_line(e)})") from None
 
@@ -238,7 +255,7 @@ def nifti_header(path: str | os.PathLike, head: bytes) -> NiftiHeader:
 def check_nifti_data(path: str | os.PathLike, chunk_bytes: int = 1 << 24) -> None:
     """Refuse a NIfTI file whose voxel data is shorter than its header says, or holds NaN/inf (float data).
 
-    Reads the data in chunks (through gzip for .nii.gz, which also checks the stream), so memory stays bounded.
+    Reads the data in chunks (through gzip for gzipped files, which also checks the stream), so memory stays bounded.
     """
     import gzip
     import zlib
@@ -246,6 +263,8 @@ def check_nifti_data(path: str | os.PathLike, chunk_bytes: int = 1 << 24) -> Non
     path = Path(path)
     gz = path.name.lower().endswith(".gz")
     try:
+        with open(path, "rb") as f:
+            gz = f.read(2) == b"\x1f\x8b"  # ITK goes by the content too: a plain file named .nii.gz reads
         with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
             header = nifti_header(path, f.read(540))
             need = header.data_bytes
@@ -329,20 +348,33 @@ def check_metaimage_data(path: str | os.PathLike) -> None:
         raise _truncated(path, size - data_start, need, "compressed voxel data" if compressed else "voxel data")
 
 
-def check_slice_positions(path, positions: list[str | None], direction, tolerance: float = 0.1) -> None:
+def check_slice_positions(path, positions: list[str | None], direction, tolerance: float = 0.1,
+                          spacing=None) -> None:
     """Refuse a DICOM series whose slices are not evenly spaced (missing or duplicate slices): ITK would average
-    the spacing and put every slice after a gap in the wrong place.
+    the spacing and put every slice after a gap in the wrong place. Refuse a sheared series too (gantry tilt:
+    slices stepping sideways, not along their normal): ITK stacks them along the normal, so the image and its
+    label map would be off by up to the shear.
 
     `positions`: ImagePositionPatient ("x\\y\\z") of each file in series order; `direction`: the image's
-    direction cosines (third column: the slice normal). Steps may differ by `tolerance` x the median step.
+    direction cosines (third column: the slice normal). Steps may differ by `tolerance` x the median step; the
+    slices may drift sideways by half a pixel (`spacing`: x, y pixel spacing; else 0.5 mm) in all.
     """
     try:
         points = np.array([[float(v) for v in p.split("\\")] for p in positions], dtype=float)
     except (AttributeError, ValueError):
         return  # no (or unparsable) positions: nothing to check against
-    if len(points) < 3 or points.shape[1] != 3:
+    if len(points) < 2 or points.ndim != 2 or points.shape[1] != 3:
         return
     normal = np.asarray(direction, float).reshape(3, 3)[:, 2]
+    rel = points - points[0]
+    drift = float(np.linalg.norm(rel - np.outer(rel @ normal, normal), axis=1).max())
+    if drift > 0.5 * (min(spacing[:2]) if spacing is not None else 1.0):
+        raise InputError(path, f"DICOM series is sheared (gantry tilt?): its slices drift {drift:.3g} mm sideways "
+                               f"from the slice normal over {len(points)} slices, so no grid holds them as they "
+                               "are; resample it to a regular grid first (e.g. Slicer's DICOM import with "
+                               "acquisition geometry regularization)")
+    if len(points) < 3:
+        return
     steps = np.diff(points @ normal)
     median = float(np.median(steps))
     off = np.flatnonzero(np.abs(steps - median) > tolerance * abs(median))
@@ -482,6 +514,9 @@ def crop_box(image: sitk.Image, roi) -> tuple[sitk.Image, tuple[int, int, int], 
     size = image.GetSize()
     lo = tuple(max(0, v) for v in (x0, y0, z0))
     hi = tuple(min(s, v) for s, v in zip(size, (x1, y1, z1)))
+    if any(b <= a for a, b in ((x0, x1), (y0, y1), (z0, z1))):
+        raise ValueError(f"ROI {tuple(roi)} is empty: each end (x1, y1, z1) must be larger than its start "
+                         "(x0, y0, z0; the end is exclusive)")
     if any(h <= l for l, h in zip(lo, hi)):
         raise ValueError(f"ROI {tuple(roi)} does not overlap the image (size {size})")
     return sitk.RegionOfInterest(image, [h - l for l, h in zip(lo, hi)], list(lo)), lo, hi

@@ -274,7 +274,7 @@ def test_output_paths_are_checked_before_the_model_is_even_loaded(tmp_path, caps
         ([src, "-o", src, "--overwrite"], f"{src}: is the input {src} itself"),
         ([tmp_path, "-o", tmp_path, "--overwrite"], f"{src}: is the input {src} itself"),  # batch into its own folder
         ([src, tmp_path / "b.nrrd", "-o", tmp_path / "multi.nii.gz"],
-         "multi.nii.gz: several inputs need -o to be a folder, not a file name"),
+         "multi.nii.gz: several inputs, or a folder of them, need -o to be a folder, not a file name"),
         ([src, "-o", tmp_path / "folder"], "folder: is a folder; a folder -o needs several inputs"),
     ]
     if os.geteuid() != 0:  # root writes into read-only folders

@@ -44,6 +44,8 @@ def _parse(args):
     from .main import CommandError
 
     folds = None if args.folds in (None, "", "all") else [f.strip() for f in args.folds.split(",") if f.strip()]
+    if folds is not None:
+        folds = list(dict.fromkeys(folds))  # "0,0" runs fold 0 once
     if args.batch_size == "auto":
         batch = "auto"
     else:
@@ -79,7 +81,8 @@ def _outputs(inputs: list[Path], args, batch_mode: bool) -> tuple[list[Path], li
         return [out], [probs]
     for flag, folder in (("-o", out), ("--save-probabilities", probs)):
         if folder is not None and not folder.is_dir() and (folder.exists() or _file_name(folder)):
-            raise CommandError(f"{folder}: several inputs need {flag} to be a folder, not a file name")
+            raise CommandError(f"{folder}: several inputs, or a folder of them, need {flag} to be a folder, not a "
+                               "file name")
     stems = [strip_suffix(p) for p in inputs]
     dupes = {n for n in stems if stems.count(n) > 1}
     if dupes:

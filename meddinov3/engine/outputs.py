@@ -85,8 +85,13 @@ def check_not_input(output: str | os.PathLike, sources: list[tuple[Path, list[Pa
             raise ValueError(f"{output}: is the input {source} itself; write the segmentation to another file")
 
 
-def write_labels(labels: sitk.Image, path: str | os.PathLike, classes, overwrite: bool = False) -> Path:
-    """Write a label map; `.seg.nrrd` gets one named, coloured segment per non-background class."""
+def write_labels(labels: sitk.Image, path: str | os.PathLike, classes, overwrite: bool = False,
+                 before_replace=None) -> Path:
+    """Write a label map; `.seg.nrrd` gets one named, coloured segment per non-background class.
+
+    `before_replace`: called once the label map is written but before it replaces `path` (e.g. writing the
+    probabilities beside it): if it fails, an existing `path` is left as it was.
+    """
     check_output(path, overwrite)
     path = Path(path)
     # lower-case temporary suffix: ITK picks the format from it and knows `.nii.gz`, not `.NII.GZ`
@@ -95,6 +100,8 @@ def write_labels(labels: sitk.Image, path: str | os.PathLike, classes, overwrite
             write_seg_nrrd(labels, tmp, classes)
         else:
             sitk.WriteImage(labels, str(tmp), useCompression=True)
+        if before_replace is not None:
+            before_replace()
     return path
 
 

@@ -409,12 +409,12 @@ def segment_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
                            source=input_path, **options)
     if progress is not None:
         progress.update(1, 1, stage="writing")
-    write_labels(result.labels, output_path, result.classes, overwrite=overwrite)
-    if probabilities_path is not None:
-        try:
-            write_probabilities(probabilities_path, result.probabilities, result.classes, overwrite=overwrite,
-                                postprocessing=result.stats["postprocessing"])
-        except BaseException:
-            Path(output_path).unlink(missing_ok=True)
-            raise
+
+    def write_probs():
+        write_probabilities(probabilities_path, result.probabilities, result.classes, overwrite=overwrite,
+                            postprocessing=result.stats["postprocessing"])
+
+    # the probabilities are written before the label map replaces an older one: both files are new, or neither
+    write_labels(result.labels, output_path, result.classes, overwrite=overwrite,
+                 before_replace=write_probs if probabilities_path is not None else None)
     return result
