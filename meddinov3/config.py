@@ -125,7 +125,11 @@ class JsonOptions:
     def from_file(cls, path):
         with open(path) as f:
             d = json.load(f)
-        return cls.from_dict(d.get(cls.SECTION, d))
+        if isinstance(d, dict):
+            d = d.get(cls.SECTION, d)  # a run's config.json holds the options under its section
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object of {cls.KIND} options, got {type(d).__name__}")
+        return cls.from_dict(d)
 
     def validate(self) -> None:
         """Raise ValueError for inconsistent options (subclasses add their checks)."""

@@ -248,6 +248,8 @@ def open_run(run_dir: str | os.PathLike, section: str, resume: bool, explicit: d
     from the saved `section` of config.json (only the device may change: `longer` says how to train further).
     """
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunFolderError(f"{run_dir}: is a file; --out names the run's folder")
     try:
         previous = RunStatus.read(run_dir)
     except (OSError, ValueError):

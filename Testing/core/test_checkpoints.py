@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -207,6 +208,20 @@ def test_truncated_checkpoint_gives_a_clear_error(tmp_path):
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match=r"model\.pth: not a readable PyTorch checkpoint"):
         load_backbone(path)
+
+
+
+def test_junk_bytes_give_a_clear_error(tmp_path):
+    """Whatever the bytes make the unpickler do (unknown opcode, memo KeyError for b"junk", IndexError...)."""
+    from meddinov3.checkpoints.safe_load import safe_torch_load
+
+    path = tmp_path / "junk.pth"
+    blobs = [b"junk\n"] + [np.random.default_rng(seed).integers(0, 256, 2000, dtype=np.uint8).tobytes()
+                           for seed in range(40)]
+    for blob in blobs:
+        path.write_bytes(blob)
+        with pytest.raises(CheckpointError, match=r"junk\.pth: not a readable PyTorch checkpoint"):
+            safe_torch_load(path)
 
 
 def test_unknown_model_name():

@@ -165,6 +165,22 @@ def test_open_run_refuses_a_busy_or_foreign_folder(tmp_path):
         trainer.kill()
         trainer.wait()
     assert open_run(run, "train", resume=True)[0]["steps"] == 4  # its process is gone
+    (tmp_path / "notes.txt").write_text("mine")
+    for resume in (False, True):
+        with pytest.raises(RunFolderError, match=r"notes\.txt: is a file; --out names the run's folder"):
+            open_run(tmp_path / "notes.txt", "train", resume=resume)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_config_file_must_hold_an_object(tmp_path):
+    from meddinov3.train import TrainConfig
+
+    for text in ("[1, 2]", '"steps"', '{"train": [1]}'):
+        (tmp_path / "c.json").write_text(text)
+        with pytest.raises(ValueError, match="expected a JSON object of training options"):
+            TrainConfig.from_file(tmp_path / "c.json")
+    (tmp_path / "c.json").write_text('{"train": {"steps": 3}}')  # a run's config.json
+    assert TrainConfig.from_file(tmp_path / "c.json").steps == 3
 
 
 def test_report_failure_keeps_a_resumed_runs_status_until_it_starts(tmp_path):

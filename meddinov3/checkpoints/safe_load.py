@@ -69,5 +69,5 @@ def safe_torch_load(path: str | os.PathLike, numpy_arrays: bool = False, mmap: b
             f"{path}: refused to load: the file contains objects other than weights and plain data "
             f"(loading it would execute code from the file). {detail}"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as e:  # junk bytes
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
