@@ -143,3 +143,11 @@ def test_a_declared_class_absent_from_every_training_case_is_warned(ds_folder, t
                       cache_dir=str(tmp_path / "cache"))
     train(cfg)
     assert "WARNING: label(s) 'pancreas' (6) have no voxels in any training case" in capsys.readouterr().err
+
+
+def test_unknown_validation_case_lists_the_cases(ds_folder):
+    from meddinov3.train.loop import split_cases
+
+    ds = load_dataset(ds_folder)
+    with pytest.raises(TrainError, match=r"\['nope'\] are not in the dataset \(cases: case0, case1\)$"):
+        split_cases(ds, TrainConfig(val_cases=["nope"]))

@@ -127,7 +127,8 @@ def split_cases(ds: Dataset, cfg: TrainConfig) -> tuple[list[str], list[str]]:
     if cfg.val_cases:
         unknown = [n for n in cfg.val_cases if n not in names]
         if unknown:
-            raise TrainError(f"validation case(s) {unknown} are not in the dataset (cases: {names[:10]}...)")
+            raise TrainError(f"validation case(s) {unknown} are not in the dataset (cases: "
+                             f"{', '.join(names[:10])}{', ...' if len(names) > 10 else ''})")
         val = [n for n in names if n in set(cfg.val_cases)]
     elif len(names) < 2 or cfg.val_fraction <= 0:
         val = []
