@@ -3,11 +3,12 @@
 Classes are matched across cases by segment name (case-insensitive, surrounding spaces ignored), or by the
 terminology type code (e.g. SNOMED CT 10200004 "Liver") when the names differ and the code is specific to one
 segment of that segmentation. Label values follow the order in which classes are first seen (case by case,
-segment by segment): background 0, then 1, 2, ... Each case's label map is written on its volume's voxel grid
+segment by segment): background 0, then 1, 2, ... (a segment named "background" is refused: voxels in no segment
+are background). Where segments of a case overlap, the segment listed later in the segmentation wins. Each case's label map is written on its volume's voxel grid
 (same IJK order and IJKToRAS as the image), so image and label always have identical geometry.
 
 The folder is written next to its destination and moved into place at the end (atomic: a reader never sees a
-half-written dataset).
+half-written dataset). An existing folder is replaced only if it holds nothing but an earlier export of this module.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+#: dataset.json "description" of an export (only such a folder is replaced by a later export).
+EXPORT_DESCRIPTION = "Exported from 3D Slicer by the MedDINOv3 Train module"
 
 
 class DatasetExportError(ValueError):
@@ -88,12 +91,17 @@ def _checkPairs(pairs) -> None:
         if volumeNode is None or not volumeNode.IsA("vtkMRMLScalarVolumeNode") or volumeNode.IsA(
                 "vtkMRMLLabelMapVolumeNode"):
             raise DatasetExportError(f"Case {index + 1}: no scalar volume selected.")
+        if volumeNode.GetScene() is None:
+            raise DatasetExportError(f"Case {index + 1} ({volumeNode.GetName()}): the volume was removed from the scene.")
         if volumeNode.GetImageData() is None:
             raise DatasetExportError(f"Case {index + 1} ({volumeNode.GetName()}): the volume has no image data.")
         if volumeNode.GetImageData().GetNumberOfScalarComponents() != 1:
             raise DatasetExportError(f"Case {index + 1} ({volumeNode.GetName()}): the volume must be grayscale.")
         if segmentationNode is None or not segmentationNode.IsA("vtkMRMLSegmentationNode"):
             raise DatasetExportError(f"Case {index + 1} ({volumeNode.GetName()}): no segmentation selected.")
+        if segmentationNode.GetScene() is None:
+            raise DatasetExportError(f"Case {index + 1} ({volumeNode.GetName()}): the segmentation "
+                                     f"'{segmentationNode.GetName()}' was removed from the scene.")
 
 
 def matchClasses(pairs) -> tuple[list[ClassInfo], list[dict]]:
@@ -119,6 +127,9 @@ def matchClasses(pairs) -> tuple[list[ClassInfo], list[dict]]:
         mapping = {}
         for sid, segment in segments:
             key = _nameKey(segment.GetName())
+            if key == "background":
+                raise DatasetExportError(f"Case '{caseName}': segment '{segment.GetName()}' has the name of label 0: "
+                                         "rename it, or remove it (voxels in no segment are background).")
             code = codes[sid]
             info = byName.get(key)
             if info is None and code and codeCounts[code] == 1:
@@ -139,15 +150,40 @@ def matchClasses(pairs) -> tuple[list[ClassInfo], list[dict]]:
     return classes, mappings
 
 
+def segmentIsEmpty(segmentation, segmentId) -> bool | None:
+    """True if the segment's binary labelmap holds no voxel; None if it has no binary labelmap (no conversion here)."""
+    segment = segmentation.GetSegment(segmentId)
+    image = segment.GetRepresentation("Binary labelmap") if segment is not None else None
+    if image is None:
+        return None
+    extent = image.GetExtent()
+    scalars = image.GetPointData().GetScalars()
+    if scalars is None or extent[0] > extent[1] or extent[2] > extent[3] or extent[4] > extent[5]:
+        return True
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    return not np.any(vtk_to_numpy(scalars) == segment.GetLabelValue())
+
+
 def classPreview(pairs) -> dict:
-    """What the GUI shows before export: {"classes": {name: [case, ...]}, "labels": {...}, "warnings": [...]}."""
-    classes, _ = matchClasses(pairs)
+    """What the GUI shows before export: {"classes": {name: [case, ...]}, "labels": {...}, "warnings": [...]}.
+
+    Warns about a class missing from a case, or present there only as empty segments (background there too)."""
+    classes, mappings = matchClasses(pairs)
     names = caseNames(pairs)
     warnings = []
     for info in classes:
         missing = [n for n in names if n not in info.cases]
         for caseName in missing:
             warnings.append(f"Case '{caseName}' has no '{info.name}' segment: it will be trained as background there.")
+    byValue = {info.value: info for info in classes}
+    for caseName, (_, segmentationNode), mapping in zip(names, pairs, mappings):
+        segmentation = segmentationNode.GetSegmentation()
+        empty = {sid for sid in mapping if segmentIsEmpty(segmentation, sid)}
+        filled = {mapping[sid] for sid in mapping if sid not in empty}
+        for value in sorted({mapping[sid] for sid in empty} - filled):
+            warnings.append(f"Case '{caseName}': the '{byValue[value].name}' segment is empty: it will be trained "
+                            "as background there.")
     return {
         "classes": {info.name: list(info.cases) for info in classes},
         "labels": {"background": 0, **{info.name: info.value for info in classes}},
@@ -217,17 +253,43 @@ def labelArray(segmentationNode, volumeNode, mapping: dict) -> np.ndarray:
 
 def exportDataset(pairs, outputFolder, modality: str = "CT") -> str:
     """Write the pairs as an nnU-Net v2 raw dataset (imagesTr/, labelsTr/, dataset.json); returns the folder."""
-    import SimpleITK as sitk
-    import slicer
-
     classes, mappings = matchClasses(pairs)
     names = caseNames(pairs)
     if len(classes) > 255:
         raise DatasetExportError(f"{len(classes)} classes: at most 255 are supported.")
     outputFolder = Path(outputFolder).expanduser().resolve()
-    if outputFolder.exists() and (not outputFolder.is_dir() or (
-            any(outputFolder.iterdir()) and not (outputFolder / "dataset.json").is_file())):
+    if outputFolder.exists() and not _replaceable(outputFolder):
         raise DatasetExportError(f"{outputFolder} exists and is not an exported dataset: choose another folder.")
+    for parent in outputFolder.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DatasetExportError(f"Cannot write the dataset to {outputFolder}: {parent} is a file.")
+            break
+    try:
+        return _writeDataset(pairs, outputFolder, modality, classes, mappings, names)
+    except OSError as e:
+        raise DatasetExportError(f"Cannot write the dataset to {outputFolder}: {e.strerror or e}") from e
+
+
+def _replaceable(folder: Path) -> bool:
+    """True for an empty folder, or one holding only an earlier export of this module (nothing of the user's)."""
+    if not folder.is_dir():
+        return False
+    entries = {p.name for p in folder.iterdir()}
+    if not entries:
+        return True
+    if not entries <= {"dataset.json", "imagesTr", "labelsTr"}:
+        return False
+    try:
+        description = json.loads((folder / "dataset.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(description, dict) and description.get("description") == EXPORT_DESCRIPTION
+
+
+def _writeDataset(pairs, outputFolder: Path, modality: str, classes, mappings, names) -> str:
+    import SimpleITK as sitk
+    import slicer
     from meddinov3.files import atomic_dir  # here, not at load: from a checkout the core is on sys.path only
     # once the Segment module's helpers are imported (MedDINOv3SegmentLib/__init__.py)
 
@@ -241,7 +303,7 @@ def exportDataset(pairs, outputFolder, modality: str = "CT") -> str:
             sitk.WriteImage(_toImage(labels, volumeNode), str(staging / "labelsTr" / f"{caseName}.nii.gz"))
         description = {
             "name": outputFolder.name,
-            "description": "Exported from 3D Slicer by the MedDINOv3 Train module",
+            "description": EXPORT_DESCRIPTION,
             "channel_names": {"0": modality},
             "labels": {"background": 0, **{info.name: info.value for info in classes}},
             "numTraining": len(names),

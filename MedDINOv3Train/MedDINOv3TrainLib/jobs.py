@@ -5,12 +5,12 @@ A job is its run folder. The child runs in its own session / process group with 
 session needs to reattach is on disk:
 
 - `job.json`  (written here): mode, command, pid, start time, data, base, launches (one per start / resume),
-  registered model reference.
+  time of the last stop request, registered model reference.
 - `status.json` (written by the trainer): state, step, total, eta_s, metrics, error, pid.
 - `metrics.jsonl`, `log.txt`, `checkpoints/`, `model/` (fine-tune) or `backbone/` (pretrain).
 
 `TrainJob.status()` merges both: a process that died while status.json still says "running" is reported as
-"failed" with the end of the log.
+"failed" with the end of the log ("stopped" if Stop was asked for, e.g. during its start-up).
 """
 
 from __future__ import annotations
@@ -138,6 +138,7 @@ def _lastError(lines: list[str]) -> str:
             continue
         if isinstance(event, dict) and event.get("event") == "failed" and event.get("message"):
             return str(event["message"])
+    lines = [line for line in lines if not line.startswith("# ")]  # the launch headers written here (commands)
     for line in reversed(lines):
         text = line.strip()
         if "error" in text.lower() and not text.startswith("{"):
@@ -247,6 +248,10 @@ class TrainJob:
         if alive and not fresh:
             # status.json is absent or from the previous launch (e.g. just resumed): the child is starting
             status.update(state="starting", error=None, eta_s=None)
+        elif not alive and (status["state"] not in FINAL_STATES or not fresh) and float(
+                info.get("stopRequested") or 0) >= started:
+            # stopped (SIGTERM) before the trainer took over its signals: nothing to resume from this launch
+            status.update(state="stopped", error=None, eta_s=None)
         elif not alive and (status["state"] not in FINAL_STATES or not fresh):
             # died without a final status (crash, kill -9, or a relaunch that failed before writing one)
             tail = self.logTail(40)
@@ -288,6 +293,9 @@ class TrainJob:
         pid = self.pid
         if not self.isProcessRunning():
             return self.status()["state"]
+        record = self.info()
+        record["stopRequested"] = time.time()  # a child killed by this signal before its handler is "stopped"
+        _writeJson(self.jobFile, record)
         try:
             os.kill(int(pid), signal.SIGTERM)  # Windows: TerminateProcess (no checkpoint beyond the last saved)
         except (ProcessLookupError, PermissionError):

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
 from . import export
-from .jobs import MODES, TrainJob, TrainJobError, findJobs, jobsRoot, remember, resumeCommand
+from .jobs import _CHILDREN, MODES, TrainJob, TrainJobError, findJobs, jobsRoot, remember, resumeCommand
 
 #: Option keys given to the CLI as arguments; every other key goes to the --config JSON file.
 CLI_OPTIONS = ("stage", "steps", "epochs", "device")
@@ -158,8 +159,35 @@ class MedDINOv3TrainLogic(_LogicBase):
         if mode not in MODES:
             raise TrainJobError(f"Unknown mode {mode!r}: use one of {', '.join(MODES)}.")
         options = dict(options or {})
-        runDir = self._runFolder(mode, outputFolder)
-        runDir.mkdir(parents=True, exist_ok=True)
+        try:
+            runDir = self._runFolder(mode, outputFolder)
+            created = not runDir.exists()
+            runDir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrainJobError(f"Cannot create the output folder {outputFolder}: {e.strerror or e}") from e
+        try:
+            job = self._launch(mode, data, runDir, base, size, options)
+        except BaseException as e:
+            spawned = _CHILDREN.get(str(runDir))
+            if spawned is not None and spawned.poll() is None:
+                raise  # the process runs (a later step failed): its folder stays
+            # nothing half-made stays behind: the folder (empty before, see _runFolder) is free for a new start
+            if created:
+                shutil.rmtree(runDir, ignore_errors=True)
+            else:
+                for path in runDir.iterdir():
+                    if path.is_dir():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                where = f": {e.filename}" if e.filename else ""
+                raise TrainJobError(f"Could not start the training process: {e.strerror or e}{where}") from e
+            raise
+        remember(runDir)
+        return self._track(job)
+
+    def _launch(self, mode: str, data, runDir: Path, base, size, options: dict) -> TrainJob:
         if isinstance(data, (list, tuple)):
             data = self.exportDataset(data, runDir / "dataset")
         if not data:
@@ -176,9 +204,7 @@ class MedDINOv3TrainLogic(_LogicBase):
         info = {"mode": mode, "data": data, "base": str(base) if base else None, "size": None if base else size,
                 "stage": options.get("stage"), "device": options.get("device"), "options": options}
         logging.info("MedDINOv3 Train: %s", " ".join(command))
-        job = TrainJob.launch(runDir, command, info, env=self._environment())
-        remember(runDir)
-        return self._track(job)
+        return TrainJob.launch(runDir, command, info, env=self._environment())
 
     def resumeJob(self, job) -> TrainJob:
         job = self._track(job if isinstance(job, TrainJob) else TrainJob(job))

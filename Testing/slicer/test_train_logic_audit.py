@@ -1,0 +1,163 @@
+"""MedDINOv3TrainLogic edge cases a user meets while preparing training data (headless Slicer, real MRML nodes).
+
+- A segment named "background" is refused (it took label 0's name: dataset.json had no label 0).
+- A pair whose volume or segmentation was removed from the scene after selection: a clear message, no traceback.
+- An existing folder is replaced only if it holds nothing but an earlier export (a user's nnU-Net dataset stays).
+- A destination under a file, or a job that cannot start, is a clear error and leaves nothing behind; the
+  output folder of a failed start can be used again.
+
+Nothing is mocked: the failing start uses a Python executable path that does not exist.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from Testing.slicer.test_train_logic import _box, _segmentation, _volume
+
+SHAPE = (6, 20, 24)
+
+
+@pytest.fixture(autouse=True)
+def meddinov3_home(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("MEDDINOV3_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def logic(headless_slicer):
+    from MedDINOv3TrainLib.logic import MedDINOv3TrainLogic
+
+    return MedDINOv3TrainLogic()
+
+
+def _pair(scene, name: str, segments=None, seed=0):
+    volumeNode = _volume(scene, name, SHAPE, seed=seed)
+    segments = segments or {"Liver": _box(SHAPE, (1, 4), (2, 10), (3, 12))}
+    return volumeNode, _segmentation(scene, volumeNode, segments, f"{name} segmentation")
+
+
+def test_segment_named_background_is_refused(logic, slicer_scene, tmp_path):
+    from MedDINOv3TrainLib.export import DatasetExportError
+
+    pair = _pair(slicer_scene, "ct", {"Background": _box(SHAPE, (0, 2), (0, 4), (0, 4)),
+                                      "Liver": _box(SHAPE, (3, 5), (5, 9), (5, 9))})
+    with pytest.raises(DatasetExportError, match="'Background' has the name of label 0"):
+        logic.classPreview([pair])
+    with pytest.raises(DatasetExportError, match="label 0"):
+        logic.exportDataset([pair], tmp_path / "dataset")
+    assert [p.name for p in tmp_path.iterdir()] == ["home"]
+
+
+def test_nodes_removed_from_the_scene_after_selection(logic, slicer_scene, tmp_path):
+    from MedDINOv3TrainLib.export import DatasetExportError
+
+    kept = _pair(slicer_scene, "kept", seed=1)
+    gone = _pair(slicer_scene, "gone", seed=2)
+    slicer_scene.RemoveNode(gone[0])
+    with pytest.raises(DatasetExportError, match=r"Case 2 \(gone\): the volume was removed from the scene"):
+        logic.exportDataset([kept, gone], tmp_path / "dataset")
+    other = _pair(slicer_scene, "other", seed=3)
+    slicer_scene.RemoveNode(other[1])
+    with pytest.raises(DatasetExportError, match="segmentation 'other segmentation' was removed from the scene"):
+        logic.exportDataset([kept, other], tmp_path / "dataset")
+    assert [p.name for p in tmp_path.iterdir()] == ["home"], "no staging folder left behind"
+
+
+def test_users_dataset_folder_is_never_replaced(logic, slicer_scene, tmp_path):
+    from MedDINOv3TrainLib.export import DatasetExportError
+
+    pair = _pair(slicer_scene, "ct")
+    users = tmp_path / "Dataset001_Liver"  # the user's own nnU-Net dataset: it has a dataset.json too
+    (users / "imagesTs").mkdir(parents=True)
+    (users / "imagesTs" / "mine_0000.nii.gz").write_text("precious")
+    (users / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "liver": 1}}))
+    with pytest.raises(DatasetExportError, match="not an exported dataset"):
+        logic.exportDataset([pair], users)
+    assert (users / "imagesTs" / "mine_0000.nii.gz").read_text() == "precious"
+
+    exported = Path(logic.exportDataset([pair], tmp_path / "export"))
+    logic.exportDataset([pair], exported)  # an earlier export of this module is replaced
+    (exported / "notes.txt").write_text("mine")  # ... unless the user put files of theirs in it
+    with pytest.raises(DatasetExportError, match="not an exported dataset"):
+        logic.exportDataset([pair], exported)
+    assert (exported / "notes.txt").read_text() == "mine"
+
+
+def test_destination_under_a_file_is_a_clear_error(logic, slicer_scene, tmp_path):
+    from MedDINOv3TrainLib.export import DatasetExportError
+    from MedDINOv3TrainLib.jobs import TrainJobError
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DatasetExportError, match="is a file"):
+        logic.exportDataset([_pair(slicer_scene, "ct")], tmp_path / "afile" / "dataset")
+    with pytest.raises(TrainJobError, match="Cannot create the output folder"):
+        logic.startJob("finetune", tmp_path, tmp_path / "afile" / "run", size="tiny", options={"steps": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "home"]
+
+
+def test_failed_start_leaves_no_half_made_job(logic, slicer_scene, tmp_path, meddinov3_home):
+    from MedDINOv3TrainLib.export import DatasetExportError
+    from MedDINOv3TrainLib.jobs import TrainJobError
+
+    volumeNode = _volume(slicer_scene, "ct", SHAPE)
+    empty = slicer_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "no segments")
+    with pytest.raises(DatasetExportError, match="no segments"):
+        logic.startJob("finetune", [(volumeNode, empty)], tmp_path / "run", size="tiny", options={"steps": 2})
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(TrainJobError, match="not found"):
+        logic.startJob("finetune", tmp_path / "missing", None, size="tiny", options={"steps": 2})
+    assert list((meddinov3_home / "jobs").iterdir()) == []
+
+    mine = tmp_path / "chosen"
+    mine.mkdir()  # an empty folder the user picked: it stays, empty
+    logic.pythonExecutable = str(tmp_path / "no-such-python")
+    for _ in range(2):  # the second try is not refused with "already holds a training job"
+        with pytest.raises(TrainJobError, match="Could not start the training process.*no-such-python"):
+            logic.startJob("finetune", tmp_path, mine, size="tiny", options={"steps": 2, "batch_size": 2})
+        assert mine.is_dir() and list(mine.iterdir()) == []
+    assert logic.jobs() == []
+
+
+def test_preview_warns_about_empty_segments(logic, slicer_scene):
+    import numpy as np
+
+    first = _pair(slicer_scene, "first", {"Liver": _box(SHAPE, (1, 4), (2, 10), (3, 12)),
+                                          "Tumor": np.zeros(SHAPE, bool)}, seed=1)
+    second = _pair(slicer_scene, "second", {"Liver": _box(SHAPE, (0, 2), (0, 4), (0, 4)),
+                                            "Tumor": _box(SHAPE, (3, 5), (5, 9), (5, 9))}, seed=2)
+    second[1].GetSegmentation().AddEmptySegment("liver", "liver")  # an empty duplicate beside a filled one: fine
+    preview = logic.classPreview([first, second])
+    assert preview["classes"] == {"Liver": ["first", "second"], "Tumor": ["first", "second"]}
+    assert preview["warnings"] == ["Case 'first': the 'Tumor' segment is empty: it will be trained as background there."]
+
+
+def test_stop_during_start_up_is_stopped_not_failed(logic, tmp_path):
+    """Stop right after Start: SIGTERM reaches the child before its trainer handles signals. The user asked
+    for it: "stopped", not "failed" with the launch command as the error."""
+    import sys
+
+    from Testing.train._datasets import phantom_dataset
+
+    data = phantom_dataset(tmp_path / "dataset", n=1, shape=(8, 40, 40))
+    logic.childEnvironment = {"OMP_NUM_THREADS": "1"}
+    job = logic.startJob("finetune", data, tmp_path / "run", size="tiny",
+                         options={"steps": 2, "device": "cpu", "cache_dir": str(tmp_path / "cache")})
+    assert job.stop(timeout=60) == "stopped", job.logTail(20)
+    status = job.status()
+    assert status["state"] == "stopped" and not status["error"] and not job.isProcessRunning()
+
+    # a process that died on its own is still "failed"; the launch header (our own line) is never the error
+    from MedDINOv3TrainLib.jobs import TrainJob
+
+    dead = tmp_path / "dead"
+    dead.mkdir()
+    (dead / "job.json").write_text(json.dumps({"mode": "finetune", "pid": 0, "started": 1.0}))
+    (dead / "log.txt").write_text(f"\n# 2026-01-01 00:00:00 {sys.executable} -m meddinov3.cli.main train\n")
+    status = TrainJob(dead).status()
+    assert status["state"] == "failed" and status["error"] == "the training process ended without a status"
