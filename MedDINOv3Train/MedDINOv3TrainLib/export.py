@@ -4,7 +4,8 @@ Classes are matched across cases by segment name (case-insensitive, surrounding 
 terminology type code (e.g. SNOMED CT 10200004 "Liver") when the names differ and the code is specific to one
 segment of that segmentation. Label values follow the order in which classes are first seen (case by case,
 segment by segment): background 0, then 1, 2, ... (a segment named "background" is refused: voxels in no segment
-are background). Where segments of a case overlap, the segment listed later in the segmentation wins. Each case's label map is written on its volume's voxel grid
+are background). Where segments of a case overlap, the segment listed later in the segmentation wins
+(a segment left with no voxel is refused). Each case's label map is written on its volume's voxel grid
 (same IJK order and IJKToRAS as the image), so image and label always have identical geometry.
 
 The folder is written next to its destination and moved into place at the end (atomic: a reader never sees a
@@ -244,6 +245,16 @@ def labelArray(segmentationNode, volumeNode, mapping: dict) -> np.ndarray:
         raise DatasetExportError(f"Segmentation '{segmentationNode.GetName()}' exported with shape {exported.shape}, "
                                  f"volume '{volumeNode.GetName()}' has {shape}.")
     # The exporter writes segment n of `ids` as value n (1-based) when no colour table is given.
+    present = set(np.unique(exported).tolist())
+    segmentation = segmentationNode.GetSegmentation()
+    hidden = [segmentation.GetSegment(sid).GetName() for index, sid in enumerate(segmentIds)
+              if index + 1 not in present and segmentIsEmpty(segmentation, sid) is False]
+    if hidden:  # its class would be trained as absent from this case without anyone noticing
+        raise DatasetExportError(
+            f"Segmentation '{segmentationNode.GetName()}': segment(s) {', '.join(repr(n) for n in hidden)} keep no "
+            f"voxel on the grid of volume '{volumeNode.GetName()}': segments listed after them cover them (where "
+            "segments overlap, the later one wins: move them down in the Segment Editor), or they are smaller than "
+            "a voxel.")
     lookup = np.zeros(len(segmentIds) + 1, dtype=np.uint8)
     for index, sid in enumerate(segmentIds):
         lookup[index + 1] = mapping[sid]

@@ -161,3 +161,21 @@ def test_stop_during_start_up_is_stopped_not_failed(logic, tmp_path):
     (dead / "log.txt").write_text(f"\n# 2026-01-01 00:00:00 {sys.executable} -m meddinov3.cli.main train\n")
     status = TrainJob(dead).status()
     assert status["state"] == "failed" and status["error"] == "the training process ended without a status"
+
+
+def test_segment_covered_by_a_later_one_is_refused(logic, slicer_scene, tmp_path):
+    """Where segments overlap the later-listed one wins: a tumour listed before the liver that contains it would
+    vanish from the labels while dataset.json still lists it. Listed after the liver, it keeps its voxels."""
+    from MedDINOv3TrainLib.export import DatasetExportError
+
+    tumour, liver = _box(SHAPE, (2, 4), (4, 7), (5, 8)), _box(SHAPE, (1, 5), (2, 10), (3, 12))
+    hidden = _pair(slicer_scene, "hidden", {"Tumor": tumour, "Liver": liver})
+    with pytest.raises(DatasetExportError, match=r"segment\(s\) 'Tumor' keep no voxel .*move them down"):
+        logic.exportDataset([hidden], tmp_path / "dataset")
+    assert not (tmp_path / "dataset").exists()
+    ordered = _pair(slicer_scene, "ordered", {"Liver": liver, "Tumor": tumour}, seed=1)
+    folder = Path(logic.exportDataset([ordered], tmp_path / "dataset"))
+    import SimpleITK as sitk
+
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr" / "ordered.nii.gz")))
+    assert (labels == 2).sum() == tumour.sum() and (labels == 1).sum() == liver.sum() - tumour.sum()
