@@ -44,12 +44,14 @@ Inside a real Slicer (``slicer.app`` already exists) :func:`setup_headless_slice
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import enum
 import json
 import logging
 import os
 import pathlib
+import shutil
 import sys
 import tempfile
 import types
@@ -670,7 +672,9 @@ def setup_headless_slicer(temporary_path: str | None = None):
         sys.modules[f"slicer.{name}"] = module
         setattr(slicer, name, module)
 
-    temporary_path = temporary_path or tempfile.mkdtemp(prefix="meddinov3-slicer-")
+    if temporary_path is None:  # ours: removed when the process ends
+        temporary_path = tempfile.mkdtemp(prefix="meddinov3-slicer-")
+        atexit.register(shutil.rmtree, temporary_path, True)
     scene = slicer.vtkMRMLScene()
     application_logic = slicer.vtkSlicerApplicationLogic()
     application_logic.SetTemporaryPath(temporary_path)

@@ -57,7 +57,8 @@ class SegmentTask:
     """A running segmentation. `poll()` (caller's thread) drains progress and, at the end, builds the node.
 
     States: "running", "succeeded", "failed", "cancelled". `result` is the segmentation node on success,
-    `error` a MedDINOv3SegmentError otherwise. Callbacks run inside `poll()` / `cancel()`.
+    `error` a MedDINOv3SegmentError otherwise. Callbacks run inside `poll()` / `cancel()`. If the input volume or
+    the output node leaves the scene (deleted, scene closed) while running, the next `poll()` stops the child: "failed".
     """
 
     def __init__(self, logic: "MedDINOv3SegmentLogic", workDir: Path, process: ChildProcess, inputPath: Path,
@@ -86,6 +87,11 @@ class SegmentTask:
         """Handle what the child reported; returns True while the task is still running."""
         if not self.running:
             return False
+        removed = self._removedNodeMessage()
+        if removed is not None:  # e.g. the scene was closed: the result could go nowhere, stop the child now
+            self.process.kill(timeout=1.0)
+            self._finish("failed", MedDINOv3SegmentError(removed))
+            return False
         for event in self.process.drain():
             self._handleEvent(event)
         code = self.process.returncode()
@@ -111,6 +117,13 @@ class SegmentTask:
                 logging.info("MedDINOv3 segment process output:\n%s", stderr)
             self._finish("failed", MedDINOv3SegmentError(message))
         return False
+
+    def _removedNodeMessage(self) -> str | None:
+        if self.inputVolumeNode.GetScene() is None:
+            return "The input volume was removed from the scene during segmentation."
+        if self.outputSegmentationNode is not None and self.outputSegmentationNode.GetScene() is None:
+            return "The output segmentation was removed from the scene during segmentation."
+        return None
 
     def _handleEvent(self, event: dict) -> None:
         name = event.get("event")
@@ -210,18 +223,22 @@ class MedDINOv3SegmentLogic(ScriptedLoadableModuleLogic):
                      onFinished: Callable | None = None, modelPostprocessing: bool = True) -> SegmentTask:
         """Start segmenting; returns a SegmentTask at once (call its `poll()` regularly, or `cancel()`).
 
-        `outputSegmentationNode`: None creates a new node on success; a node has its segments replaced.
+        `outputSegmentationNode`: None creates a new node on success; a node has its segments replaced. Either way
+        the node gets the input volume's parent transform and its grid as reference geometry.
         `modelPostprocessing`: apply the clean-up steps the model package declares (False: the raw labels).
         Input problems raise MedDINOv3SegmentError here; later problems reach `onFinished(None, error)`.
         """
         if inputVolumeNode is None:
             raise MedDINOv3SegmentError("No input volume selected.")
         if not inputVolumeNode.IsA("vtkMRMLScalarVolumeNode") or inputVolumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
-            raise MedDINOv3SegmentError("The input must be a scalar (grayscale) volume, not a label map.")
+            kind = "a label map" if inputVolumeNode.IsA("vtkMRMLLabelMapVolumeNode") else f"a {inputVolumeNode.GetClassName()}"
+            raise MedDINOv3SegmentError(f"The input must be a scalar (grayscale) volume, not {kind}.")
         if not model:
             raise MedDINOv3SegmentError("No model selected.")
         if outputSegmentationNode is not None and not outputSegmentationNode.IsA("vtkMRMLSegmentationNode"):
             raise MedDINOv3SegmentError("The output must be a segmentation node.")
+        if inputVolumeNode.GetImageData() is None:
+            raise MedDINOv3SegmentError("The input volume has no image data.")
         if batchSize in (None, 0, "0", ""):
             batchSize = "auto"
         roiBox = nodes.roiToVoxelBox(roiNode, inputVolumeNode) if roiNode is not None else None
@@ -267,8 +284,6 @@ class MedDINOv3SegmentLogic(ScriptedLoadableModuleLogic):
             nodes.fillSegmentationNode(outputSegmentationNode, inputVolumeNode, labels, segments)
             if outputSegmentationNode.GetDisplayNode() is None:
                 outputSegmentationNode.CreateDefaultDisplayNodes()
-            parent = inputVolumeNode.GetParentTransformNode()
-            outputSegmentationNode.SetAndObserveTransformNodeID(parent.GetID() if parent else None)
         except BaseException:
             if created:
                 scene.RemoveNode(outputSegmentationNode)

@@ -68,6 +68,8 @@ def roiToVoxelBox(roiNode, volumeNode) -> list[int]:
     import slicer
 
     size = np.array(roiNode.GetSize(), dtype=float)
+    if not size.any():  # e.g. "Create new ROI" in a selector, never placed: its centre (0, 0, 0) means nothing
+        raise MedDINOv3SegmentError(f"The ROI '{roiNode.GetName()}' has no size: place it in the views first.")
     objectToWorld = slicer.util.arrayFromVTKMatrix(roiNode.GetObjectToWorldMatrix())
     signs = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], dtype=float)
     corners = np.c_[signs * size / 2.0, np.ones(8)].T  # 4 x 8, object coordinates
@@ -214,6 +216,8 @@ def fillSegmentationNode(segmentationNode, volumeNode, labels: np.ndarray, segme
     """Replace all segments of `segmentationNode` by `segments` with voxels `labels` (on the volume's grid).
 
     Every listed segment is created, empty ones included, in the listed order. Returns the segment IDs.
+    The segmentation node gets the volume's parent transform and reference geometry (the volume's own grid),
+    so it is displayed where the volume is, whatever transform it had before.
     """
     import slicer
     import vtk
@@ -227,7 +231,9 @@ def fillSegmentationNode(segmentationNode, volumeNode, labels: np.ndarray, segme
             segmentation.SetSourceRepresentationName(binaryLabelmap)
         else:
             segmentation.SetMasterRepresentationName(binaryLabelmap)
-        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        # `labels` are in the volume's local RAS and the labelmap node below has no parent transform: import them
+        # into a segmentation without one (else the import applies the inverse of the segmentation's transform).
+        segmentationNode.SetAndObserveTransformNodeID(None)
         ids = vtk.vtkStringArray()
         consecutive = np.zeros(labels.shape, dtype=np.uint16 if len(segments) > 255 else np.uint8)
         segmentIds = []
@@ -251,6 +257,10 @@ def fillSegmentationNode(segmentationNode, volumeNode, labels: np.ndarray, segme
             logic = slicer.vtkSlicerSegmentationsModuleLogic
             if not logic.ImportLabelmapToSegmentationNode(labelmap, segmentationNode, ids):
                 raise MedDINOv3SegmentError("Importing the segmentation result into the segmentation node failed.")
+        # Then the volume's parent transform: the reference geometry is computed in the segmentation's coordinates,
+        # so with the same parent it is the volume's own grid (the Segment Editor then edits on that grid).
+        segmentationNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
     finally:
         segmentationNode.EndModify(wasModifying)
     return segmentIds
