@@ -284,6 +284,8 @@ class MedDINOv3SegmentLogic(ScriptedLoadableModuleLogic):
             nodes.fillSegmentationNode(outputSegmentationNode, inputVolumeNode, labels, segments)
             if outputSegmentationNode.GetDisplayNode() is None:
                 outputSegmentationNode.CreateDefaultDisplayNodes()
+            if created:
+                nodes.placeBesideInHierarchy(outputSegmentationNode, inputVolumeNode)
         except BaseException:
             if created:
                 scene.RemoveNode(outputSegmentationNode)

@@ -264,3 +264,22 @@ def fillSegmentationNode(segmentationNode, volumeNode, labels: np.ndarray, segme
     finally:
         segmentationNode.EndModify(wasModifying)
     return segmentIds
+
+
+def placeBesideInHierarchy(node, volumeNode) -> None:
+    """Put `node` in the subject hierarchy folder (patient / study) that holds `volumeNode`, as a loaded DICOM
+    study keeps its segmentations beside its series in the Data module."""
+    import slicer
+
+    shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(volumeNode.GetScene())
+    if shNode is None:
+        return
+    volumeItem = shNode.GetItemByDataNode(volumeNode)
+    if not volumeItem:
+        return
+    parent = shNode.GetItemParent(volumeItem)
+    item = shNode.GetItemByDataNode(node)
+    if item:
+        shNode.SetItemParent(item, parent)
+    else:  # Slicer's subject hierarchy plugins (Qt) add an item for every new node; without them, add it here
+        shNode.CreateItem(parent, node)

@@ -160,3 +160,18 @@ def test_input_that_is_not_a_grayscale_volume_is_named(logic):
         logic.segmentAsync(labels, MODEL)
     with pytest.raises(MedDINOv3SegmentError, match="scalar \\(grayscale\\) volume, not a vtkMRMLSegmentationNode"):
         logic.segmentAsync(segmentation, MODEL)
+
+
+def test_new_segmentation_goes_into_the_volumes_study(logic, ct_voxels):
+    """A new result sits beside its volume in the subject hierarchy (the patient / study of a DICOM load)."""
+    volume = slicer.util.addVolumeFromArray(ct_voxels, geometry_cases()["plain"], name="CT")
+    shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+    patient = shNode.CreateSubjectItem(shNode.GetSceneItemID(), "Patient 1")
+    study = shNode.CreateStudyItem(patient, "CT study")
+    volumeItem = shNode.GetItemByDataNode(volume)  # in Slicer its Qt plugins add the item; headless, we do
+    if volumeItem:
+        shNode.SetItemParent(volumeItem, study)
+    else:
+        shNode.CreateItem(study, volume)
+    result = logic.segment(volume, MODEL, device="cpu")
+    assert shNode.GetItemParent(shNode.GetItemByDataNode(result)) == study
