@@ -16,27 +16,17 @@ import pytest
 import slicer
 import vtk
 
+from Testing.slicer import test_segment_logic as base
 from Testing.slicer.test_segment_logic import geometry_cases, labelmap_on_volume_grid, matrix, rotation, segment_names
 
 MODEL = "demo-liver-ct"
+logic, liver_voxels = base.logic, base.liver_voxels  # the same fixtures
 
 
 @pytest.fixture(scope="module")
-def ct_voxels() -> np.ndarray:
+def ct_voxels(liver_voxels) -> np.ndarray:
     """6 axial slices (k, j, i) of the LiTS liver CT (HU) through the liver."""
-    import SimpleITK as sitk
-
-    from meddinov3.phantom import load_liver_ct
-
-    image, _ = load_liver_ct()
-    return sitk.GetArrayFromImage(image)[60:66].copy()
-
-
-@pytest.fixture
-def logic(headless_slicer, slicer_scene):
-    from MedDINOv3Segment import MedDINOv3SegmentLogic
-
-    return MedDINOv3SegmentLogic()
+    return liver_voxels[8:14].copy()
 
 
 def linear_transform(name: str, linear: np.ndarray, origin) -> "slicer.vtkMRMLLinearTransformNode":
