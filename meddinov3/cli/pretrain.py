@@ -56,6 +56,10 @@ def run(args) -> int:
 
     from .train import explicit_options
 
+    if args.base and args.size:  # the base's architecture is used: --size must not be recorded as if it applied
+        print(f"meddinov3 pretrain: warning: --size {args.size} is ignored: the architecture comes from --base "
+              f"{args.base}", file=sys.stderr)
+        args.size = None
     cfg = build_config(args)
     try:
         status = pretrain(cfg, resume=args.resume, json_progress=args.json_progress,

@@ -22,6 +22,7 @@ from ..volumes import InputError, Orientation, dicom_series, image_suffix, read_
 from .crops import normalize_hu
 
 AIR_HU = -900.0  # a slice whose every voxel is below this is air (outside the body)
+NO_AIR_HU = -500  # a CT volume always holds some air (below this); a volume without any is not HU
 SKIP_DIRS = {"labelsTr", "labelsTs", "labels", "segmentations", "masks"}
 
 
@@ -47,6 +48,9 @@ def collect_volumes(source: str | os.PathLike | list) -> list[Path]:
                 data = json.loads(src.read_text())
             except json.JSONDecodeError as e:
                 raise PretrainDataError(f"{src}: not valid JSON ({e})") from None
+            if isinstance(data, dict) and "volumes" not in data and "images" not in data and \
+                    {"channel_names", "file_ending"} & set(data):  # an nnU-Net dataset's dataset.json
+                return collect_volumes(src.parent)
             items = data.get("volumes", data.get("images")) if isinstance(data, dict) else data
             if not isinstance(items, list):
                 raise PretrainDataError(f"{src}: expected a JSON list of paths or {{\"volumes\": [...]}}")
@@ -55,7 +59,11 @@ def collect_volumes(source: str | os.PathLike | list) -> list[Path]:
         elif image_suffix(src):
             paths = [src]
         else:
-            lines = [ln.strip() for ln in src.read_text().splitlines()]
+            try:
+                lines = [ln.strip() for ln in src.read_text().splitlines()]
+            except UnicodeDecodeError:
+                raise PretrainDataError(f"{src}: neither a CT volume (.nii/.nii.gz/.nrrd/.mha/.mhd), a DICOM folder, "
+                                        "nor a .txt/.json list of volumes") from None
             paths = [(src.parent / ln) if not Path(ln).is_absolute() else Path(ln)
                      for ln in lines if ln and not ln.startswith("#")]
     missing = [str(p) for p in paths if not p.exists()]
@@ -120,6 +128,9 @@ def build_slice_index(volumes: list[Path], folder: str | os.PathLike, log=print,
             arr = Orientation.of(image).to_canonical(sitk.GetArrayViewFromImage(image))
             arr = np.ascontiguousarray(np.clip(np.rint(arr), -32768, 32767).astype(np.int16))
             keep = np.flatnonzero(arr.reshape(arr.shape[0], -1).max(axis=1) >= AIR_HU).astype(np.int32)
+            if arr.size and int(arr.min()) > NO_AIR_HU:
+                log(f"WARNING: {path}: does not look like CT in Hounsfield units (lowest value {int(arr.min())}, no "
+                    "air); its values are used as HU (an MR or rescaled volume pretrains on meaningless intensities)")
             with atomic_path(shard, suffix=".npy") as tmp:
                 np.save(tmp, arr)
             with atomic_path(keep_file, suffix=".npy") as tmp:

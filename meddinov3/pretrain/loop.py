@@ -68,6 +68,11 @@ def collapse_check(stats: dict, state: dict, cfg: PretrainConfig, step: int) -> 
     return f"{'; '.join(why)} for {cfg.collapse_patience} steps"
 
 
+GRAM_FROM_SCRATCH = ("stage {stage} anchors the patch features to those of a trained teacher (Gram anchoring), but the "
+                     "run would start from a random network: give --base (a stage-1 run folder or a pretrained "
+                     "backbone) or run stage 1 first")
+
+
 class PretrainError(Exception):
     """A problem the user can fix (bad options, existing run folder, unusable base...)."""
 
@@ -132,8 +137,29 @@ class PretrainConfig(JsonOptions):
     parallel: str = "ddp"  # under torchrun: "ddp" (replicated model) or "fsdp" (sharded with FSDP2)
 
     def validate(self) -> None:
+        def number(key: str, low: float, whole: bool = True, optional: bool = False) -> None:
+            value = getattr(self, key)
+            if optional and value is None:
+                return
+            kinds = int if whole else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kinds) or value < low:
+                what = "a whole number" if whole else "a number"
+                raise ValueError(f"{key} must be {what} of at least {low:g}, got {value!r}")
+
+        for key in ("steps", "batch_size", "global_size", "local_size", "checkpoint_every", "log_every",
+                    "collapse_patience"):
+            number(key, 1)
+        for key in ("seed", "warmup_steps", "teacher_temp_warmup_steps", "freeze_last_layer_steps", "n_local",
+                    "probe_every"):
+            number(key, 0)
+        number("micro_batch", 1, optional=True)
+        for key in ("lr", "min_lr", "weight_decay", "weight_decay_end", "momentum", "momentum_end", "grad_clip",
+                    "teacher_temp", "warmup_teacher_temp", "student_temp", "highres_factor"):
+            number(key, 0, whole=False)
         if self.stage not in (1, 2, 3):
             raise ValueError(f"stage must be 1, 2 or 3, got {self.stage}")
+        if self.stage >= 2 and self.size is not None and not self.base and not self.gram_teacher:
+            raise ValueError(GRAM_FROM_SCRATCH.format(stage=self.stage))
         if self.centering not in ("sinkhorn", "centering", "none"):
             raise ValueError(f"centering must be sinkhorn, centering or none, got {self.centering!r}")
         if self.parallel not in ("ddp", "fsdp"):
@@ -380,6 +406,8 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
     # ---- model
     torch.manual_seed(cfg.seed)
     mcfg, base_sd, prev_state, base_info = resolve_base(cfg, log)
+    if cfg.stage >= 2 and base_info["kind"] == "random" and not cfg.gram_teacher:
+        raise PretrainError(GRAM_FROM_SCRATCH.format(stage=cfg.stage))
     if prev_state is not None:
         cfg = inherit_heads(cfg, prev_state.get("config", {}).get("head"), log)
     head = HeadConfig(**cfg.head)
