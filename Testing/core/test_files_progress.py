@@ -201,3 +201,13 @@ def test_report_failure_keeps_a_resumed_runs_status_until_it_starts(tmp_path):
     assert data["state"] == "stopped" and data["step"] == 3
     events = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [e["event"] for e in events] == ["failed", "stopped"] and events[1]["signal"] == "SIGTERM"
+
+
+def test_atomic_dir_replacing_a_file_leaves_nothing_behind(tmp_path):
+    from meddinov3.files import atomic_dir
+
+    target = tmp_path / "out"
+    target.write_text("a file")
+    with atomic_dir(target, overwrite=True) as tmp:
+        (tmp / "model.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (target / "model.json").is_file()

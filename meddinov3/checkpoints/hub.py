@@ -148,8 +148,13 @@ def resolve_hf(ref: str, offline: bool | None = None, cache_dir: str | os.PathLi
                                   "file is corrupt or not the published one. Import the published file again.")
         return unverified
     unreachable = not offline and not hub_reachable()
+    cached_before = None
     try:
         if hub.filename:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached_before = try_to_load_from_cache(hub.repo_id, hub.filename, cache_dir=cache_dir,
+                                                   revision=hub.revision)
             path = Path(hf_hub_download(hub.repo_id, hub.filename, revision=hub.revision, cache_dir=cache_dir,
                                         local_files_only=offline or unreachable))
         else:  # a model package stored as a whole repository
@@ -165,6 +170,12 @@ def resolve_hf(ref: str, offline: bool | None = None, cache_dir: str | os.PathLi
     except Exception as e:  # network errors, missing repo or file, authentication
         raise ModelNotAvailable(f"{ref}: download failed ({type(e).__name__}: {e})") from None
     if expected and path.is_file() and not _verified_ok(path, expected):
+        if not isinstance(cached_before, str):  # downloaded just now: refused, so not kept in the cache either
+            blob = path.resolve()
+            path.unlink()
+            blob.unlink(missing_ok=True)
+            raise CheckpointError(f"{ref}: the downloaded file's sha256 does not match the manifest entry (the file "
+                                  "is corrupt or not the published one); it was deleted")
         raise CheckpointError(f"{path}: sha256 does not match the manifest entry for {ref}; the file is corrupt "
                               "or not the published one. Delete it and download again.")
     return path
@@ -206,6 +217,22 @@ def _manifest_match(src: Path, digest: str, name: str | None) -> tuple[dict, str
     return entry, "file name" if name is None else "name"
 
 
+def _check_import_name(name: str) -> None:
+    """An imported model's name is one folder of the store, and must not hide a manifest model of that name."""
+    if not name or name.startswith(".") or "/" in name or "\\" in name or name != name.strip():
+        raise CheckpointError(f"--name {name!r}: not usable as a model name (no path separators, no leading dot)")
+    entry = manifest_entry(name)
+    if entry is not None and not entry["ref"].startswith("hf:"):
+        raise CheckpointError(f"{name}: the name of a model of the manifest ({entry['ref']}); choose another --name")
+
+
+def _check_importable(src: Path) -> None:
+    """A file or folder that no command could load is refused before anything is copied."""
+    from .loader import read_model
+
+    read_model(src.resolve(), offline=True)  # its errors name the file and the problem
+
+
 def import_model(path: str | os.PathLike, name: str | None = None) -> ImportResult:
     """Copy a downloaded file or model folder into the user's store.
 
@@ -216,6 +243,9 @@ def import_model(path: str | os.PathLike, name: str | None = None) -> ImportResu
     src = Path(path)
     if not src.exists():
         raise CheckpointError(f"{src}: no such file or folder")
+    if name is not None:
+        _check_import_name(name)
+    _check_importable(src)
     digest = None
     if src.is_file():
         digest = sha256_of(src)
@@ -231,6 +261,8 @@ def import_model(path: str | os.PathLike, name: str | None = None) -> ImportResu
                 shutil.copyfile(src, tmp)
             return ImportResult(dest, entry["name"], digest, entry, matched_by)
     dest = user_dir() / "models" / (name or src.name.split(".")[0])
+    if name is None:
+        _check_import_name(dest.name)
     if dest.exists():
         raise FileExistsError(f"{dest}: a model with this name was already imported; choose another --name")
     tmp = dest.with_name(f".{dest.name}.importing")

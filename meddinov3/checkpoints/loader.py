@@ -17,7 +17,7 @@ from ..config import ModelConfig
 from ..model import MedDINOv3, build_model
 from ..resources import resources_dir, user_dir
 from .convert import DROPPED_PREFIXES, dinov3_to_backbone, infer_backbone_config, load_strict, strip_prefix, unwrap_module_prefixes
-from .hub import imported_model_path, manifest_entry, registered_models, registered_name, resolve_hf
+from .hub import RUN_OUTPUT_FOLDERS, imported_model_path, manifest_entry, registered_models, registered_name, resolve_hf
 from .nnunet import is_nnunet_folder, read_nnunet_folder
 from .package import ModelSpec, default_classes, is_package, provenance_now, read_spec, read_weights, write_package
 from .safe_load import CheckpointError, safe_torch_load
@@ -63,6 +63,13 @@ def detect_format(path: Path) -> str:
             return "package"
         if is_nnunet_folder(path):
             return "nnunet"
+        inner = [path / sub for sub in RUN_OUTPUT_FOLDERS if is_package(path / sub)]
+        if inner:
+            raise CheckpointError(f"{path}: a training or pretraining run folder; its model package is {inner[0]}")
+        if any(path.glob("fold_*/checkpoint_*.pth")):
+            missing = [n for n in ("plans.json", "dataset.json") if not (path / n).is_file()]
+            raise CheckpointError(f"{path}: nnU-Net result folder without {' and '.join(missing)} (copy the "
+                                  "folder whole: the folds need the trainer's plans.json and dataset.json)")
         raise CheckpointError(f"{path}: folder is neither a model package (model.json) nor an nnU-Net result "
                               "folder (plans.json + dataset.json + fold_*)")
     if path.name == "model.json":

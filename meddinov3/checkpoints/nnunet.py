@@ -114,8 +114,16 @@ def read_nnunet_folder(folder: str | Path, folds: list[str] | None = None
         ckpt = safe_torch_load(path)
         if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
             raise CheckpointError(f"{path}: not an nnU-Net checkpoint (no 'network_weights')")
-        trainer = ckpt.get("trainer_name") or trainer
+        fold_trainer = ckpt.get("trainer_name") or trainer
+        if fold_trainer != trainer and state_dicts:
+            raise CheckpointError(f"{path}: fold {fold} was trained with {fold_trainer}, the folds before it with "
+                                  f"{trainer}; one result folder holds the folds of one trainer")
+        trainer = fold_trainer
         weights = unwrap_module_prefixes(ckpt["network_weights"])
+        if not any(k.startswith("dino_encoder.") for k in weights):
+            raise CheckpointError(f"{path}: trainer {trainer or 'unknown'} is not a MedDINOv3 / DINOv3 Primus trainer "
+                                  "(no dino_encoder weights); supported: meddinov3_base_primus_multiscale_Trainer, "
+                                  "dinov3_base_primus_multiscale_Trainer and their single-scale *_primus_Trainer")
         encoder = strip_prefix(weights, "dino_encoder.")
         decoder = strip_prefix(weights, "up_projection.")
         other = [k for k in weights if not k.startswith(("dino_encoder.", "up_projection."))]

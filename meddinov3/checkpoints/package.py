@@ -199,6 +199,9 @@ def write_package(out_dir: str | os.PathLike, spec: ModelSpec, state_dicts: list
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir}: already exists (pass overwrite=True / --overwrite to replace it)")
+    if out_dir.exists() and not (out_dir.is_dir() and (is_package(out_dir) or not any(out_dir.iterdir()))):
+        raise FileExistsError(f"{out_dir}: exists and is not a model package; --overwrite replaces only a model "
+                              "package (or an empty folder), never other files: choose another output")
     if len(state_dicts) != len(spec.weights):
         spec = spec.replace(weights=["model.safetensors"] if len(state_dicts) == 1
                             else [f"fold_{f}.safetensors" for f in spec.folds])

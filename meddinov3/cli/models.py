@@ -61,5 +61,5 @@ def run(args) -> int:
     elif args.models_verb == "import":
         print("\n".join(import_report(import_model(args.file, name=args.name))))
     elif args.models_verb == "download":
-        print(resolve(args.name, offline=False))
+        print(resolve(args.name))  # downloads unless HF_HUB_OFFLINE / MEDDINOV3_OFFLINE say not to
     return 0
