@@ -378,7 +378,8 @@ def test_bad_base_and_foreign_folder_are_refused_before_indexing(liver, tmp_path
     _, _, vol = liver
     run = tmp_path / "run"
     r = _cli([*_tiny_args(vol, run, 2), "--base", str(tmp_path / "missing.pth")])
-    assert r.returncode == 2 and "missing.pth: unknown model" in r.stderr
+    error = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and "missing.pth: unknown model" in error and error.count("missing.pth") == 1
     assert not (run / "slices").exists()
     other = tmp_path / "other"
     other.mkdir()

@@ -77,6 +77,12 @@ class PretrainError(Exception):
     """A problem the user can fix (bad options, existing run folder, unusable base...)."""
 
 
+def base_error(base, error: Exception) -> PretrainError:
+    """`--base X: problem`, naming X once when the problem already starts with it (checkpoint errors do)."""
+    text = str(error)
+    return PretrainError(f"--base: {text}" if text.startswith(str(base)) else f"--base {base}: {text}")
+
+
 @dataclass
 class PretrainConfig(JsonOptions):
     SECTION = "pretrain"  # key of these options in the run's config.json
@@ -212,7 +218,7 @@ def resolve_base(cfg: PretrainConfig, log) -> tuple[object, dict | None, dict | 
         try:
             mcfg, sd, spec = load_backbone(cfg.base)
         except Exception as e:  # noqa: BLE001 - any unusable base is the user's to fix
-            raise PretrainError(f"--base {cfg.base}: {e}") from None
+            raise base_error(cfg.base, e) from None
         return mcfg, sd, None, {"base": str(cfg.base), "kind": spec.kind, "name": spec.name}
     if cfg.size is None:
         try:
@@ -372,7 +378,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, json_progress: bool = Fa
                 try:
                     resolve(cfg.base)
                 except CheckpointError as e:
-                    raise PretrainError(f"--base {cfg.base}: {e}") from None
+                    raise base_error(cfg.base, e) from None
                 prev = _base_run_checkpoint(cfg.base)
                 if prev is not None:  # a refused run checkpoint too, before anything is built
                     _read_state(prev, other_ok=True, mmap=True)
