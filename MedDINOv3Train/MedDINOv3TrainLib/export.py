@@ -217,6 +217,21 @@ def _toImage(voxels: np.ndarray, volumeNode):
     return image
 
 
+def _surfaceCopyOnVolumeGrid(segmentationNode, volumeNode):
+    """The node to export from: itself when its segments are binary labelmaps; else (closed surfaces) a temporary
+    copy that converts them on the volume's grid, so the user's node gets no extra representation (Slicer's default
+    conversion grid is finer than the volume's, and costly for large surfaces)."""
+    segmentation = segmentationNode.GetSegmentation()
+    getSource = getattr(segmentation, "GetSourceRepresentationName", None) or segmentation.GetMasterRepresentationName
+    if getSource() == "Binary labelmap":
+        return segmentationNode
+    copy = volumeNode.GetScene().AddNewNodeByClass("vtkMRMLSegmentationNode", "__meddinov3_export_segments")
+    copy.GetSegmentation().DeepCopy(segmentation)
+    copy.SetAndObserveTransformNodeID(segmentationNode.GetTransformNodeID())
+    copy.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+    return copy
+
+
 def labelArray(segmentationNode, volumeNode, mapping: dict) -> np.ndarray:
     """Label map (k, j, i) of `segmentationNode` on `volumeNode`'s grid, segment IDs mapped to class values.
 
@@ -227,19 +242,24 @@ def labelArray(segmentationNode, volumeNode, mapping: dict) -> np.ndarray:
 
     scene = volumeNode.GetScene()
     segmentIds = list(mapping)
+    existing = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
     labelNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__meddinov3_export_labels")
+    source = _surfaceCopyOnVolumeGrid(segmentationNode, volumeNode)
     try:
         ids = vtk.vtkStringArray()
         for sid in segmentIds:
             ids.InsertNextValue(sid)
         logic = slicer.modules.segmentations.logic()
-        ok = logic.ExportSegmentsToLabelmapNode(segmentationNode, ids, labelNode, volumeNode)
+        ok = logic.ExportSegmentsToLabelmapNode(source, ids, labelNode, volumeNode)
         if not ok:
             raise DatasetExportError(f"Could not export segmentation '{segmentationNode.GetName()}' on the grid of "
                                      f"volume '{volumeNode.GetName()}'.")
         exported = slicer.util.arrayFromVolume(labelNode).copy()
-    finally:
-        scene.RemoveNode(labelNode)
+    finally:  # the temporary nodes and what the exporter made for them (display nodes, colour table)
+        added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+        for node in added:
+            if node.GetID() not in existing and not node.IsA("vtkMRMLSubjectHierarchyNode"):
+                scene.RemoveNode(node)
     shape = slicer.util.arrayFromVolume(volumeNode).shape
     if exported.shape != shape:
         raise DatasetExportError(f"Segmentation '{segmentationNode.GetName()}' exported with shape {exported.shape}, "

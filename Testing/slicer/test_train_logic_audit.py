@@ -179,3 +179,41 @@ def test_segment_covered_by_a_later_one_is_refused(logic, slicer_scene, tmp_path
 
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr" / "ordered.nii.gz")))
     assert (labels == 2).sum() == tumour.sum() and (labels == 1).sum() == liver.sum() - tumour.sum()
+
+
+def test_closed_surface_segmentation_is_exported_without_changing_the_users_node(logic, slicer_scene, tmp_path):
+    """A segmentation held as closed surfaces is converted on the volume's grid in a temporary copy: the labels hold
+    the sphere, and the user's node gets no binary labelmap (Slicer's default grid for it is much finer)."""
+    import numpy as np
+    import SimpleITK as sitk
+    import vtk
+
+    from Testing.slicer.test_train_logic import _volume
+
+    volumeNode = _volume(slicer_scene, "surface", SHAPE, seed=3)
+    bounds = [0.0] * 6
+    volumeNode.GetRASBounds(bounds)
+    centre = [(bounds[2 * a] + bounds[2 * a + 1]) / 2 for a in range(3)]
+    radius = min(bounds[2 * a + 1] - bounds[2 * a] for a in range(3)) / 3
+    sphere = vtk.vtkSphereSource()
+    sphere.SetCenter(centre)
+    sphere.SetRadius(radius)
+    sphere.SetThetaResolution(40)
+    sphere.SetPhiResolution(40)
+    sphere.Update()
+    segmentationNode = slicer_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "surfaces")
+    segmentation = segmentationNode.GetSegmentation()
+    setSource = getattr(segmentation, "SetSourceRepresentationName", None) or segmentation.SetMasterRepresentationName
+    setSource("Closed surface")
+    segmentationNode.AddSegmentFromClosedSurfaceRepresentation(sphere.GetOutput(), "Liver", [1.0, 0.0, 0.0])
+    nodes_before = slicer_scene.GetNumberOfNodes()
+
+    folder = Path(logic.exportDataset([(volumeNode, segmentationNode)], tmp_path / "dataset"))
+    labels = sitk.ReadImage(str(folder / "labelsTr" / "surface.nii.gz"))
+    voxel_mm3 = float(np.prod(labels.GetSpacing()))
+    expected = 4 / 3 * np.pi * radius ** 3 / voxel_mm3
+    assert abs(int((sitk.GetArrayViewFromImage(labels) == 1).sum()) - expected) < 0.25 * expected
+    assert not segmentation.ContainsRepresentation("Binary labelmap")
+    extra = [slicer_scene.GetNthNode(i) for i in range(nodes_before, slicer_scene.GetNumberOfNodes())]
+    extra = [n for n in extra if not n.IsA("vtkMRMLSubjectHierarchyNode")]  # the scene's, made on first use
+    assert not extra, [(n.GetClassName(), n.GetName()) for n in extra]  # temporary nodes are removed
