@@ -133,3 +133,12 @@ class JsonOptions:
 
     def validate(self) -> None:
         """Raise ValueError for inconsistent options (subclasses add their checks)."""
+
+    def require_number(self, key: str, low: float, whole: bool = True, optional: bool = False) -> None:
+        """ValueError unless option `key` is a number (whole if `whole`) of at least `low`; None too if `optional`."""
+        value = getattr(self, key)
+        if optional and value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) or value < low:
+            raise ValueError(f"{key} must be {'a whole number' if whole else 'a number'} of at least {low:g}, "
+                             f"got {value!r}")

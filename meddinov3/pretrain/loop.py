@@ -143,25 +143,16 @@ class PretrainConfig(JsonOptions):
     parallel: str = "ddp"  # under torchrun: "ddp" (replicated model) or "fsdp" (sharded with FSDP2)
 
     def validate(self) -> None:
-        def number(key: str, low: float, whole: bool = True, optional: bool = False) -> None:
-            value = getattr(self, key)
-            if optional and value is None:
-                return
-            kinds = int if whole else (int, float)
-            if isinstance(value, bool) or not isinstance(value, kinds) or value < low:
-                what = "a whole number" if whole else "a number"
-                raise ValueError(f"{key} must be {what} of at least {low:g}, got {value!r}")
-
         for key in ("steps", "batch_size", "global_size", "local_size", "checkpoint_every", "log_every",
                     "collapse_patience"):
-            number(key, 1)
+            self.require_number(key, 1)
         for key in ("seed", "warmup_steps", "teacher_temp_warmup_steps", "freeze_last_layer_steps", "n_local",
                     "probe_every"):
-            number(key, 0)
-        number("micro_batch", 1, optional=True)
+            self.require_number(key, 0)
+        self.require_number("micro_batch", 1, optional=True)
         for key in ("lr", "min_lr", "weight_decay", "weight_decay_end", "momentum", "momentum_end", "grad_clip",
                     "teacher_temp", "warmup_teacher_temp", "student_temp", "highres_factor"):
-            number(key, 0, whole=False)
+            self.require_number(key, 0, whole=False)
         if self.stage not in (1, 2, 3):
             raise ValueError(f"stage must be 1, 2 or 3, got {self.stage}")
         if self.stage >= 2 and self.size is not None and not self.base and not self.gram_teacher:

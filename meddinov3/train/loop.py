@@ -97,17 +97,10 @@ class TrainConfig(JsonOptions):
         return AugmentConfig.from_dict(self.augment)
 
     def validate(self) -> None:
-        def whole(key: str, optional: bool = False) -> None:
-            value = getattr(self, key)
-            if optional and value is None:
-                return
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key} must be a whole number of at least 1, got {value!r}")
-
         for key in ("epochs", "steps_per_epoch", "batch_size"):
-            whole(key)
+            self.require_number(key, 1)
         for key in ("steps", "micro_batch"):
-            whole(key, optional=True)
+            self.require_number(key, 1, optional=True)
         vf = self.val_fraction
         if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0 <= vf < 1:
             raise ValueError(f"val_fraction must be at least 0 (no validation) and below 1, got {vf!r}")
