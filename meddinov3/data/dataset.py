@@ -208,6 +208,11 @@ def _csv_list(path: Path) -> Dataset:
     return Dataset(cases, labels, "CT", str(path), "csv")
 
 
+def nnunet_folder_named_by(path: Path) -> Path | None:
+    """The nnU-Net raw dataset folder that `path` names through its dataset.json (users pass either), else None."""
+    return path.parent if path.name == "dataset.json" and (path.parent / "imagesTr").is_dir() else None
+
+
 def load_dataset(path: str | os.PathLike) -> Dataset:
     """Read a dataset description (no voxels read); see the module docstring for the formats.
 
@@ -216,8 +221,7 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
     path = Path(os.path.abspath(Path(path).expanduser()))
     if not path.exists():
         raise DatasetError(f"{path}: no such dataset folder or file")
-    if path.name == "dataset.json" and (path.parent / "imagesTr").is_dir():
-        path = path.parent  # an nnU-Net dataset named by its dataset.json
+    path = nnunet_folder_named_by(path) or path
     if path.is_dir():
         if not (path / "dataset.json").is_file():
             raise DatasetError(f"{path}: folder has no dataset.json (expected an nnU-Net v2 raw dataset)")

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.dataset import nnunet_folder_named_by
 from ..files import atomic_path, write_json
 from ..volumes import InputError, Orientation, dicom_series, image_suffix, read_image
 from .crops import normalize_hu
@@ -43,14 +44,13 @@ def collect_volumes(source: str | os.PathLike | list) -> list[Path]:
             paths = _scan(src)
             if not paths:
                 raise PretrainDataError(f"{src}: no CT volumes found (.nii/.nii.gz/.nrrd/.mha/.mhd or DICOM series)")
+        elif nnunet_folder_named_by(src):
+            return collect_volumes(src.parent)
         elif src.suffix.lower() == ".json":
             try:
                 data = json.loads(src.read_text())
             except json.JSONDecodeError as e:
                 raise PretrainDataError(f"{src}: not valid JSON ({e})") from None
-            if isinstance(data, dict) and "volumes" not in data and "images" not in data and \
-                    {"channel_names", "file_ending"} & set(data):  # an nnU-Net dataset's dataset.json
-                return collect_volumes(src.parent)
             items = data.get("volumes", data.get("images")) if isinstance(data, dict) else data
             if not isinstance(items, list):
                 raise PretrainDataError(f"{src}: expected a JSON list of paths or {{\"volumes\": [...]}}")
