@@ -172,11 +172,11 @@ def read_image(path: str | os.PathLike, num_classes: int = 2, probabilities: boo
         check_header(path, image.GetSize(), image.GetSpacing(), image.GetDimension(),
                      image.GetNumberOfComponentsPerPixel(), num_classes, probabilities)
         return image
-    if image_suffix(path) is None and path.suffix.lower() not in (".dcm", ""):
+    suffix = image_suffix(path)
+    if suffix is None and path.suffix.lower() not in (".dcm", ""):
         raise InputError(path, "unsupported file type (use .nii, .nii.gz, .nrrd, .mha, .mhd or a DICOM folder)")
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
-    suffix = image_suffix(path)
     if suffix and not path.name.endswith(suffix):  # ITK picks MetaImage by the lower-case suffix only (CT.MHA)
         reader.SetImageIO(_ITK_IMAGE_IO[suffix])
     try:
@@ -186,9 +186,9 @@ def read_image(path: str | os.PathLike, num_classes: int = 2, probabilities: boo
         raise InputError(path, f"unreadable image file ({_first_line(e)})") from None
     check_header(path, reader.GetSize(), reader.GetSpacing(), reader.GetDimension(),
                  reader.GetNumberOfComponents(), num_classes, probabilities)
-    if image_suffix(path) in (".nii", ".nii.gz"):
+    if suffix in (".nii", ".nii.gz"):
         check_nifti_data(path)  # ITK zero-fills truncated data and turns NaN/inf into 0
-    elif image_suffix(path) in (".mha", ".mhd"):
+    elif suffix in (".mha", ".mhd"):
         check_metaimage_data(path)  # ITK prints its own lines on stderr, then gives a wrong reason
     try:
         with itk_warnings_off():
@@ -261,7 +261,7 @@ def check_nifti_data(path: str | os.PathLike, chunk_bytes: int = 1 << 24) -> Non
     import zlib
 
     path = Path(path)
-    gz = path.name.lower().endswith(".gz")
+    gz = path.name.lower().endswith(".gz")  # until the first bytes say (the error message if it cannot be opened)
     try:
         with open(path, "rb") as f:
             gz = f.read(2) == b"\x1f\x8b"  # ITK goes by the content too: a plain file named .nii.gz reads
