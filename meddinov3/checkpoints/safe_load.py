@@ -20,8 +20,16 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used; the message names the file and the problem."""
 
 
+def _pickled_by(obj):
+    """The callable numpy's own pickling names for `obj` (its public `__reduce__`): `numpy.core.multiarray.scalar`
+    for a scalar, `..._reconstruct` for an array, whatever module numpy keeps them in. Reaching them as
+    `np._core.multiarray` breaks on numpy 1.26 once torch is imported (Slicer 5.8): torch creates a bare
+    `numpy._core` without `multiarray`."""
+    return obj.__reduce__()[0]
+
+
 def _allowed_globals() -> list:
-    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+    scalar = _pickled_by(np.float64(0))
     allowed: list = [
         scalar,
         (scalar, "numpy.core.multiarray.scalar"),  # files written with numpy 1.x
@@ -42,8 +50,7 @@ def _allowed_globals() -> list:
 def _numpy_array_globals() -> list:
     """What a pickled numpy array needs: run checkpoints written before RNG states were plain data hold numpy's
     legacy RNG state, whose key is an array (an object array's items still pass through the allow-list)."""
-    core = np._core if hasattr(np, "_core") else np.core
-    rebuild = core.multiarray._reconstruct
+    rebuild = _pickled_by(np.zeros(0))
     return [rebuild, (rebuild, "numpy.core.multiarray._reconstruct"), (rebuild, "numpy._core.multiarray._reconstruct"),
             np.ndarray]
 
