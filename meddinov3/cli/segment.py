@@ -131,19 +131,19 @@ def run(args) -> int:
                                "scans (or several inputs) and an output folder")
         outputs, prob_outputs = _outputs(inputs, args, batch_mode)
         sources = input_files(inputs) if any(o.exists() for o in outputs) else []
-        for o, po in zip(outputs, prob_outputs):
-            try:
+        try:
+            for o, po in zip(outputs, prob_outputs):
                 check_not_input(o, sources)
-                if batch_mode:  # a cohort skips the cases whose outputs exist: only the folders must take files
-                    check_writable(o)
+                if not batch_mode:  # a cohort skips the cases whose outputs exist: only its folders must take files
+                    check_output(o, args.overwrite)
                     if po is not None:
-                        check_writable(po)
-                    continue
-                check_output(o, args.overwrite)
-                if po is not None:
-                    check_probabilities_output(po, args.overwrite)
-            except ValueError as e:
-                raise CommandError(str(e)) from None
+                        check_probabilities_output(po, args.overwrite)
+            if batch_mode:
+                for folder_file in (outputs[0], prob_outputs[0]):
+                    if folder_file is not None:
+                        check_writable(folder_file)
+        except ValueError as e:
+            raise CommandError(str(e)) from None
         info, device = _join(args.device) if batch_mode else (None, device_option(args.device))
         from ..checkpoints import load_model
 

@@ -92,14 +92,15 @@ def input_size(path: str | os.PathLike) -> int:
             return sum(f.stat().st_size for f in path.iterdir() if f.is_file()) // 2
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
-        with itk_warnings_off():
-            reader.ReadImageInformation()
+        try:
+            with itk_warnings_off():
+                reader.ReadImageInformation()
+        except RuntimeError:
+            return path.stat().st_size
         size = 1
         for n in reader.GetSize():
             size *= n
         return size
-    except RuntimeError:
-        return path.stat().st_size
     except OSError:
         return 0
 
@@ -142,8 +143,8 @@ def remove_partial_outputs(case: CohortCase) -> list[Path]:
 def join_cohort(device: str = "auto") -> tuple[D.DistInfo, torch.device]:
     """Join the torchrun job when there is one (its own GPU per rank: cuda:LOCAL_RANK) and pick the device.
 
-    CPU ranks on one machine share its cores: each uses cores / LOCAL_WORLD_SIZE threads (torchrun's default of one
-    thread per rank would leave cores idle). Raises `D.DeviceError` for a device that does not exist here.
+    CPU ranks on one machine share its cores: each uses cores / LOCAL_WORLD_SIZE threads (`pipeline.cpu_threads`;
+    torchrun's default of one thread per rank would leave cores idle). Raises `D.DeviceError` for a device that does not exist here.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # one process: the engine's choice ("auto" may be MPS)
         from .pipeline import resolve_device
@@ -152,17 +153,12 @@ def join_cohort(device: str = "auto") -> tuple[D.DistInfo, torch.device]:
             return D.DistInfo(), resolve_device(device)
         except (ValueError, RuntimeError, TypeError) as e:
             raise D.DeviceError(str(e)) from None
+    from .pipeline import cpu_threads
+
     info, dev = D.init(device)
-    if dev.type == "cpu" and info.enabled:
+    if dev.type == "cpu":
         torch.set_num_threads(cpu_threads())
     return info, dev
-
-
-def cpu_threads() -> int:
-    """This process's share of the CPU cores it may run on: the cores divided by the processes torchrun starts on
-    this machine (LOCAL_WORLD_SIZE; 1 outside torchrun), at least 1."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def plan_cohort(cases: list[CohortCase], info: D.DistInfo, overwrite: bool = False
@@ -197,6 +193,7 @@ class _Counter(threading.Thread):
         self.total, self.skipped, self.voxels_left = total, skipped, voxels_left
         self.mine = [0, 0, 0, 0]  # done, failed, voxels processed, finished (0/1)
         self.wake = threading.Event()
+        self.abandoned = False
         # a collective: every rank creates it, in the same order; long timeout: ranks only wait for each other's
         # counter threads (a dead rank ends the job through torchrun)
         self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7)) if info.enabled else None
@@ -213,9 +210,14 @@ class _Counter(threading.Thread):
         self.wake.set()
         self.join()
 
+    def abandon(self) -> None:
+        """Stop without waiting for the other ranks (this one is failing; torchrun ends the job)."""
+        self.abandoned = True
+        self.wake.set()
+
     def run(self) -> None:
         last = None
-        while True:
+        while not self.abandoned:
             sums = torch.tensor(self.mine, dtype=torch.int64)
             if self.group is not None:
                 dist.all_reduce(sums, group=self.group)
@@ -266,9 +268,13 @@ def run_cohort(cases: Sequence[CohortCase], segment_case: Callable[[CohortCase],
     counter = _Counter(info, len(cases), len(skipped), sum(sizes[i] for i in todo), report, interval)
     counter.start()
     rows = {i: _row(cases[i], "skipped") for i in skipped} if info.is_main else {}
-    for i in mine:
-        rows[i] = row = _segment_one(cases[i], segment_case, info, sizes[i], lock, progress)
-        counter.add(row["status"] == "done", row["status"] == "failed", sizes[i])
+    try:
+        for i in mine:
+            rows[i] = row = _segment_one(cases[i], segment_case, info, sizes[i], lock, progress)
+            counter.add(row["status"] == "done", row["status"] == "failed", sizes[i])
+    except BaseException:
+        counter.abandon()
+        raise
     counter.finish()
     gathered: dict = {}
     for part in D.all_gather_object(rows, info):
