@@ -144,7 +144,8 @@ def join_cohort(device: str = "auto") -> tuple[D.DistInfo, torch.device]:
     """Join the torchrun job when there is one (its own GPU per rank: cuda:LOCAL_RANK) and pick the device.
 
     CPU ranks on one machine share its cores: each uses cores / LOCAL_WORLD_SIZE threads (`pipeline.cpu_threads`;
-    torchrun's default of one thread per rank would leave cores idle). Raises `D.DeviceError` for a device that does not exist here.
+    torchrun's default of one thread per rank would leave cores idle). Raises `D.DeviceError` for a device that does
+    not exist here.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # one process: the engine's choice ("auto" may be MPS)
         from .pipeline import resolve_device
@@ -171,7 +172,8 @@ def plan_cohort(cases: list[CohortCase], info: D.DistInfo, overwrite: bool = Fal
     cases = D.broadcast_object(cases, info)
     seen = [i for i, c in enumerate(cases) if not overwrite and is_finished(c)]
     skipped = sorted(set().union(*D.all_gather_object(seen, info)))
-    todo = [i for i in range(len(cases)) if i not in set(skipped)]
+    done = set(skipped)
+    todo = [i for i in range(len(cases)) if i not in done]
     mine = {i: input_size(cases[i].input) for i in todo[info.rank::info.world_size]}
     sizes = [0] * len(cases)
     for part in D.all_gather_object(mine, info):
