@@ -7,7 +7,8 @@ with 2 (or --max-processes) processes, each a fresh command writing into an empt
 Cohort: the given folder, else 8 crops of the offline LiTS liver CT with uneven slice counts (sharding by size
 matters). "Wall" is the whole command (start-up, model load, segmenting, CSV); "cohort" is the span between rank 0's
 `started` and `done` events (after the model is loaded), the part that shards. On the CPU the processes share the
-machine's cores (each gets cores / processes threads), so the ideal speed-up there is what the cores give, not N.
+machine's cores (each gets cores / processes threads), so the ideal speed-up there is what the cores give, not N;
+`--threads 1` gives the one-process run a single core, as each of 2 processes on 2 cores has (ideal speed-up 2).
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def run(nproc: int, data: Path, out: Path, args) -> dict:
     else:
         cmd = [sys.executable, *cli]
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # the code picks threads per process
+    if nproc == 1 and args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     env["PYTHONPATH"] = str(ROOT)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -88,6 +91,8 @@ def main() -> int:
                     "of --model")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-processes", type=int, default=2)
+    ap.add_argument("--threads", type=int, help="CPU threads of the one-process run (default: torch's, all cores); "
+                    "torchrun processes take cores / processes each")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,7 +102,8 @@ def main() -> int:
         n_cases = sum(1 for _ in data.iterdir())
         results = {n: run(n, data, Path(tmp) / f"out{n}", args) for n in range(1, args.max_processes + 1)}
     print(f"{n_cases} cases from {data if args.data else 'LiTS liver CT crops ' + str(CROPS) + ' slices'}, model "
-          f"{Path(args.model).name}, device {args.device}, {os.cpu_count()} cores, {platform.node()}")
+          f"{Path(args.model).name}, device {args.device}, {os.cpu_count()} cores, {platform.node()}, one-process "
+          f"threads {args.threads or 'default'}, load average {os.getloadavg()[0]:.1f}")
     print("| processes | wall s | cohort s | cohort speed-up | efficiency | cases per rank | voxels per rank |")
     print("|---|---|---|---|---|---|---|")
     base = results[1]["cohort"]
