@@ -165,7 +165,7 @@ def _torchrun(*args) -> list:
 def test_two_ranks_resume_after_a_rank_was_killed(tmp_path, scans, pkg):
     out = tmp_path / "out"
     killed = subprocess.run(_torchrun("Testing/engine/cohort_worker.py", scans, out, pkg), cwd=REPO, env=ENV,
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, errors="replace", timeout=300)
     assert killed.returncode != 0, killed.stderr[-3000:]
     partial = [p for p in out.iterdir() if p.name.startswith(".")]
     assert partial, "the killed rank left no temporary file"
@@ -174,7 +174,7 @@ def test_two_ranks_resume_after_a_rank_was_killed(tmp_path, scans, pkg):
 
     r = subprocess.run(_torchrun("-m", "meddinov3.cli.main", "segment", scans, "-o", out, "--model", pkg,
                                  "--device", "cpu", "--json-progress"),
-                       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+                       cwd=REPO, env=ENV, capture_output=True, text=True, errors="replace", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = read_csv(out / "cohort.csv")
     assert len(rows) == len(SLICES)
