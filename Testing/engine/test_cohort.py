@@ -201,3 +201,24 @@ def test_torchrun_needs_a_folder_of_inputs(tmp_path, scans, pkg, monkeypatch, ca
                  "--device", "cpu"]) == 2
     assert "give a folder of scans" in capsys.readouterr().err
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_cpu_processes_share_the_cores_in_fast_mode(scans, pkg, monkeypatch):
+    """`--fast` on the CPU used every core in each process: under torchrun, N processes on a machine took N x the
+    cores. Each now takes cores / LOCAL_WORLD_SIZE."""
+    import torch
+
+    from meddinov3.engine import segment_image
+    from meddinov3.engine.pipeline import cpu_threads
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores))  # one process per core, as torchrun reports it
+    assert cpu_threads() == 1
+    threads = torch.get_num_threads()
+    try:
+        segment_image(sitk.ReadImage(str(scans / "case0.nii.gz")), str(pkg), device="cpu", fast=True)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert cpu_threads() == cores
