@@ -80,7 +80,7 @@ def test_input_size_from_header_without_reading_voxels(tmp_path):
 
 
 def test_remove_partial_outputs_only_the_cases_own(tmp_path):
-    case = CohortCase(tmp_path / "in.nii.gz", tmp_path / "ct.nii.gz", tmp_path / "p" / "ct.npz")
+    case = CohortCase(tmp_path / "in.nii.gz", tmp_path / "ct.nii.gz", (tmp_path / "p" / "ct.npz",))
     (tmp_path / "p").mkdir()
     stale = [tmp_path / ".ct-ab_cd123.nii.gz", tmp_path / "p" / ".ct-zz9yx8w7.npz"]
     kept = [tmp_path / ".ct-ab_cd123.v2.nii.gz", tmp_path / ".ct2-ab_cd123.nii.gz", tmp_path / "ct.nii.gz",

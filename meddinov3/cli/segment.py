@@ -90,10 +90,10 @@ def _outputs(inputs: list[Path], args, batch_mode: bool) -> tuple[list[Path], li
             raise CommandError(f"{folder}: several inputs, or a folder of them, need {flag} to be a folder, not a "
                                "file name")
     try:
-        cases = cohort_cases(inputs, out, args.output_format, probs)
+        cases = cohort_cases(inputs, out, args.output_format, [(probs, "npz")] if probs else [])
     except ValueError as e:
         raise CommandError(str(e)) from None
-    return [c.output for c in cases], [c.probabilities for c in cases]
+    return [c.output for c in cases], [c.extras[0] if probs else None for c in cases]
 
 
 def _file_name(path: Path) -> bool:
@@ -200,9 +200,10 @@ def _run_cohort(args, inputs, outputs, prob_outputs, segment_one, info, progress
     from ..engine.cohort import CSV_NAME, CohortCase, run_cohort
     from ..train.distributed import cleanup
 
-    cases = [CohortCase(i, o, p) for i, o, p in zip(inputs, outputs, prob_outputs)]
+    cases = [CohortCase(i, o, (p,) if p else ()) for i, o, p in zip(inputs, outputs, prob_outputs)]
+    beside = dict(zip(outputs, prob_outputs))  # each label map's other outputs
     csv_path = Path(args.output) / CSV_NAME
-    report = run_cohort(cases, lambda c: segment_one(c.input, c.output, c.probabilities, None).stats, info,
+    report = run_cohort(cases, lambda c: segment_one(c.input, c.output, beside[c.output], None).stats, info,
                         args.overwrite, csv_path, progress)
     cleanup(info)
     failed, skipped = report.count("failed"), report.count("skipped")

@@ -45,15 +45,16 @@ CASE_ERRORS = (InputError, FileExistsError)  # a bad scan fails its own case; an
 
 @dataclass(frozen=True)
 class CohortCase:
-    """One scan and the files segmenting it writes (all of them existing = finished)."""
+    """One scan and the files segmenting it writes (all of them existing = finished): the label map `output` and
+    `extras` beside it (probabilities, statistics, ...)."""
 
     input: Path
     output: Path
-    probabilities: Path | None = None
+    extras: tuple[Path, ...] = ()
 
     @property
     def outputs(self) -> list[Path]:
-        return [self.output] + ([self.probabilities] if self.probabilities is not None else [])
+        return [self.output, *self.extras]
 
 
 @dataclass
@@ -68,9 +69,10 @@ class CohortReport:
         return sum(r["status"] == status for r in self.rows)
 
 
-def cohort_cases(inputs: Sequence[str | os.PathLike], output_folder: str | os.PathLike, output_format: str = "nii.gz",
-                 probabilities_folder: str | os.PathLike | None = None) -> list[CohortCase]:
-    """Output names in folders: NAME.<output_format> (and NAME.npz) for an input NAME.<image suffix> or folder NAME.
+def cohort_cases(inputs: Sequence[str | os.PathLike], output_folder: str | os.PathLike, suffix: str = "nii.gz",
+                 extra_folders: Sequence[tuple[str | os.PathLike, str]] = ()) -> list[CohortCase]:
+    """Output names in folders: `output_folder`/NAME.<suffix>, and FOLDER/NAME.<ext> for each (FOLDER, ext) of
+    `extra_folders` (e.g. (probabilities folder, "npz")), for an input NAME.<image suffix> or a folder NAME.
 
     ValueError when two inputs would write the same name.
     """
@@ -78,8 +80,8 @@ def cohort_cases(inputs: Sequence[str | os.PathLike], output_folder: str | os.Pa
     dupes = sorted({n for n in stems if stems.count(n) > 1})
     if dupes:
         raise ValueError(f"inputs would write the same output name(s): {', '.join(dupes)}")
-    out, probs = Path(output_folder), Path(probabilities_folder) if probabilities_folder else None
-    return [CohortCase(Path(p), out / f"{n}.{output_format}", probs / f"{n}.npz" if probs else None)
+    return [CohortCase(Path(p), Path(output_folder) / f"{n}.{suffix}",
+                       tuple(Path(folder) / f"{n}.{ext}" for folder, ext in extra_folders))
             for p, n in zip(inputs, stems)]
 
 
@@ -310,7 +312,7 @@ def _segment_one(case: CohortCase, segment_case, info: D.DistInfo, voxels: int, 
     if progress is not None and not info.enabled:  # one process: every case's event (as for one input)
         with lock:
             progress.event("finished", input=str(case.input), output=str(case.output), seconds=seconds,
-                           probabilities=str(case.probabilities) if case.probabilities else None,
+                           extras=[str(p) for p in case.extras],
                            **{k: stats[k] for k in ("device", "slices", "batch_size") if k in stats})
     return _row(case, "done", seconds=seconds, slices=stats.get("slices", ""), device=stats.get("device", ""),
                 **where)
@@ -351,14 +353,15 @@ def segment_cohort(inputs: Sequence[str | os.PathLike], output_folder: str | os.
             raise ValueError(str(e)) from None
     else:
         dev = resolve_device(device)
-    cases = cohort_cases(list_inputs(inputs), output_folder, output_format, probabilities_folder)
+    cases = cohort_cases(list_inputs(inputs), output_folder, output_format,
+                         [(probabilities_folder, "npz")] if probabilities_folder else [])
     sources = input_files([c.input for c in cases]) if any(c.output.exists() for c in cases) else []
     for case in cases:
         check_not_input(case.output, sources)  # an output that is its input is never "finished"
     loaded = _load(model, dev, folds)
 
     def segment_case(case: CohortCase) -> dict:
-        return segment_file(case.input, case.output, loaded, probabilities_path=case.probabilities,
+        return segment_file(case.input, case.output, loaded, probabilities_path=case.extras[0] if case.extras else None,
                             overwrite=overwrite, device=dev, **options).stats
 
     report = run_cohort(cases, segment_case, info, overwrite,
