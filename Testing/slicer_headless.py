@@ -33,7 +33,7 @@ Stand-ins (documented as such; they exist only because the Qt GUI cannot exist h
   ``vtkMRMLScriptedModuleNode`` (MRML nodes as node references, other values as JSON parameters),
   ``parameterPack``, validators ``WithinRange``, ``Minimum``, ``Maximum``, ``Choice``, ``NotEmpty``,
   ``Default``, and GUI hints ``Decimals``, ``SingleStep``, ``Label`` (accepted, ignored).
-  ``connectGui`` / ``disconnectGui`` are no-ops.
+  ``connectGui`` / ``connectParametersToGui`` / ``disconnectGui`` are no-ops.
 - ``slicer.i18n``: ``tr(text)`` and ``translate(context, text)`` return the text.
 
 Also :func:`volume_node_from_sitk` and :func:`sitk_from_volume_node` (test-side conversions between
@@ -568,6 +568,10 @@ def parameterNodeWrapper(cls):
         """No Qt: nothing to connect. Returns a tag for ``disconnectGui``."""
         return 0
 
+    def connectParametersToGui(self, mapping) -> int:
+        """No Qt: nothing to connect (``mapping``: parameter name -> widget). Returns a tag for ``disconnectGui``."""
+        return 0
+
     def disconnectGui(self, tag) -> None:
         pass
 
@@ -589,6 +593,7 @@ def parameterNodeWrapper(cls):
         "__module__": cls.__module__,
         "__qualname__": cls.__qualname__,
         "connectGui": connectGui,
+        "connectParametersToGui": connectParametersToGui,
         "disconnectGui": disconnectGui,
         "StartModify": StartModify,
         "EndModify": EndModify,
