@@ -36,6 +36,11 @@ Stand-ins (documented as such; they exist only because the Qt GUI cannot exist h
   ``connectGui`` / ``connectParametersToGui`` / ``disconnectGui`` are no-ops.
 - ``slicer.i18n``: ``tr(text)`` and ``translate(context, text)`` return the text.
 
+Fakes for the dependency install path (a fresh Slicer's Python cannot be made here): :class:`FakePythonPackages`
+(what is "installed"), :class:`FakePyTorchUtils` (the PyTorch extension's module), :class:`FakePip`
+(``slicer.util.pip_install``) and :class:`RecordingDialogs`, put in place by :func:`install_fakes`; they record
+their calls.
+
 Also :func:`volume_node_from_sitk` and :func:`sitk_from_volume_node` (test-side conversions between
 SimpleITK images, which are LPS, and volume nodes, which are RAS, keeping the exact geometry).
 
