@@ -109,7 +109,7 @@ class UI(types.SimpleNamespace):
         return widget
 
 
-def test_reentering_segment_module_warns_about_no_observer(headless_slicer, slicer_scene):
+def test_reentering_segment_module_prints_no_observer_warning(headless_slicer, slicer_scene):
     import MedDINOv3Segment
     from MedDINOv3SegmentLib.dependencies import DependenciesSection
 
