@@ -18,6 +18,7 @@ from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget
 from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
+from MedDINOv3SegmentLib.dependencies import DependenciesSection, fillDeviceSelector, findProblems
 from MedDINOv3SegmentLib.errors import MedDINOv3SegmentCancelled, MedDINOv3SegmentError
 from MedDINOv3SegmentLib.logic import MedDINOv3SegmentLogic
 from MedDINOv3SegmentLib.parameters import connectGui
@@ -75,6 +76,7 @@ class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = None
         self._modelReferences: dict[str, str] = {}
         self._deviceValues: dict[str, str] = {}
+        self._dependencies = None
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -85,6 +87,11 @@ class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MedDINOv3SegmentLogic()
+        # First thing a user of a fresh Slicer sees: what is missing, and the Install button.
+        self._dependencies = DependenciesSection(self.ui.dependenciesFrame, self.ui.dependenciesLabel, uiWidget,
+                                                 onInstalled=self._onDependenciesInstalled)
+        self.ui.installDependenciesButton.clicked.connect(lambda checked=False: self._dependencies.install())
+        self._dependencies.refresh()
 
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
@@ -115,6 +122,7 @@ class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
 
     def enter(self) -> None:
+        self._dependencies.refresh()  # another module may have installed packages meanwhile
         self.initializeParameterNode()
 
     def exit(self) -> None:
@@ -137,9 +145,14 @@ class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._parameterNode.inputVolume = volume
 
     def _disconnectParameterNode(self) -> None:
-        if self._parameterNode:
+        """Idempotent: exit() disconnects and the next enter() disconnects again before connecting (removing an
+        observation twice would print a VTKObservationMixin warning)."""
+        if not self._parameterNode:
+            return
+        if self._parameterNodeGuiTag is not None:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
+        if self.hasObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
 
     def setParameterNode(self, parameterNode) -> None:
@@ -234,9 +247,16 @@ class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelInfoText.setHtml("".join(f"<b>{html.escape(k)}:</b> {html.escape(str(v))}<br>" for k, v in rows if v))
 
     def _fillDevices(self) -> None:
-        from MedDINOv3SegmentLib.dependencies import fillDeviceSelector
-
+        wasBlocked = self.ui.deviceSelector.blockSignals(True)  # refilling must not overwrite the saved choice
         self._deviceValues = fillDeviceSelector(self.ui.deviceSelector)
+        self.ui.deviceSelector.blockSignals(wasBlocked)
+        if self._parameterNode:
+            self._updateSelectorsFromParameterNode()  # the saved device, when it is offered (again)
+
+    def _onDependenciesInstalled(self) -> None:
+        """After Install: torch may see GPUs now, and the model list may have been empty."""
+        self._fillDevices()
+        self._fillModels()
 
     def _setUpImportMenu(self) -> None:
         menu = qt.QMenu(self.ui.importModelButton)
@@ -271,10 +291,8 @@ class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._task is not None:
             self._task.cancel()
             return
-        from MedDINOv3SegmentLib.dependencies import ensureDependencies
-
-        if not ensureDependencies():
-            self.ui.statusLabel.text = _("Missing Python packages: segmentation not started.")
+        if not self._dependencies.ensure():
+            self.ui.statusLabel.text = _("Missing Python packages (see the top of the panel): segmentation not started.")
             return
         p = self._parameterNode
         output = p.outputSegmentation
@@ -349,6 +367,10 @@ class MedDINOv3SegmentTest(ScriptedLoadableModuleTest):
     """Self-test inside Slicer: a tiny random model package segments a generated CT-like volume."""
 
     def setUp(self) -> None:
+        problems = findProblems()
+        if problems:  # a build machine without torch: say why instead of failing
+            self.skipTest("MedDINOv3 Segment self-test needs Python packages that are not installed: "
+                          + ", ".join(str(p) for p in problems))
         slicer.mrmlScene.Clear(0)
 
     def runTest(self) -> None:

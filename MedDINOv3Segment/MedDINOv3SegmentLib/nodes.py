@@ -186,11 +186,14 @@ def arrayOnVolumeGrid(voxels: np.ndarray, fileIjkToRas: np.ndarray, volumeNode) 
 
 
 def _setTerminology(segment, terminology: str | None) -> None:
+    """Store a serialized terminology entry on `segment`. `vtkSegment::SetTerminology` appeared in Slicer 5.10;
+    Slicer 5.8, the oldest supported version, has none and keeps the entry in the segment's "TerminologyEntry" tag,
+    which is where 5.10+ read it from too (a test forces this path on the 5.13 slicer-core)."""
     if not terminology:
         return
-    if hasattr(segment, "SetTerminology"):  # Slicer >= 5.8
+    if hasattr(segment, "SetTerminology"):  # Slicer >= 5.10
         segment.SetTerminology(terminology)
-    else:
+    else:  # Slicer 5.8
         segment.SetTag(segment.GetTerminologyEntryTagName(), terminology)
 
 

@@ -23,6 +23,9 @@ QT_CLASS = re.compile(r"^Q[A-Z]")
 
 REQUIRED_WIDGETS = {
     "MedDINOv3Segment": {
+        "dependenciesFrame": "QFrame",
+        "dependenciesLabel": "QLabel",
+        "installDependenciesButton": "QPushButton",
         "inputVolumeSelector": "qMRMLNodeComboBox",
         "modelSelector": "QComboBox",
         "importModelButton": None,
@@ -45,6 +48,9 @@ REQUIRED_WIDGETS = {
         "batchSizeSpinBox": "QSpinBox",
     },
     "MedDINOv3Train": {
+        "dependenciesFrame": "QFrame",
+        "dependenciesLabel": "QLabel",
+        "installDependenciesButton": "QPushButton",
         "dataSourceSelector": "QComboBox",
         "pairsTable": "QTableWidget",
         "addPairButton": None,
