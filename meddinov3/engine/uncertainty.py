@@ -20,7 +20,7 @@ import SimpleITK as sitk
 
 from ..files import atomic_path
 from ..volumes import Orientation
-from .outputs import check_new_output
+from .outputs import LABELMAP_SUFFIXES, check_new_output
 
 UNCERTAINTY_SCALE = 100  # stored value = round(100 x normalised entropy)
 STRUCTURE_MAX_BACKGROUND = 0.9  # a voxel "may hold a structure" below this background probability
@@ -68,9 +68,7 @@ def slice_confidence(uncertainty: np.ndarray, structure: np.ndarray, image: sitk
 
 def check_uncertainty_output(path: str | os.PathLike, overwrite: bool = False) -> None:
     """`--save-uncertainty` is a NIfTI, NRRD or MetaImage file (the label map suffixes)."""
-    from .outputs import output_kind
-
-    if output_kind(path) != "labelmap":
+    if not Path(path).name.lower().endswith(LABELMAP_SUFFIXES):
         raise ValueError(f"{path}: the uncertainty map is an image: use .nii.gz, .nii, .nrrd or .mha")
     check_new_output(path, overwrite)
 
