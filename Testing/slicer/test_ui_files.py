@@ -43,6 +43,9 @@ REQUIRED_WIDGETS = {
         "keepLargestCheckBox": "QCheckBox",
         "fillHolesCheckBox": "QCheckBox",
         "batchSizeSpinBox": "QSpinBox",
+        "uncertaintyCheckBox": "QCheckBox",
+        "statisticsTableView": "qMRMLTableView",
+        "nextUnsureSliceButton": "QPushButton",
     },
     "MedDINOv3Train": {
         "dataSourceSelector": "QComboBox",
@@ -92,6 +95,7 @@ PARAMETER_BINDINGS = {
         "keepLargestCheckBox": "keepLargest",
         "fillHolesCheckBox": "fillHoles",
         "batchSizeSpinBox": "batchSize",
+        "uncertaintyCheckBox": "uncertainty",
     },
     "MedDINOv3Train": {
         "dataSourceSelector": "dataSource",
