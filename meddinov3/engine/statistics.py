@@ -34,6 +34,7 @@ def structure_statistics(image: sitk.Image, labels: sitk.Image, classes) -> list
     that do not exist for an empty class are None.
     """
     filt = sitk.LabelIntensityStatisticsImageFilter()
+    filt.SetComputePerimeter(False)  # not reported; about a fifth of the filter's time
     filt.Execute(labels, image)
     present = set(filt.GetLabels())
     percentiles = _percentiles(sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(labels))
