@@ -80,7 +80,6 @@ def _parse(args):
 
 def _outputs(inputs: list[Path], args, batch_mode: bool) -> tuple[list[Path], list]:
     """(label outputs, `SideOutputs`) per input: the given files, or NAME.<format> / NAME.npz ... in folders."""
-    from ..engine.outputs import output_kind
     from ..engine.side_outputs import SideOutputs
     from ..volumes import strip_suffix
     from .main import CommandError

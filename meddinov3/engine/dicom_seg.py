@@ -61,12 +61,14 @@ def read_source(folder: str | os.PathLike, image: sitk.Image | None = None) -> D
 
 
 def match_slices(source: DicomSource, image: sitk.Image) -> DicomSource:
-    """`source` with its headers ordered as `image`'s slices (index k), matched by ImagePositionPatient."""
+    """`source` with its headers ordered as `image`'s slices (index k), matched by ImagePositionPatient: each
+    file's first pixel must lie within half a voxel of a slice's first voxel (the reader's own tolerance for
+    sideways drift), one file per slice."""
     index = {}
     for ds in source.datasets:
         ijk = image.TransformPhysicalPointToContinuousIndex([float(v) for v in ds.ImagePositionPatient])
         k = int(round(ijk[2]))
-        if abs(ijk[0]) > 0.01 or abs(ijk[1]) > 0.01 or abs(ijk[2] - k) > 0.01 or k in index:
+        if max(abs(ijk[0]), abs(ijk[1]), abs(ijk[2] - k)) >= 0.5 or k in index:
             raise InputError(source.folder, f"DICOM file {ds.SOPInstanceUID} does not lie on a slice of the image "
                                             "grid: cannot reference it from the DICOM SEG")
         if not ds.get("SliceThickness"):  # type 2 (may be empty), but highdicom reads it: the slice spacing
