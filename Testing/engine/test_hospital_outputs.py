@@ -18,7 +18,7 @@ from meddinov3.engine.uncertainty import normalised_entropy
 from meddinov3.phantom import load_liver_ct, oblique_direction
 from meddinov3.resources import resources_dir
 from meddinov3.volumes import InputError, same_geometry
-from Testing.helpers import CLASSES3, threshold_model
+from Testing.helpers import CLASSES3, threshold_model, write_dicom_series
 
 DEMO = resources_dir() / "demo-liver-ct"
 UID = "1.2.826.0.1.3680043.2.1125.42"
@@ -156,8 +156,11 @@ def test_bad_inputs_one_line_nothing_written(tmp_path, capfd):
     image.SetSpacing((1.5, 1.5, 3.0))
     nifti = tmp_path / "ct.nii.gz"
     sitk.WriteImage(image, str(nifti))
+    write_dicom_series(image, tmp_path / "no_frame_of_reference")  # the shared helper writes no FrameOfReferenceUID
     out = tmp_path / "out"
     cases = [
+        ([str(tmp_path / "no_frame_of_reference"), "-o", str(out / "seg.dcm")], "no frame of reference UID",
+         tmp_path / "no_frame_of_reference"),
         ([str(nifti), "-o", str(out / "seg.dcm")], "DICOM SEG output needs a DICOM series folder", nifti),
         ([str(nifti), "-o", str(out / "seg.nii.gz"), "--output-format", "dicom-seg"], "name the -o file", None),
         ([str(nifti), "-o", str(out / "seg.nii.gz"), "--statistics", str(tmp_path / "missing" / "s.json")],
@@ -181,7 +184,7 @@ def test_bad_inputs_one_line_nothing_written(tmp_path, capfd):
     with pytest.raises(InputError, match="no structure was found: a DICOM SEG needs at least one segment"):
         segment_file(tmp_path / "air", tmp_path / "air.dcm", threshold_model(), device="cpu",
                      statistics_path=tmp_path / "air.json")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["air", "ct.nii.gz"]  # no file, no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["air", "ct.nii.gz", "no_frame_of_reference"]  # no file left
 
 
 def test_statistics_against_numpy(tmp_path):

@@ -33,12 +33,12 @@ class DicomSource:
     datasets: list
 
 
-def read_source(folder: str | os.PathLike, image: sitk.Image | None = None) -> DicomSource:
-    """Headers of the DICOM series `volumes.read_image(folder)` reads, one per slice of `image`'s grid (k order).
+def read_source(folder: str | os.PathLike) -> DicomSource:
+    """Headers of the DICOM series `volumes.read_image(folder)` reads, checked (single-frame slices of one study,
+    series and frame of reference) and left in file order: `match_slices` orders them once the image is known.
 
-    Without `image` the headers are read and checked (same study, series and frame of reference) but left in
-    file order; `match_slices` orders them once the image is known. InputError when `folder` is not a DICOM
-    series folder or the series lacks what a DICOM SEG must reference.
+    Read before the inference, so that an input a DICOM SEG cannot reference fails at once: InputError when
+    `folder` is not a DICOM series folder or the series lacks what a DICOM SEG must reference.
     """
     import pydicom
 
@@ -56,8 +56,10 @@ def read_source(folder: str | os.PathLike, image: sitk.Image | None = None) -> D
         if "" in values or len(values) != 1:
             raise InputError(folder, f"DICOM series has {'no' if '' in values else 'more than one'} {what} UID "
                                      f"({keyword}): a DICOM SEG cannot reference it")
-    source = DicomSource(folder, datasets)
-    return match_slices(source, image) if image is not None else source
+    if any("ImagePositionPatient" not in ds for ds in datasets):
+        raise InputError(folder, "DICOM series has no per-file slice positions (ImagePositionPatient; a multi-frame "
+                                 "file?): DICOM SEG output needs a series of single-slice files")
+    return DicomSource(folder, datasets)
 
 
 def match_slices(source: DicomSource, image: sitk.Image) -> DicomSource:
