@@ -296,6 +296,7 @@ class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except MedDINOv3SegmentError as e:
             slicer.util.errorDisplay(str(e))
             return
+        self._unsureSlices = []  # they were the previous result's
         self.ui.progressBar.setVisible(True)
         self.ui.progressBar.setValue(0)
         self.ui.statusLabel.text = _("Starting...")
