@@ -24,9 +24,9 @@ DEMO = resources_dir() / "demo-liver-ct"
 UID = "1.2.826.0.1.3680043.2.1125.42"
 
 
-def write_ct_series(image: sitk.Image, folder: Path, slice_thickness: bool = True) -> dict[str, int]:
-    """A CT DICOM series of `image` (study, series, frame of reference, patient), files and instance numbers in
-    the reverse of the slice order; returns SOP instance UID -> slice index k."""
+def write_ct_series(image: sitk.Image, folder: Path, slice_thickness: bool = True, uid: str = UID) -> dict[str, int]:
+    """A CT DICOM series of `image` (study `uid`, series, frame of reference, patient), files and instance numbers
+    in the reverse of the slice order; returns SOP instance UID -> slice index k."""
     folder.mkdir(parents=True)
     image = sitk.Cast(image, sitk.sitkInt16)
     d = image.GetDirection()
@@ -36,9 +36,9 @@ def write_ct_series(image: sitk.Image, folder: Path, slice_thickness: bool = Tru
     depth = image.GetDepth()
     for k in range(depth):
         sl = image[:, :, k]
-        sop = f"{UID}.1.{k + 1}"
-        tags = {"0008|0060": "CT", "0008|0018": sop, "0020|000d": UID, "0020|000e": f"{UID}.1",
-                "0020|0052": f"{UID}.2", "0010|0010": "Liver^Test", "0010|0020": "LITS117", "0020|0010": "1",
+        sop = f"{uid}.1.{k + 1}"
+        tags = {"0008|0060": "CT", "0008|0018": sop, "0020|000d": uid, "0020|000e": f"{uid}.1",
+                "0020|0052": f"{uid}.2", "0010|0010": "Liver^Test", "0010|0020": "LITS117", "0020|0010": "1",
                 "0020|0011": "3", "0020|0013": str(depth - k),
                 "0020|0037": "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
                 "0020|0032": "\\".join(f"{v:.4f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
@@ -131,6 +131,20 @@ def test_dicom_seg_references_series_and_holds_the_label_map(tmp_path, liver_sli
     assert finished["slice_confidence"] == table["slice_confidence"]
     assert len(finished["slice_confidence"]["confidence"]) == image.GetDepth()
     assert finished["statistics"] == str(stats) and finished["uncertainty"] == str(unc)
+
+
+def test_batch_of_series_writes_one_seg_statistics_and_uncertainty_each(tmp_path, liver_slices):
+    for number, (name, first) in enumerate((("upper", 0), ("lower", 6))):
+        write_ct_series(liver_slices[:, :, first:first + 4], tmp_path / "in" / name, uid=f"{UID}{number}")
+    stats = tmp_path / "stats"
+    stats.mkdir()
+    assert main(["segment", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--output-format", "dicom-seg",
+                 "--model", str(DEMO), "--device", "cpu", "--statistics", str(stats), "--save-uncertainty",
+                 str(tmp_path / "unc")]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["lower.dcm", "upper.dcm"]
+    assert sorted(p.name for p in stats.iterdir()) == ["lower.json", "upper.json"]
+    assert sorted(p.name for p in (tmp_path / "unc").iterdir()) == ["lower.nii.gz", "upper.nii.gz"]
+    assert json.loads((stats / "lower.json").read_text())["input"] == str(tmp_path / "in" / "lower")
 
 
 def test_dicom_seg_leaves_out_empty_classes_and_says_so(tmp_path):

@@ -17,7 +17,8 @@ def add_parser(sub) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help=".nii/.nii.gz/.nrrd/.mha/.mhd file, DICOM series folder, or a folder of those")
     p.add_argument("-o", "--output", required=True,
-                   help="output .nii.gz/.nrrd label map or .seg.nrrd; a folder when there are several inputs")
+                   help="output .nii.gz/.nrrd label map, .seg.nrrd or .dcm (DICOM SEG); a folder when there are "
+                        "several inputs")
     p.add_argument("--model", required=True, help="model package, nnU-Net result folder, hf: reference or name")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--fast", action="store_true",
