@@ -47,7 +47,7 @@ class MedDINOv3SegmentParameterNode:
     """Settings of the Segment panel, saved with the scene.
 
     model: the model selector's text (see MedDINOv3SegmentWidget.modelReference); device: the device selector's text.
-    batchSize: 0 = automatic.
+    batchSize: 0 = automatic. uncertainty: also make an uncertainty map (overlay, Next unsure slice).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -61,6 +61,7 @@ class MedDINOv3SegmentParameterNode:
     keepLargest: bool = False
     fillHoles: bool = False
     batchSize: Annotated[int, WithinRange(0, 512)] = 0
+    uncertainty: bool = False
 
 
 class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -77,6 +78,8 @@ class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._modelReferences: dict[str, str] = {}
         self._deviceValues: dict[str, str] = {}
         self._dependencies = None
+        self._unsureSlices: list = []  # (index, confidence, RAS) of the last run, least confident first
+        self._unsureIndex = -1
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -110,6 +113,7 @@ class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._setUpImportMenu()
         self.ui.show3DButton.clicked.connect(self.onShow3D)
         self.ui.segmentEditorButton.clicked.connect(self.onSegmentEditor)
+        self.ui.nextUnsureSliceButton.clicked.connect(self.onNextUnsureSlice)
         self.ui.progressBar.setVisible(False)
         self.initializeParameterNode()
 
@@ -199,6 +203,7 @@ class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         hasOutput = bool(p and p.outputSegmentation)
         self.ui.show3DButton.enabled = hasOutput and not running
         self.ui.segmentEditorButton.enabled = hasOutput and not running
+        self.ui.nextUnsureSliceButton.enabled = bool(self._unsureSlices) and not running
 
     # -- models and devices ----------------------------------------------------------------------
 
@@ -305,10 +310,11 @@ class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 p.inputVolume, self.modelReference(), output, device=self._deviceValues.get(p.device, "auto"),
                 fast=p.fast, tta=p.tta, roiNode=p.roi, keepLargest=p.keepLargest, fillHoles=p.fillHoles,
                 batchSize=p.batchSize or "auto", onProgress=self._onProgress, onFinished=self._onFinished,
-                modelPostprocessing=p.modelPostprocessing)
+                modelPostprocessing=p.modelPostprocessing, uncertainty=p.uncertainty)
         except MedDINOv3SegmentError as e:
             slicer.util.errorDisplay(str(e))
             return
+        self._unsureSlices = []  # they were the previous result's
         self.ui.progressBar.setVisible(True)
         self.ui.progressBar.setValue(0)
         self.ui.statusLabel.text = _("Starting...")
@@ -345,7 +351,27 @@ class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             self._parameterNode.outputSegmentation = node
             self.ui.statusLabel.text = _("Done in {seconds:.1f} s.").format(seconds=seconds)
+            self._showResults(task)
         self._updateButtons()
+
+    def _showResults(self, task) -> None:
+        """The run's statistics table, and its uncertainty volume over the input in the slice views."""
+        if task.statisticsTableNode is not None:
+            self.ui.statisticsTableView.setMRMLTableNode(task.statisticsTableNode)
+        self._unsureSlices, self._unsureIndex = list(task.unsureSlices), -1
+        if task.uncertaintyVolumeNode is not None:
+            slicer.util.setSliceViewerLayers(background=task.inputVolumeNode, foreground=task.uncertaintyVolumeNode,
+                                             foregroundOpacity=0.5)
+
+    def onNextUnsureSlice(self) -> None:
+        if not self._unsureSlices:
+            return
+        self._unsureIndex = (self._unsureIndex + 1) % len(self._unsureSlices)
+        index, confidence, ras = self._unsureSlices[self._unsureIndex]
+        self.logic.jumpToSlice(ras)
+        self.ui.statusLabel.text = _("Slice {index}: mean confidence {confidence:.2f} ({rank} of {count} unsure "
+                                     "slices)").format(index=index, confidence=confidence, rank=self._unsureIndex + 1,
+                                                       count=len(self._unsureSlices))
 
     def onShow3D(self) -> None:
         node = self._parameterNode.outputSegmentation

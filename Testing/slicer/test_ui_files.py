@@ -46,6 +46,9 @@ REQUIRED_WIDGETS = {
         "keepLargestCheckBox": "QCheckBox",
         "fillHolesCheckBox": "QCheckBox",
         "batchSizeSpinBox": "QSpinBox",
+        "uncertaintyCheckBox": "QCheckBox",
+        "statisticsTableView": "qMRMLTableView",
+        "nextUnsureSliceButton": "QPushButton",
     },
     "MedDINOv3Train": {
         "dependenciesFrame": "QFrame",
@@ -98,6 +101,7 @@ PARAMETER_BINDINGS = {
         "keepLargestCheckBox": "keepLargest",
         "fillHolesCheckBox": "fillHoles",
         "batchSizeSpinBox": "batchSize",
+        "uncertaintyCheckBox": "uncertainty",
     },
     "MedDINOv3Train": {
         "dataSourceSelector": "dataSource",

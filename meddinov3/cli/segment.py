@@ -6,7 +6,10 @@ import sys
 import time
 from pathlib import Path
 
-FORMATS = ("nii.gz", "nrrd", "seg.nrrd")
+FORMATS = ("nii.gz", "nrrd", "seg.nrrd", "dicom-seg")
+# (argparse name, flag, file suffix in an output folder) of the files written beside each label map
+SIDE_FLAGS = (("save_probabilities", "--save-probabilities", "npz"), ("statistics", "--statistics", "json"),
+              ("save_uncertainty", "--save-uncertainty", "nii.gz"))
 
 
 def add_parser(sub) -> None:
@@ -14,7 +17,8 @@ def add_parser(sub) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help=".nii/.nii.gz/.nrrd/.mha/.mhd file, DICOM series folder, or a folder of those")
     p.add_argument("-o", "--output", required=True,
-                   help="output .nii.gz/.nrrd label map or .seg.nrrd; a folder when there are several inputs")
+                   help="output .nii.gz/.nrrd label map, .seg.nrrd or .dcm (DICOM SEG); a folder when there are "
+                        "several inputs")
     p.add_argument("--model", required=True, help="model package, nnU-Net result folder, hf: reference or name")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--fast", action="store_true",
@@ -28,8 +32,17 @@ def add_parser(sub) -> None:
                    help="also save float16 class probabilities (several inputs: a folder, one NAME.npz per input); "
                         "they are the model's, before post-processing (the .npz lists the steps the labels had), "
                         "so their argmax can differ from the label map where a step changed it")
+    p.add_argument("--statistics", metavar="FILE.json|.csv",
+                   help="also write per-structure statistics: voxels, volume (ml), intensity mean/std/min/max and "
+                        "5/50/95th percentiles (HU for CT), centroid (LPS mm), bounding box (several inputs: a "
+                        "folder, one NAME.json per input); the folder must exist")
+    p.add_argument("--save-uncertainty", metavar="FILE.nii.gz",
+                   help="also save the per-voxel normalised entropy of the class probabilities in percent (uint8 "
+                        "0-100, input grid; several inputs: a folder) and report a per-slice mean confidence")
     p.add_argument("--output-format", choices=FORMATS, default="nii.gz",
-                   help="file type written into the -o folder when there are several inputs (default nii.gz)")
+                   help="file type written into the -o folder when there are several inputs (default nii.gz); "
+                        "dicom-seg: a DICOM Segmentation (.dcm; any -o ending in .dcm is one) referencing the "
+                        "input DICOM series")
     p.add_argument("--keep-largest", action="store_true", help="keep the largest connected component per label")
     p.add_argument("--fill-holes", action="store_true", help="fill holes per label")
     p.add_argument("--no-postprocessing", dest="postprocess", action="store_false",
@@ -66,20 +79,23 @@ def _parse(args):
     return folds, batch, roi
 
 
-def _outputs(inputs: list[Path], args, batch_mode: bool) -> tuple[list[Path], list[Path | None]]:
-    """(label outputs, probability outputs) per input: the given files, or NAME.<format> / NAME.npz in folders."""
+def _outputs(inputs: list[Path], args, batch_mode: bool) -> tuple[list[Path], list]:
+    """(label outputs, `SideOutputs`) per input: the given files, or NAME.<format> / NAME.npz ... in folders."""
+    from ..engine.side_outputs import SideOutputs
     from ..volumes import strip_suffix
     from .main import CommandError
 
     out = Path(args.output)
-    probs = Path(args.save_probabilities) if args.save_probabilities else None
+    sides = {flag: Path(getattr(args, name)) if getattr(args, name) else None for name, flag, _ in SIDE_FLAGS}
     if not batch_mode:
-        for flag, file in (("-o", out), ("--save-probabilities", probs)):
+        for flag, file in (("-o", out), *sides.items()):
             if file is not None and file.is_dir():
                 raise CommandError(f"{file}: is a folder; a folder {flag} needs several inputs (or a folder of "
                                    f"them), one input needs a file name")
-        return [out], [probs]
-    for flag, folder in (("-o", out), ("--save-probabilities", probs)):
+        if args.output_format == "dicom-seg" and not out.name.lower().endswith(".dcm"):
+            raise CommandError(f"{out}: --output-format dicom-seg writes a DICOM SEG: name the -o file NAME.dcm")
+        return [out], [SideOutputs(*sides.values())]
+    for flag, folder in (("-o", out), *sides.items()):
         if folder is not None and not folder.is_dir() and (folder.exists() or _file_name(folder)):
             raise CommandError(f"{folder}: several inputs, or a folder of them, need {flag} to be a folder, not a "
                                "file name")
@@ -87,24 +103,27 @@ def _outputs(inputs: list[Path], args, batch_mode: bool) -> tuple[list[Path], li
     dupes = {n for n in stems if stems.count(n) > 1}
     if dupes:
         raise CommandError(f"inputs would write the same output name(s): {', '.join(sorted(dupes))}")
-    return ([out / f"{n}.{args.output_format}" for n in stems],
-            [probs / f"{n}.npz" if probs else None for n in stems])
+    suffix = "dcm" if args.output_format == "dicom-seg" else args.output_format
+    return ([out / f"{n}.{suffix}" for n in stems],
+            [SideOutputs(*(folder / f"{n}.{ext}" if folder else None for (_, _, ext), folder in
+                           zip(SIDE_FLAGS, sides.values()))) for n in stems])
 
 
 def _file_name(path: Path) -> bool:
-    """Whether `path` is named like an output file (label map, .seg.nrrd or .npz) rather than a folder."""
+    """Whether `path` is named like an output file (label map, .seg.nrrd, .dcm, .npz, .json, .csv) rather than a
+    folder."""
     from ..engine.outputs import output_kind
 
     try:
         output_kind(path)
         return True
     except ValueError:
-        return path.name.lower().endswith(".npz")
+        return path.name.lower().endswith((".npz", ".json", ".csv"))
 
 
 def run(args) -> int:
     from ..engine import Cancelled, segment_file
-    from ..engine.outputs import check_not_input, check_output, check_probabilities_output, input_files
+    from ..engine.outputs import check_not_input, check_output, input_files
     from ..progress import Progress
     from ..volumes import InputError, list_inputs
     from .main import CommandError, device_option
@@ -119,14 +138,13 @@ def run(args) -> int:
             raise CommandError(str(e)) from None
         batch_mode = len(inputs) > 1 or (len(args.inputs) == 1 and Path(args.inputs[0]).is_dir()
                                          and inputs[0] != Path(args.inputs[0]))
-        outputs, prob_outputs = _outputs(inputs, args, batch_mode)
+        outputs, side_outputs = _outputs(inputs, args, batch_mode)
         sources = input_files(inputs) if any(o.exists() for o in outputs) else []
-        for o, po in zip(outputs, prob_outputs):
+        for o, side in zip(outputs, side_outputs):
             try:
                 check_not_input(o, sources)
                 check_output(o, args.overwrite)
-                if po is not None:
-                    check_probabilities_output(po, args.overwrite)
+                side.check(args.overwrite)
             except ValueError as e:
                 raise CommandError(str(e)) from None
         device = device_option(args.device)
@@ -136,10 +154,11 @@ def run(args) -> int:
         progress.event("started", inputs=[str(p) for p in inputs], outputs=[str(o) for o in outputs],
                        model=str(model.path), device=str(device))
         failures = []
-        for inp, out, prob_out in zip(inputs, outputs, prob_outputs):
+        for inp, out, side in zip(inputs, outputs, side_outputs):
             t0 = time.perf_counter()
             try:
-                result = segment_file(inp, out, model, probabilities_path=prob_out,
+                result = segment_file(inp, out, model, probabilities_path=side.probabilities,
+                                      statistics_path=side.statistics, uncertainty_path=side.uncertainty,
                                       overwrite=args.overwrite, progress=progress, device=device, fast=args.fast,
                                       tta=args.tta, batch_size=batch, roi=roi, keep_largest=args.keep_largest,
                                       fill_holes=args.fill_holes, postprocess=args.postprocess,
@@ -151,9 +170,15 @@ def run(args) -> int:
                 progress.event("failed", input=str(inp), message=str(e))
                 print(f"meddinov3 segment: error: {e}", file=sys.stderr)
                 continue
+            omitted = result.stats.get("dicom_seg_omitted")
+            if omitted:
+                print(f"meddinov3 segment: note: {out}: empty classes left out of the DICOM SEG: {', '.join(omitted)}",
+                      file=sys.stderr)
             progress.event("finished", input=str(inp), output=str(out), seconds=round(time.perf_counter() - t0, 2),
-                           probabilities=str(prob_out) if prob_out else None, **{k: result.stats[k] for k in
-                                                                     ("device", "slices", "batch_size")})
+                           **{k: str(v) if v else None for k, v in (("probabilities", side.probabilities),
+                               ("statistics", side.statistics), ("uncertainty", side.uncertainty))},
+                           **{k: result.stats[k] for k in ("device", "slices", "batch_size", "dicom_seg_omitted",
+                                                           "slice_confidence") if k in result.stats})
             if not args.json_progress:
                 print(f"{inp} -> {out} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
         progress.close()
