@@ -18,6 +18,7 @@ from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget
 from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
+from MedDINOv3SegmentLib.dependencies import DependenciesSection, fillDeviceSelector, findProblems
 from MedDINOv3SegmentLib.errors import MedDINOv3SegmentCancelled, MedDINOv3SegmentError
 from MedDINOv3SegmentLib.logic import MedDINOv3SegmentLogic
 from MedDINOv3SegmentLib.parameters import connectGui
@@ -46,7 +47,7 @@ class MedDINOv3SegmentParameterNode:
     """Settings of the Segment panel, saved with the scene.
 
     model: the model selector's text (see MedDINOv3SegmentWidget.modelReference); device: the device selector's text.
-    batchSize: 0 = automatic.
+    batchSize: 0 = automatic. uncertainty: also make an uncertainty map (overlay, Next unsure slice).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -60,6 +61,7 @@ class MedDINOv3SegmentParameterNode:
     keepLargest: bool = False
     fillHoles: bool = False
     batchSize: Annotated[int, WithinRange(0, 512)] = 0
+    uncertainty: bool = False
 
 
 class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -75,6 +77,9 @@ class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = None
         self._modelReferences: dict[str, str] = {}
         self._deviceValues: dict[str, str] = {}
+        self._dependencies = None
+        self._unsureSlices: list = []  # (index, confidence, RAS) of the last run, least confident first
+        self._unsureIndex = -1
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -85,6 +90,11 @@ class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MedDINOv3SegmentLogic()
+        # First thing a user of a fresh Slicer sees: what is missing, and the Install button.
+        self._dependencies = DependenciesSection(self.ui.dependenciesFrame, self.ui.dependenciesLabel, uiWidget,
+                                                 onInstalled=self._onDependenciesInstalled)
+        self.ui.installDependenciesButton.clicked.connect(lambda checked=False: self._dependencies.install())
+        self._dependencies.refresh()
 
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
@@ -103,6 +113,7 @@ class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._setUpImportMenu()
         self.ui.show3DButton.clicked.connect(self.onShow3D)
         self.ui.segmentEditorButton.clicked.connect(self.onSegmentEditor)
+        self.ui.nextUnsureSliceButton.clicked.connect(self.onNextUnsureSlice)
         self.ui.progressBar.setVisible(False)
         self.initializeParameterNode()
 
@@ -115,6 +126,7 @@ class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
 
     def enter(self) -> None:
+        self._dependencies.refresh()  # another module may have installed packages meanwhile
         self.initializeParameterNode()
 
     def exit(self) -> None:
@@ -137,9 +149,14 @@ class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._parameterNode.inputVolume = volume
 
     def _disconnectParameterNode(self) -> None:
-        if self._parameterNode:
+        """Idempotent: exit() disconnects and the next enter() disconnects again before connecting (removing an
+        observation twice would print a VTKObservationMixin warning)."""
+        if not self._parameterNode:
+            return
+        if self._parameterNodeGuiTag is not None:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
+        if self.hasObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
 
     def setParameterNode(self, parameterNode) -> None:
@@ -186,6 +203,7 @@ class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         hasOutput = bool(p and p.outputSegmentation)
         self.ui.show3DButton.enabled = hasOutput and not running
         self.ui.segmentEditorButton.enabled = hasOutput and not running
+        self.ui.nextUnsureSliceButton.enabled = bool(self._unsureSlices) and not running
 
     # -- models and devices ----------------------------------------------------------------------
 
@@ -234,9 +252,16 @@ class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelInfoText.setHtml("".join(f"<b>{html.escape(k)}:</b> {html.escape(str(v))}<br>" for k, v in rows if v))
 
     def _fillDevices(self) -> None:
-        from MedDINOv3SegmentLib.dependencies import fillDeviceSelector
-
+        wasBlocked = self.ui.deviceSelector.blockSignals(True)  # refilling must not overwrite the saved choice
         self._deviceValues = fillDeviceSelector(self.ui.deviceSelector)
+        self.ui.deviceSelector.blockSignals(wasBlocked)
+        if self._parameterNode:
+            self._updateSelectorsFromParameterNode()  # the saved device, when it is offered (again)
+
+    def _onDependenciesInstalled(self) -> None:
+        """After Install: torch may see GPUs now, and the model list may have been empty."""
+        self._fillDevices()
+        self._fillModels()
 
     def _setUpImportMenu(self) -> None:
         menu = qt.QMenu(self.ui.importModelButton)
@@ -271,10 +296,8 @@ class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._task is not None:
             self._task.cancel()
             return
-        from MedDINOv3SegmentLib.dependencies import ensureDependencies
-
-        if not ensureDependencies():
-            self.ui.statusLabel.text = _("Missing Python packages: segmentation not started.")
+        if not self._dependencies.ensure():
+            self.ui.statusLabel.text = _("Missing Python packages (see the top of the panel): segmentation not started.")
             return
         p = self._parameterNode
         output = p.outputSegmentation
@@ -287,10 +310,11 @@ class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 p.inputVolume, self.modelReference(), output, device=self._deviceValues.get(p.device, "auto"),
                 fast=p.fast, tta=p.tta, roiNode=p.roi, keepLargest=p.keepLargest, fillHoles=p.fillHoles,
                 batchSize=p.batchSize or "auto", onProgress=self._onProgress, onFinished=self._onFinished,
-                modelPostprocessing=p.modelPostprocessing)
+                modelPostprocessing=p.modelPostprocessing, uncertainty=p.uncertainty)
         except MedDINOv3SegmentError as e:
             slicer.util.errorDisplay(str(e))
             return
+        self._unsureSlices = []  # they were the previous result's
         self.ui.progressBar.setVisible(True)
         self.ui.progressBar.setValue(0)
         self.ui.statusLabel.text = _("Starting...")
@@ -327,7 +351,27 @@ class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             self._parameterNode.outputSegmentation = node
             self.ui.statusLabel.text = _("Done in {seconds:.1f} s.").format(seconds=seconds)
+            self._showResults(task)
         self._updateButtons()
+
+    def _showResults(self, task) -> None:
+        """The run's statistics table, and its uncertainty volume over the input in the slice views."""
+        if task.statisticsTableNode is not None:
+            self.ui.statisticsTableView.setMRMLTableNode(task.statisticsTableNode)
+        self._unsureSlices, self._unsureIndex = list(task.unsureSlices), -1
+        if task.uncertaintyVolumeNode is not None:
+            slicer.util.setSliceViewerLayers(background=task.inputVolumeNode, foreground=task.uncertaintyVolumeNode,
+                                             foregroundOpacity=0.5)
+
+    def onNextUnsureSlice(self) -> None:
+        if not self._unsureSlices:
+            return
+        self._unsureIndex = (self._unsureIndex + 1) % len(self._unsureSlices)
+        index, confidence, ras = self._unsureSlices[self._unsureIndex]
+        self.logic.jumpToSlice(ras)
+        self.ui.statusLabel.text = _("Slice {index}: mean confidence {confidence:.2f} ({rank} of {count} unsure "
+                                     "slices)").format(index=index, confidence=confidence, rank=self._unsureIndex + 1,
+                                                       count=len(self._unsureSlices))
 
     def onShow3D(self) -> None:
         node = self._parameterNode.outputSegmentation
@@ -349,6 +393,10 @@ class MedDINOv3SegmentTest(ScriptedLoadableModuleTest):
     """Self-test inside Slicer: a tiny random model package segments a generated CT-like volume."""
 
     def setUp(self) -> None:
+        problems = findProblems()
+        if problems:  # a build machine without torch: say why instead of failing
+            self.skipTest("MedDINOv3 Segment self-test needs Python packages that are not installed: "
+                          + ", ".join(str(p) for p in problems))
         slicer.mrmlScene.Clear(0)
 
     def runTest(self) -> None:

@@ -20,6 +20,8 @@ from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrappe
 from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget
 from slicer.util import VTKObservationMixin
 
+from MedDINOv3SegmentLib.dependencies import DependenciesSection, fillDeviceSelector
+from MedDINOv3SegmentLib.errors import MedDINOv3SegmentError
 from MedDINOv3TrainLib.jobs import FINAL_STATES, TrainJobError
 from MedDINOv3TrainLib.logic import MedDINOv3TrainLogic  # noqa: F401 - re-exported for the console
 
@@ -82,6 +84,7 @@ class MedDINOv3TrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._ticks = 0
         self._baseReferences: dict[str, str] = {}
         self._segmentTask = None
+        self._dependencies = None
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -92,6 +95,11 @@ class MedDINOv3TrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MedDINOv3TrainLogic()
+        # First thing a user of a fresh Slicer sees: what is missing, and the Install button.
+        self._dependencies = DependenciesSection(self.ui.dependenciesFrame, self.ui.dependenciesLabel, uiWidget,
+                                                 onInstalled=self._onDependenciesInstalled)
+        self.ui.installDependenciesButton.clicked.connect(lambda checked=False: self._dependencies.install())
+        self._dependencies.refresh()
 
         self._populateDevices()
         self._populateBaseModels()
@@ -140,6 +148,7 @@ class MedDINOv3TrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._refreshJobs()
 
     def enter(self) -> None:
+        self._dependencies.refresh()  # another module may have installed packages meanwhile
         self.initializeParameterNode()
         self._refreshJobs()
         self._timer.start()
@@ -194,9 +203,17 @@ class MedDINOv3TrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- choices ----------------------------------------------------------------------------------
 
     def _populateDevices(self) -> None:
-        from MedDINOv3SegmentLib.dependencies import fillDeviceSelector
-
+        wasBlocked = self.ui.deviceSelector.blockSignals(True)  # refilling must not overwrite the saved choice
         self._deviceValues = fillDeviceSelector(self.ui.deviceSelector)
+        self.ui.deviceSelector.blockSignals(wasBlocked)
+        if self._parameterNode:
+            index = self.ui.deviceSelector.findText(self._parameterNode.device)
+            self.ui.deviceSelector.setCurrentIndex(max(index, 0))
+
+    def _onDependenciesInstalled(self) -> None:
+        """After Install: torch may see GPUs now, and the base model list may have been empty."""
+        self._populateDevices()
+        self._populateBaseModels()
 
     def _device(self) -> str:
         return self._deviceValues.get(self.ui.deviceSelector.currentText, "auto")
@@ -298,10 +315,8 @@ class MedDINOv3TrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return options
 
     def onStart(self) -> None:
-        from MedDINOv3SegmentLib.dependencies import ensureDependencies
-
-        if not ensureDependencies(training=True):
-            self.ui.statusLabel.text = _("Missing Python packages: the job was not started.")
+        if not self._dependencies.ensure():
+            self.ui.statusLabel.text = _("Missing Python packages (see the top of the panel): the job was not started.")
             return
         p = self._parameterNode
         mode, stage = MODES.get(self.ui.modeSelector.currentText, ("finetune", None))
@@ -384,7 +399,11 @@ class MedDINOv3TrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         job = self._selectedJob() or self._job
         if job is None:
             return
-        reference = self.logic.registerJobModel(job)
+        try:
+            reference = self.logic.registerJobModel(job)
+        except (MedDINOv3SegmentError, OSError, ValueError) as e:  # e.g. the model folder is damaged
+            slicer.util.errorDisplay(_("The model of {name} cannot be used: {error}").format(name=job.name, error=e))
+            return
         if not reference:
             slicer.util.errorDisplay(_("This job has no finished model yet."))
             return

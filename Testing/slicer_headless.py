@@ -33,8 +33,13 @@ Stand-ins (documented as such; they exist only because the Qt GUI cannot exist h
   ``vtkMRMLScriptedModuleNode`` (MRML nodes as node references, other values as JSON parameters),
   ``parameterPack``, validators ``WithinRange``, ``Minimum``, ``Maximum``, ``Choice``, ``NotEmpty``,
   ``Default``, and GUI hints ``Decimals``, ``SingleStep``, ``Label`` (accepted, ignored).
-  ``connectGui`` / ``disconnectGui`` are no-ops.
+  ``connectGui`` / ``connectParametersToGui`` / ``disconnectGui`` are no-ops.
 - ``slicer.i18n``: ``tr(text)`` and ``translate(context, text)`` return the text.
+
+Fakes for the dependency install path (a fresh Slicer's Python cannot be made here): :class:`FakePythonPackages`
+(what is "installed"), :class:`FakePyTorchUtils` (the PyTorch extension's module), :class:`FakePip`
+(``slicer.util.pip_install``) and :class:`RecordingDialogs`, put in place by :func:`install_fakes`; they record
+their calls.
 
 Also :func:`volume_node_from_sitk` and :func:`sitk_from_volume_node` (test-side conversions between
 SimpleITK images, which are LPS, and volume nodes, which are RAS, keeping the exact geometry).
@@ -568,6 +573,10 @@ def parameterNodeWrapper(cls):
         """No Qt: nothing to connect. Returns a tag for ``disconnectGui``."""
         return 0
 
+    def connectParametersToGui(self, mapping) -> int:
+        """No Qt: nothing to connect (``mapping``: parameter name -> widget). Returns a tag for ``disconnectGui``."""
+        return 0
+
     def disconnectGui(self, tag) -> None:
         pass
 
@@ -589,6 +598,7 @@ def parameterNodeWrapper(cls):
         "__module__": cls.__module__,
         "__qualname__": cls.__qualname__,
         "connectGui": connectGui,
+        "connectParametersToGui": connectParametersToGui,
         "disconnectGui": disconnectGui,
         "StartModify": StartModify,
         "EndModify": EndModify,
@@ -747,3 +757,123 @@ def sitk_from_volume_node(node):
     image.SetOrigin((_LPS_TO_RAS @ ijk_to_ras[:3, 3]).tolist())
     image.SetDirection((_LPS_TO_RAS @ ijk_to_ras[:3, :3] @ np.diag(1.0 / spacing)).ravel().tolist())
     return image
+
+
+# --------------------------------------------------------------------------------------------
+# Installing Python packages into Slicer (fakes for the install-path tests)
+# --------------------------------------------------------------------------------------------
+#
+# A fresh Slicer's Python (no torch, an old timm...) cannot be made inside this test environment, and the PyTorch
+# extension (`PyTorchUtils`) is a Slicer module, not a PyPI package. These stand-ins keep a set of "installed"
+# packages that the real install logic reads (MedDINOv3SegmentLib.dependencies: `versionOf`) and that the fake
+# installers change, with the signatures of the real functions (checked against Slicer 5.8's slicer/util.py
+# `pip_install(requirements)` and SlicerPyTorch's `PyTorchUtilsLogic.installTorch(askConfirmation=False,
+# forceComputationBackend=None, torchVersionRequirement=None)`), recording every call.
+
+
+class FakePythonPackages:
+    """Installed packages as name -> version; `versionOf(name)` answers like `dependencies.installedVersion`."""
+
+    def __init__(self, versions: dict[str, str]):
+        self.versions = dict(versions)
+
+    def versionOf(self, name: str) -> str | None:
+        return self.versions.get(name)
+
+
+class FakePyTorchUtils:
+    """Stand-in for the PyTorch extension's ``PyTorchUtils`` module. ``installTorch`` records its keyword arguments,
+    calls ``during()`` (to look at the GUI state while installing), then "installs" ``torch_version`` (and
+    torchvision) and returns a module, or raises ``error`` when one is given. ``module()`` is what
+    ``import PyTorchUtils`` should find (``sys.modules``)."""
+
+    def __init__(self, packages: FakePythonPackages, torch_version: str = "2.8.0", torchvision_version: str = "0.23.0",
+                 error: Exception | None = None, during=None):
+        self.packages = packages
+        self.torch_version = torch_version
+        self.torchvision_version = torchvision_version
+        self.error = error
+        self.during = during
+        self.calls: list[dict] = []
+
+    def module(self) -> types.ModuleType:
+        fake = self
+        module = types.ModuleType("PyTorchUtils", "Headless stand-in for the PyTorch extension's PyTorchUtils module.")
+
+        class PyTorchUtilsLogic:
+            def installTorch(self, askConfirmation=False, forceComputationBackend=None, torchVersionRequirement=None):
+                fake.calls.append({"askConfirmation": askConfirmation, "forceComputationBackend": forceComputationBackend,
+                                   "torchVersionRequirement": torchVersionRequirement})
+                if fake.during is not None:
+                    fake.during()
+                if fake.error is not None:
+                    raise fake.error
+                fake.packages.versions.update(torch=fake.torch_version, torchvision=fake.torchvision_version)
+                return types.SimpleNamespace(__version__=fake.torch_version)
+
+        module.PyTorchUtilsLogic = PyTorchUtilsLogic
+        return module
+
+
+class FakePip:
+    """Stand-in for ``slicer.util.pip_install(requirements)``: records the requirement list of each call, calls
+    ``during()``, then either raises ``subprocess.CalledProcessError`` (``fail``, as Slicer's does when pip exits
+    non-zero) or "installs" each requirement: ``name==V`` and ``name>=A,<=B`` as V / B, ``name>=A`` as A."""
+
+    def __init__(self, packages: FakePythonPackages, fail: bool = False, during=None):
+        self.packages = packages
+        self.fail = fail
+        self.during = during
+        self.calls: list[list[str]] = []
+
+    def __call__(self, requirements) -> None:
+        import re
+        import shlex
+        import subprocess
+
+        if isinstance(requirements, str):
+            requirements = shlex.split(requirements)
+        self.calls.append(list(requirements))
+        if self.during is not None:
+            self.during()
+        if self.fail:
+            raise subprocess.CalledProcessError(1, ["PythonSlicer", "-m", "pip", "install", *requirements])
+        for requirement in requirements:
+            name, rest = re.match(r"([A-Za-z0-9_.-]+)(.*)", requirement).groups()
+            versions = re.findall(r"[0-9][0-9.]*", rest)
+            self.packages.versions[name] = versions[-1] if versions else "1.0"
+
+
+class RecordingDialogs:
+    """Stand-ins for ``slicer.util.confirmOkCancelDisplay`` (answers ``answer``) and ``slicer.util.errorDisplay``:
+    the texts they were shown are in ``questions`` and ``errors``."""
+
+    def __init__(self, answer: bool = True):
+        self.answer = answer
+        self.questions: list[str] = []
+        self.errors: list[str] = []
+
+    def confirmOkCancelDisplay(self, text, windowTitle=None, parent=None, **kwargs) -> bool:
+        self.questions.append(text)
+        return self.answer
+
+    def errorDisplay(self, text, windowTitle=None, parent=None, standardButtons=None, **kwargs) -> None:
+        self.errors.append(text)
+
+
+def install_fakes(monkeypatch, packages: FakePythonPackages, pytorch_utils: FakePyTorchUtils | None = None,
+                  pip: FakePip | None = None, dialogs: RecordingDialogs | None = None) -> RecordingDialogs:
+    """Put the fakes where Slicer code finds them (``sys.modules["PyTorchUtils"]``, ``slicer.util.pip_install``,
+    the two dialogs), through pytest's ``monkeypatch`` so that they are removed after the test. Without
+    ``pytorch_utils`` there is no PyTorch extension. Returns the dialogs."""
+    import slicer
+
+    dialogs = dialogs or RecordingDialogs()
+    if pytorch_utils is not None:
+        monkeypatch.setitem(sys.modules, "PyTorchUtils", pytorch_utils.module())
+    else:
+        monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # `import PyTorchUtils` raises ImportError
+    monkeypatch.setattr(slicer.util, "pip_install", pip or FakePip(packages))
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", dialogs.confirmOkCancelDisplay)
+    monkeypatch.setattr(slicer.util, "errorDisplay", dialogs.errorDisplay)
+    return dialogs

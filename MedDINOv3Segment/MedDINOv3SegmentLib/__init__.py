@@ -3,9 +3,11 @@
 - `errors`: MedDINOv3SegmentError (one-line user messages), MedDINOv3SegmentCancelled.
 - `worker`: the `meddinov3 segment` child process, read without blocking; process-tree kill.
 - `nodes`: volume node -> .nrrd, ROI node -> voxel box, .seg.nrrd -> segmentation node (exact voxel grid).
-- `models`: the models offered (manifest, imported, trained, nnU-Net folders), import and register.
+- `models`: the models offered (manifest, imported, trained, nnU-Net folders; listed without torch), import and
+  register.
 - `logic`: MedDINOv3SegmentLogic and SegmentTask (needs `slicer`; imported lazily here).
-- `dependencies`: Python packages the module needs in Slicer's Python, and installing them (Widget only).
+- `dependencies`: Python packages both modules need in Slicer's Python (Resources/slicer-requirements.txt), what is
+  missing or too old, installing it, and the panel section with the Install button (no torch import).
 """
 
 import os

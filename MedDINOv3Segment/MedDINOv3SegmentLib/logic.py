@@ -5,9 +5,10 @@ Usable from Slicer's Python console; never touches widgets::
     logic = MedDINOv3SegmentLogic()
     segmentationNode = logic.segment(volumeNode, "demo-liver-ct")            # blocking
     task = logic.segmentAsync(volumeNode, "demo-liver-ct", onProgress=print,  # returns at once
-                              onFinished=lambda node, error: print(node, error))
+                              onFinished=lambda node, error: print(node, error), uncertainty=True)
     while task.poll(): time.sleep(0.1)                                         # the Widget uses a QTimer
     task.cancel()
+    task.statisticsTableNode, task.uncertaintyVolumeNode, task.unsureSlices   # after success
 
 The scene is changed only when a segmentation succeeded, and only on the thread that calls `poll()`.
 """
@@ -24,7 +25,7 @@ from typing import Callable
 import slicer
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 
-from . import models, nodes
+from . import models, nodes, results
 from .errors import MedDINOv3SegmentCancelled, MedDINOv3SegmentError
 from .worker import ChildProcess, child_environment, errorMessageFromChild, python_executable
 
@@ -33,8 +34,10 @@ DEVICES_HELP = "auto, cpu, cuda, cuda:N"
 
 def buildCommand(inputPath, outputPath, model: str, device: str = "auto", fast: bool = False, tta: bool = False,
                  roiBox: list[int] | None = None, keepLargest: bool = False, fillHoles: bool = False,
-                 batchSize: int | str = "auto", python: str | None = None, modelPostprocessing: bool = True) -> list[str]:
-    """The `meddinov3 segment` command line the child runs (`modelPostprocessing`: the package's own clean-up)."""
+                 batchSize: int | str = "auto", python: str | None = None, modelPostprocessing: bool = True,
+                 statisticsPath=None, uncertaintyPath=None) -> list[str]:
+    """The `meddinov3 segment` command line the child runs (`modelPostprocessing`: the package's own clean-up;
+    `statisticsPath` / `uncertaintyPath`: also write per-segment statistics / the uncertainty map there)."""
     command = [python or python_executable(), "-m", "meddinov3.cli.main", "segment", str(inputPath),
                "-o", str(outputPath), "--model", str(model), "--device", str(device or "auto"),
                "--batch-size", str(batchSize or "auto"), "--json-progress", "--overwrite"]
@@ -50,6 +53,10 @@ def buildCommand(inputPath, outputPath, model: str, device: str = "auto", fast: 
         command.append("--fill-holes")
     if not modelPostprocessing:
         command.append("--no-postprocessing")
+    if statisticsPath is not None:
+        command += ["--statistics", str(statisticsPath)]
+    if uncertaintyPath is not None:
+        command += ["--save-uncertainty", str(uncertaintyPath)]
     return command
 
 
@@ -57,7 +64,9 @@ class SegmentTask:
     """A running segmentation. `poll()` (caller's thread) drains progress and, at the end, builds the node.
 
     States: "running", "succeeded", "failed", "cancelled". `result` is the segmentation node on success,
-    `error` a MedDINOv3SegmentError otherwise. Callbacks run inside `poll()` / `cancel()`. If the input volume or
+    `error` a MedDINOv3SegmentError otherwise. On success also: `statistics` (the child's statistics JSON),
+    `statisticsTableNode` (volume and intensities per segment), and when asked for, `uncertaintyVolumeNode` and
+    `unsureSlices` ((index, confidence, RAS) of the slices below full confidence, least confident first). Callbacks run inside `poll()` / `cancel()`. If the input volume or
     the output node leaves the scene (deleted, scene closed) while running, the next `poll()` stops the child: "failed".
     """
 
@@ -76,6 +85,10 @@ class SegmentTask:
         self.result = None
         self.error: MedDINOv3SegmentError | None = None
         self.lastProgress: dict = {}
+        self.statistics: dict = {}
+        self.statisticsTableNode = None
+        self.uncertaintyVolumeNode = None
+        self.unsureSlices: list = []
         self._failedMessage: str | None = None
         self.startTime = time.monotonic()
 
@@ -102,6 +115,7 @@ class SegmentTask:
         if code == 0:
             try:
                 self.result = self._logic._loadResult(self.outputPath, self.inputVolumeNode, self.outputSegmentationNode)
+                self._loadExtras()
                 self._finish("succeeded")
             except MedDINOv3SegmentError as e:
                 self._finish("failed", e)
@@ -117,6 +131,20 @@ class SegmentTask:
                 logging.info("MedDINOv3 segment process output:\n%s", stderr)
             self._finish("failed", MedDINOv3SegmentError(message))
         return False
+
+    def _loadExtras(self) -> None:
+        """Statistics table, and the uncertainty volume and unsure slices when the run made them."""
+        statisticsPath = self.workDir / "statistics.json"
+        if not statisticsPath.is_file():
+            return
+        self.statistics = results.readStatistics(statisticsPath)
+        scene = self.inputVolumeNode.GetScene()
+        self.statisticsTableNode = results.statisticsTableNode(self.statistics, scene,
+                                                               f"{self.result.GetName()} statistics")
+        uncertaintyPath = self.workDir / "uncertainty.nrrd"
+        if uncertaintyPath.is_file():
+            self.uncertaintyVolumeNode = results.loadUncertaintyVolume(uncertaintyPath, self.inputVolumeNode)
+            self.unsureSlices = results.unsureSlices(self.statistics["slice_confidence"], self.inputVolumeNode)
 
     def _removedNodeMessage(self) -> str | None:
         if self.inputVolumeNode.GetScene() is None:
@@ -201,11 +229,12 @@ class MedDINOv3SegmentLogic(ScriptedLoadableModuleLogic):
     def segment(self, inputVolumeNode, model: str, outputSegmentationNode=None, device: str = "auto",
                 fast: bool = False, tta: bool = False, roiNode=None, keepLargest: bool = False,
                 fillHoles: bool = False, batchSize: int | str = "auto", onProgress: Callable | None = None,
-                modelPostprocessing: bool = True):
+                modelPostprocessing: bool = True, uncertainty: bool = False):
         """Segment and wait. Returns the segmentation node; raises MedDINOv3SegmentError."""
         task = self.segmentAsync(inputVolumeNode, model, outputSegmentationNode, device=device, fast=fast, tta=tta,
                                  roiNode=roiNode, keepLargest=keepLargest, fillHoles=fillHoles, batchSize=batchSize,
-                                 onProgress=onProgress, modelPostprocessing=modelPostprocessing)
+                                 onProgress=onProgress, modelPostprocessing=modelPostprocessing,
+                                 uncertainty=uncertainty)
         try:
             while task.poll():
                 time.sleep(0.05)
@@ -220,12 +249,15 @@ class MedDINOv3SegmentLogic(ScriptedLoadableModuleLogic):
     def segmentAsync(self, inputVolumeNode, model: str, outputSegmentationNode=None, device: str = "auto",
                      fast: bool = False, tta: bool = False, roiNode=None, keepLargest: bool = False,
                      fillHoles: bool = False, batchSize: int | str = "auto", onProgress: Callable | None = None,
-                     onFinished: Callable | None = None, modelPostprocessing: bool = True) -> SegmentTask:
+                     onFinished: Callable | None = None, modelPostprocessing: bool = True,
+                     uncertainty: bool = False) -> SegmentTask:
         """Start segmenting; returns a SegmentTask at once (call its `poll()` regularly, or `cancel()`).
 
         `outputSegmentationNode`: None creates a new node on success; a node has its segments replaced. Either way
         the node gets the input volume's parent transform and its grid as reference geometry.
         `modelPostprocessing`: apply the clean-up steps the model package declares (False: the raw labels).
+        Per-segment statistics are always computed (`task.statisticsTableNode`); `uncertainty`: also an uncertainty
+        volume (normalised entropy, percent) and the slices ordered from the least confident.
         Input problems raise MedDINOv3SegmentError here; later problems reach `onFinished(None, error)`.
         """
         if inputVolumeNode is None:
@@ -249,7 +281,9 @@ class MedDINOv3SegmentLogic(ScriptedLoadableModuleLogic):
             outputPath = workDir / "output.seg.nrrd"
             command = buildCommand(inputPath, outputPath, model, device=device, fast=fast, tta=tta, roiBox=roiBox,
                                    keepLargest=keepLargest, fillHoles=fillHoles, batchSize=batchSize,
-                                   python=self.pythonExecutable, modelPostprocessing=modelPostprocessing)
+                                   python=self.pythonExecutable, modelPostprocessing=modelPostprocessing,
+                                   statisticsPath=workDir / "statistics.json",
+                                   uncertaintyPath=workDir / "uncertainty.nrrd" if uncertainty else None)
             logging.info("MedDINOv3: %s", " ".join(command))
             process = ChildProcess(command, env=child_environment(), cwd=str(workDir))
         except BaseException:
@@ -259,6 +293,10 @@ class MedDINOv3SegmentLogic(ScriptedLoadableModuleLogic):
                            onProgress, onFinished)
         self._tasks.add(task)
         return task
+
+    def jumpToSlice(self, ras) -> None:
+        """Move the slice views to the plane through world point `ras` (e.g. one of `task.unsureSlices`)."""
+        results.jumpSlicesTo(slicer.mrmlScene, ras)
 
     def cancelAll(self) -> None:
         """Cancel every running task (module cleanup, scene close)."""

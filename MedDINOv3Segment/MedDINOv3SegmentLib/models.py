@@ -1,7 +1,9 @@
 """Which models the Segment module offers, and importing / registering more (no Slicer, no Qt).
 
 Listing reads only small description files (`model.json`, nnU-Net `dataset.json`, the manifest), never weights,
-and never touches the network: manifest `hf:` models are downloaded by the segmentation child process.
+never touches the network (manifest `hf:` models are downloaded by the segmentation child process) and imports
+neither torch, timm nor safetensors (`meddinov3.catalog`): a fresh Slicer lists models before they are installed.
+Registering and importing validate the model with the core, which needs them.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ def _core(what: str):
         return importlib.import_module(what)
     except ImportError as e:
         raise MedDINOv3SegmentError(
-            f"The MedDINOv3 core cannot be imported ({e}); install the missing Python package(s) "
-            "from the MedDINOv3 Segment module panel.") from None
+            f"The MedDINOv3 core cannot be imported ({e}); install the missing Python packages with the Install "
+            "button at the top of the MedDINOv3 Segment or MedDINOv3 Train module panel.") from None
 
 
 def _readJson(path: Path) -> dict:
@@ -86,14 +88,14 @@ def _row(name: str, reference: str, source: str, info: dict) -> dict:
 
 def listModels(segmentableOnly: bool = True) -> list[dict]:
     """Rows for the model selector: manifest, imported, trained (registered packages) and nnU-Net folders."""
-    modelsCli = _core("meddinov3.cli.models")
-    resources = _core("meddinov3.resources")
+    from meddinov3 import catalog, resources
+
     try:
-        entries = {e["name"]: e for e in _core("meddinov3.checkpoints").load_manifest()}
+        entries = {e["name"]: e for e in catalog.load_manifest()}
     except FileNotFoundError:
         entries = {}
     rows = []
-    for item in modelsCli.list_models():
+    for item in catalog.list_models():
         source, ref = item["source"], str(item["ref"])
         if source == "manifest":
             entry = entries.get(item["name"], {})

@@ -97,12 +97,8 @@ def _parseColor(text: str) -> tuple[float, float, float] | None:
     return tuple(values[:3]) if len(values) >= 3 else None
 
 
-def readSegmentationFile(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """(labels (k, j, i), IJK->RAS 4x4, segments) of a one-layer .seg.nrrd or a label map file.
-
-    Segments: dicts with `labelValue`, `name`, `color` (0-1 RGB or None) and `terminology` (Slicer's
-    serialised terminology entry or None), in file order. A plain label map gives one per non-zero value.
-    """
+def readImageFile(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(voxels (k, j, i), IJK->RAS 4x4, header fields) of a 3D one-component image file the child wrote."""
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
@@ -110,17 +106,24 @@ def readSegmentationFile(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarra
     try:
         image = reader.Execute()
     except RuntimeError as e:
-        raise MedDINOv3SegmentError(f"Cannot read the segmentation result {path}: {str(e).strip().splitlines()[-1]}") from None
+        raise MedDINOv3SegmentError(f"Cannot read the result file {path}: {str(e).strip().splitlines()[-1]}") from None
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise MedDINOv3SegmentError(f"Unexpected segmentation result {path}: expected one 3D label layer.")
-    labels = sitk.GetArrayFromImage(image)
+        raise MedDINOv3SegmentError(f"Unexpected result file {path}: expected one 3D image layer.")
     matrix = np.eye(4)
     direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
     matrix[:3, :3] = direction @ np.diag(image.GetSpacing())
     matrix[:3, 3] = image.GetOrigin()
-    matrix = _LPS_TO_RAS @ matrix
-
     meta = {key: image.GetMetaData(key) for key in image.GetMetaDataKeys()}
+    return sitk.GetArrayFromImage(image), _LPS_TO_RAS @ matrix, meta
+
+
+def readSegmentationFile(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """(labels (k, j, i), IJK->RAS 4x4, segments) of a one-layer .seg.nrrd or a label map file.
+
+    Segments: dicts with `labelValue`, `name`, `color` (0-1 RGB or None) and `terminology` (Slicer's
+    serialised terminology entry or None), in file order. A plain label map gives one per non-zero value.
+    """
+    labels, matrix, meta = readImageFile(path)
     segments = []
     index = 0
     while f"Segment{index}_LabelValue" in meta or f"Segment{index}_Name" in meta:
@@ -186,11 +189,14 @@ def arrayOnVolumeGrid(voxels: np.ndarray, fileIjkToRas: np.ndarray, volumeNode) 
 
 
 def _setTerminology(segment, terminology: str | None) -> None:
+    """Store a serialized terminology entry on `segment`. `vtkSegment::SetTerminology` appeared in Slicer 5.10;
+    Slicer 5.8, the oldest supported version, has none and keeps the entry in the segment's "TerminologyEntry" tag,
+    which is where 5.10+ read it from too (a test forces this path on the 5.13 slicer-core)."""
     if not terminology:
         return
-    if hasattr(segment, "SetTerminology"):  # Slicer >= 5.8
+    if hasattr(segment, "SetTerminology"):  # Slicer >= 5.10
         segment.SetTerminology(terminology)
-    else:
+    else:  # Slicer 5.8
         segment.SetTag(segment.GetTerminologyEntryTagName(), terminology)
 
 

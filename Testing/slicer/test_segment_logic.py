@@ -456,18 +456,6 @@ def test_module_file_imports_headless_with_parameter_node(logic, slicer_scene):
     assert again.inputVolume is volume and again.fast
 
 
-def test_dependency_check_adds_training_packages(headless_slicer, monkeypatch):
-    """What the modules would offer to pip-install; `find_spec` is replaced to simulate a bare Slicer Python."""
-    from MedDINOv3SegmentLib import dependencies
-
-    absent = {"matplotlib", "timm"}
-    real = dependencies.importlib.util.find_spec
-    monkeypatch.setattr(dependencies.importlib.util, "find_spec", lambda name: None if name in absent else real(name))
-    torch_missing, pip_missing = dependencies.missingPackages()
-    assert not torch_missing and pip_missing == ["timm>=1.0.20"]
-    assert dependencies.missingPackages(training=True)[1] == ["timm>=1.0.20", "matplotlib"]
-
-
 def test_device_selector_lists_what_torch_sees(headless_slicer, monkeypatch):
     """Both Widgets fill their device combo box with `fillDeviceSelector`; the combo box is a stand-in (no Qt here)."""
     import torch

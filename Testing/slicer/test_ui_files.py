@@ -23,6 +23,9 @@ QT_CLASS = re.compile(r"^Q[A-Z]")
 
 REQUIRED_WIDGETS = {
     "MedDINOv3Segment": {
+        "dependenciesFrame": "QFrame",
+        "dependenciesLabel": "QLabel",
+        "installDependenciesButton": "QPushButton",
         "inputVolumeSelector": "qMRMLNodeComboBox",
         "modelSelector": "QComboBox",
         "importModelButton": None,
@@ -43,8 +46,14 @@ REQUIRED_WIDGETS = {
         "keepLargestCheckBox": "QCheckBox",
         "fillHolesCheckBox": "QCheckBox",
         "batchSizeSpinBox": "QSpinBox",
+        "uncertaintyCheckBox": "QCheckBox",
+        "statisticsTableView": "qMRMLTableView",
+        "nextUnsureSliceButton": "QPushButton",
     },
     "MedDINOv3Train": {
+        "dependenciesFrame": "QFrame",
+        "dependenciesLabel": "QLabel",
+        "installDependenciesButton": "QPushButton",
         "dataSourceSelector": "QComboBox",
         "pairsTable": "QTableWidget",
         "addPairButton": None,
@@ -92,6 +101,7 @@ PARAMETER_BINDINGS = {
         "keepLargestCheckBox": "keepLargest",
         "fillHolesCheckBox": "fillHoles",
         "batchSizeSpinBox": "batchSize",
+        "uncertaintyCheckBox": "uncertainty",
     },
     "MedDINOv3Train": {
         "dataSourceSelector": "dataSource",

@@ -1,6 +1,7 @@
 """Checkpoint layouts: detection, safe loading, conversion, model packages, hub references."""
 
-from .hub import ModelNotAvailable, import_file, load_manifest, parse_hf_ref, register_model, registered_models, resolve_hf
+from ..catalog import load_manifest, register_model, registered_models
+from .hub import ModelNotAvailable, import_file, parse_hf_ref, resolve_hf
 from .loader import (FORMATS, LoadedModel, UnknownModel, convert, describe, detect_format, load_backbone, load_model,
                      network_from_state_dict, read_model, resolve)
 from .package import ClassInfo, ModelSpec, read_spec, write_package

@@ -14,8 +14,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..catalog import imported_model_path, load_manifest, manifest_entry
 from ..files import atomic_path, read_json, write_json
-from ..resources import resources_dir, user_dir
+from ..resources import user_dir
 from .safe_load import CheckpointError
 
 
@@ -52,19 +53,6 @@ def sha256_of(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def load_manifest() -> list[dict]:
-    """Entries of `Resources/models.json` (name, title, kind, ref, sha256, license, ...)."""
-    path = resources_dir() / "models.json"
-    return read_json(path)["models"]
-
-
-def manifest_entry(name_or_ref: str) -> dict | None:
-    for entry in load_manifest():
-        if name_or_ref in (entry["name"], entry["ref"]):
-            return entry
-    return None
-
-
 def is_offline(offline: bool | None = None) -> bool:
     if offline is not None:
         return offline
@@ -98,15 +86,6 @@ def unverified_import_path(hub: HubRef) -> Path:
     checksum to key it by."""
     repo = hub.repo_id.replace("/", "--") + (f"@{hub.revision}" if hub.revision else "")
     return imports_dir() / "unverified" / repo / hub.filename
-
-
-def imported_model_path(folder: Path) -> Path:
-    """An imported single file is stored as `models/<name>/<file>`: the model is the file, not its folder."""
-    if folder.is_dir():
-        entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
-        if len(entries) == 1 and entries[0].is_file():
-            return entries[0]
-    return folder
 
 
 def _verified_ok(path: Path, sha256: str) -> bool:
@@ -279,33 +258,3 @@ def import_model(path: str | os.PathLike, name: str | None = None) -> ImportResu
 def import_file(path: str | os.PathLike, name: str | None = None) -> Path:
     """Where `import_model` stored the file or folder (the model reference callers list and load)."""
     return import_model(path, name).path
-
-
-def registry_path() -> Path:
-    return user_dir() / "registered.json"
-
-
-RUN_OUTPUT_FOLDERS = ("model", "backbone")  # what `train` / `pretrain` write inside a run folder
-
-
-def registered_name(path: str) -> str:
-    """The name a registered model is listed and resolved by: its folder's name, or its run folder's name when it is
-    a run's `model/` or `backbone/` (every trained model would otherwise be called "model")."""
-    p = Path(path)
-    return p.parent.name if p.name in RUN_OUTPUT_FOLDERS and p.parent.name else p.name
-
-
-def registered_models() -> list[str]:
-    """Model folders registered by the Train module or `registerModel`, that still exist."""
-    path = registry_path()
-    paths = read_json(path) if path.exists() else []
-    return [p for p in paths if Path(p).exists()]
-
-
-def register_model(path: str | os.PathLike) -> str:
-    p = str(Path(path).resolve())
-    paths = registered_models()
-    if p not in paths:
-        paths.append(p)
-        write_json(registry_path(), paths)
-    return p

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
+from ..catalog import RUN_OUTPUT_FOLDERS, imported_model_path, manifest_entry, registered_models, registered_name
 from ..config import ModelConfig
 from ..model import MedDINOv3, build_model
 from ..resources import resources_dir, user_dir
 from .convert import DROPPED_PREFIXES, dinov3_to_backbone, infer_backbone_config, load_strict, strip_prefix, unwrap_module_prefixes
-from .hub import RUN_OUTPUT_FOLDERS, imported_model_path, manifest_entry, registered_models, registered_name, resolve_hf
+from .hub import resolve_hf
 from .nnunet import is_nnunet_folder, read_nnunet_folder
 from .package import ModelSpec, default_classes, is_package, provenance_now, read_spec, read_weights, write_package
 from .safe_load import CheckpointError, safe_torch_load

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from ..catalog import list_models
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("models", help="list, import (offline machines) or download models")
@@ -17,22 +19,6 @@ def add_parser(sub) -> None:
     dl = verbs.add_parser("download", help="download a manifest model into the cache (sha256 checked when the manifest has one)")
     dl.add_argument("name")
     p.set_defaults(run=run)
-
-
-def list_models() -> list[dict]:
-    """Each model by the name `resolve` finds it by, with the path (or hf: reference) it resolves to."""
-    from ..checkpoints import load_manifest, registered_models
-    from ..checkpoints.hub import imported_model_path, registered_name
-    from ..resources import user_dir
-
-    rows = [{"name": e["name"], "source": "manifest", "kind": e.get("kind", "segmentation"), "ref": e["ref"],
-             "license": e.get("license", "")} for e in load_manifest()]
-    models_dir = user_dir() / "models"
-    if models_dir.is_dir():
-        rows += [{"name": p.name, "source": "imported", "ref": str(imported_model_path(p))}
-                 for p in sorted(models_dir.iterdir()) if not p.name.startswith(".")]
-    rows += [{"name": registered_name(p), "source": "registered", "ref": p} for p in registered_models()]
-    return rows
 
 
 def import_report(result) -> list[str]:

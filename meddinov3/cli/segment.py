@@ -11,7 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-FORMATS = ("nii.gz", "nrrd", "seg.nrrd")
+FORMATS = ("nii.gz", "nrrd", "seg.nrrd", "dicom-seg")
+# (argparse name, flag, file suffix in an output folder) of the files written beside each label map
+SIDE_FLAGS = (("save_probabilities", "--save-probabilities", "npz"), ("statistics", "--statistics", "json"),
+              ("save_uncertainty", "--save-uncertainty", "nii.gz"))
 
 
 def add_parser(sub) -> None:
@@ -19,7 +22,8 @@ def add_parser(sub) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help=".nii/.nii.gz/.nrrd/.mha/.mhd file, DICOM series folder, or a folder of those")
     p.add_argument("-o", "--output", required=True,
-                   help="output .nii.gz/.nrrd label map or .seg.nrrd; a folder when there are several inputs")
+                   help="output .nii.gz/.nrrd label map, .seg.nrrd or .dcm (DICOM SEG); a folder when there are "
+                        "several inputs")
     p.add_argument("--model", required=True, help="model package, nnU-Net result folder, hf: reference or name")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--fast", action="store_true",
@@ -33,8 +37,17 @@ def add_parser(sub) -> None:
                    help="also save float16 class probabilities (several inputs: a folder, one NAME.npz per input); "
                         "they are the model's, before post-processing (the .npz lists the steps the labels had), "
                         "so their argmax can differ from the label map where a step changed it")
+    p.add_argument("--statistics", metavar="FILE.json|.csv",
+                   help="also write per-structure statistics: voxels, volume (ml), intensity mean/std/min/max and "
+                        "5/50/95th percentiles (HU for CT), centroid (LPS mm), bounding box (several inputs: a "
+                        "folder, one NAME.json per input); the folder must exist")
+    p.add_argument("--save-uncertainty", metavar="FILE.nii.gz",
+                   help="also save the per-voxel normalised entropy of the class probabilities in percent (uint8 "
+                        "0-100, input grid; several inputs: a folder) and report a per-slice mean confidence")
     p.add_argument("--output-format", choices=FORMATS, default="nii.gz",
-                   help="file type written into the -o folder when there are several inputs (default nii.gz)")
+                   help="file type written into the -o folder when there are several inputs (default nii.gz); "
+                        "dicom-seg: a DICOM Segmentation (.dcm; any -o ending in .dcm is one) referencing the "
+                        "input DICOM series")
     p.add_argument("--keep-largest", action="store_true", help="keep the largest connected component per label")
     p.add_argument("--fill-holes", action="store_true", help="fill holes per label")
     p.add_argument("--no-postprocessing", dest="postprocess", action="store_false",
@@ -72,45 +85,53 @@ def _parse(args):
     return folds, batch, roi
 
 
-def _outputs(inputs: list[Path], args, batch_mode: bool) -> tuple[list[Path], list[Path | None]]:
-    """(label outputs, probability outputs) per input: the given files, or NAME.<format> / NAME.npz in folders."""
+def _outputs(inputs: list[Path], args, batch_mode: bool) -> tuple[list[Path], list]:
+    """(label outputs, `SideOutputs`) per input: the given files, or NAME.<format> / NAME.npz ... in folders
+    (`engine.cohort.cohort_cases`)."""
     from ..engine.cohort import cohort_cases
+    from ..engine.side_outputs import SideOutputs
     from .main import CommandError
 
     out = Path(args.output)
-    probs = Path(args.save_probabilities) if args.save_probabilities else None
+    sides = {flag: Path(getattr(args, name)) if getattr(args, name) else None for name, flag, _ in SIDE_FLAGS}
     if not batch_mode:
-        for flag, file in (("-o", out), ("--save-probabilities", probs)):
+        for flag, file in (("-o", out), *sides.items()):
             if file is not None and file.is_dir():
                 raise CommandError(f"{file}: is a folder; a folder {flag} needs several inputs (or a folder of "
                                    f"them), one input needs a file name")
-        return [out], [probs]
-    for flag, folder in (("-o", out), ("--save-probabilities", probs)):
+        if args.output_format == "dicom-seg" and not out.name.lower().endswith(".dcm"):
+            raise CommandError(f"{out}: --output-format dicom-seg writes a DICOM SEG: name the -o file NAME.dcm")
+        return [out], [SideOutputs(*sides.values())]
+    for flag, folder in (("-o", out), *sides.items()):
         if folder is not None and not folder.is_dir() and (folder.exists() or _file_name(folder)):
             raise CommandError(f"{folder}: several inputs, or a folder of them, need {flag} to be a folder, not a "
                                "file name")
+    suffix = "dcm" if args.output_format == "dicom-seg" else args.output_format
     try:
-        cases = cohort_cases(inputs, out, args.output_format, [(probs, "npz")] if probs else [])
+        cases = cohort_cases(inputs, out, suffix, [(folder, ext) for (_, _, ext), folder in
+                                                   zip(SIDE_FLAGS, sides.values()) if folder is not None])
     except ValueError as e:
         raise CommandError(str(e)) from None
-    return [c.output for c in cases], [c.extras[0] if probs else None for c in cases]
+    given = [i for i, folder in enumerate(sides.values()) if folder is not None]  # SideOutputs' order
+    return ([c.output for c in cases],
+            [SideOutputs(*(dict(zip(given, c.extras)).get(i) for i in range(len(SIDE_FLAGS)))) for c in cases])
 
 
 def _file_name(path: Path) -> bool:
-    """Whether `path` is named like an output file (label map, .seg.nrrd or .npz) rather than a folder."""
+    """Whether `path` is named like an output file (label map, .seg.nrrd, .dcm, .npz, .json, .csv) rather than a
+    folder."""
     from ..engine.outputs import output_kind
 
     try:
         output_kind(path)
         return True
     except ValueError:
-        return path.name.lower().endswith(".npz")
+        return path.name.lower().endswith((".npz", ".json", ".csv"))
 
 
 def run(args) -> int:
     from ..engine import Cancelled, segment_file
-    from ..engine.outputs import (check_not_input, check_output, check_probabilities_output, check_writable,
-                                  input_files)
+    from ..engine.outputs import check_not_input, check_output, check_writable, input_files
     from ..progress import Progress
     from ..volumes import InputError, list_inputs
     from .main import CommandError, device_option
@@ -129,19 +150,19 @@ def run(args) -> int:
         if under_torchrun and not batch_mode:
             raise CommandError("under torchrun, segment shares a cohort out over the processes: give a folder of "
                                "scans (or several inputs) and an output folder")
-        outputs, prob_outputs = _outputs(inputs, args, batch_mode)
+        outputs, side_outputs = _outputs(inputs, args, batch_mode)
         sources = input_files(inputs) if any(o.exists() for o in outputs) else []
         try:
-            for o, po in zip(outputs, prob_outputs):
+            for o, side in zip(outputs, side_outputs):
                 check_not_input(o, sources)
                 if not batch_mode:  # a cohort skips the cases whose outputs exist: only its folders must take files
                     check_output(o, args.overwrite)
-                    if po is not None:
-                        check_probabilities_output(po, args.overwrite)
+                    side.check(args.overwrite)
             if batch_mode:
-                for folder_file in (outputs[0], prob_outputs[0]):
-                    if folder_file is not None:
-                        check_writable(folder_file)
+                check_writable(outputs[0])
+                # the side folders' rules (a statistics folder must exist, all must take files); existing files are
+                # not refused here: a finished case is skipped, an unfinished one is checked by `segment_file`
+                side_outputs[0].check(overwrite=True)
         except ValueError as e:
             raise CommandError(str(e)) from None
         info, device = _join(args.device) if batch_mode else (None, device_option(args.device))
@@ -151,24 +172,33 @@ def run(args) -> int:
         progress.event("started", inputs=[str(p) for p in inputs], outputs=[str(o) for o in outputs],
                        model=str(model.path), device=str(device))
 
-        def segment_one(inp, out, prob_out, case_progress):
-            return segment_file(inp, out, model, probabilities_path=prob_out,
-                                overwrite=args.overwrite, progress=case_progress, device=device, fast=args.fast,
-                                tta=args.tta, batch_size=batch, roi=roi, keep_largest=args.keep_largest,
-                                fill_holes=args.fill_holes, postprocess=args.postprocess,
-                                compile=args.compile)
+        def segment_one(inp, out, side, case_progress):
+            result = segment_file(inp, out, model, probabilities_path=side.probabilities,
+                                  statistics_path=side.statistics, uncertainty_path=side.uncertainty,
+                                  overwrite=args.overwrite, progress=case_progress, device=device, fast=args.fast,
+                                  tta=args.tta, batch_size=batch, roi=roi, keep_largest=args.keep_largest,
+                                  fill_holes=args.fill_holes, postprocess=args.postprocess,
+                                  compile=args.compile)
+            omitted = result.stats.get("dicom_seg_omitted")
+            if omitted:
+                print(f"meddinov3 segment: note: {out}: empty classes left out of the DICOM SEG: {', '.join(omitted)}",
+                      file=sys.stderr)
+            return result
 
         if batch_mode:
-            return _run_cohort(args, inputs, outputs, prob_outputs, segment_one, info, progress, started)
+            return _run_cohort(args, inputs, outputs, side_outputs, segment_one, info, progress, started)
         t0 = time.perf_counter()
+        side = side_outputs[0]
         try:
-            result = segment_one(inputs[0], outputs[0], prob_outputs[0], progress)
+            result = segment_one(inputs[0], outputs[0], side, progress)
         except (InputError, FileExistsError) as e:
             raise CommandError(str(e)) from None
         progress.event("finished", input=str(inputs[0]), output=str(outputs[0]),
                        seconds=round(time.perf_counter() - t0, 2),
-                       probabilities=str(prob_outputs[0]) if prob_outputs[0] else None,
-                       **{k: result.stats[k] for k in ("device", "slices", "batch_size")})
+                       **{k: str(v) if v else None for k, v in (("probabilities", side.probabilities),
+                           ("statistics", side.statistics), ("uncertainty", side.uncertainty))},
+                       **{k: result.stats[k] for k in ("device", "slices", "batch_size", "dicom_seg_omitted",
+                                                       "slice_confidence") if k in result.stats})
         if not args.json_progress:
             print(f"{inputs[0]} -> {outputs[0]} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
         progress.close()
@@ -195,13 +225,14 @@ def _join(device: str):
         raise CommandError(f"--device {device}: {e}") from None
 
 
-def _run_cohort(args, inputs, outputs, prob_outputs, segment_one, info, progress, started) -> int:
-    """Several inputs: `engine.cohort.run_cohort` (skips finished cases, shares out under torchrun, writes the CSV)."""
+def _run_cohort(args, inputs, outputs, side_outputs, segment_one, info, progress, started) -> int:
+    """Several inputs: `engine.cohort.run_cohort` (skips finished cases, shares out under torchrun, writes the CSV).
+    A case is finished when its label map and all its side outputs (`SideOutputs.files`) exist."""
     from ..engine.cohort import CSV_NAME, CohortCase, run_cohort
     from ..train.distributed import cleanup
 
-    cases = [CohortCase(i, o, (p,) if p else ()) for i, o, p in zip(inputs, outputs, prob_outputs)]
-    beside = dict(zip(outputs, prob_outputs))  # each label map's other outputs
+    cases = [CohortCase(i, o, side.files) for i, o, side in zip(inputs, outputs, side_outputs)]
+    beside = dict(zip(outputs, side_outputs))  # each label map's other outputs
     csv_path = Path(args.output) / CSV_NAME
     report = run_cohort(cases, lambda c: segment_one(c.input, c.output, beside[c.output], None).stats, info,
                         args.overwrite, csv_path, progress)

@@ -313,7 +313,8 @@ def _segment_one(case: CohortCase, segment_case, info: D.DistInfo, voxels: int, 
         with lock:
             progress.event("finished", input=str(case.input), output=str(case.output), seconds=seconds,
                            extras=[str(p) for p in case.extras],
-                           **{k: stats[k] for k in ("device", "slices", "batch_size") if k in stats})
+                           **{k: stats[k] for k in ("device", "slices", "batch_size", "dicom_seg_omitted",
+                                                     "slice_confidence") if k in stats})
     return _row(case, "done", seconds=seconds, slices=stats.get("slices", ""), device=stats.get("device", ""),
                 **where)
 

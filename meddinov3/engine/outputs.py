@@ -1,4 +1,5 @@
-"""Writing results: label maps (.nii.gz/.nrrd/...), Slicer segmentations (.seg.nrrd), probabilities (.npz).
+"""Writing results: label maps (.nii.gz/.nrrd/...), Slicer segmentations (.seg.nrrd), DICOM SEG (.dcm, in
+`dicom_seg`), probabilities (.npz).
 
 Every writer goes through `atomic_path`, so a failed or interrupted run never leaves a partial file.
 """
@@ -20,13 +21,16 @@ LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 
 def output_kind(path: str | os.PathLike) -> str:
-    """'seg' for .seg.nrrd, 'labelmap' for the other supported suffixes; ValueError otherwise."""
+    """'seg' for .seg.nrrd, 'dicom-seg' for .dcm, 'labelmap' for the other supported suffixes; ValueError
+    otherwise."""
     name = Path(path).name.lower()
     if name.endswith(".seg.nrrd"):
         return "seg"
+    if name.endswith(".dcm"):
+        return "dicom-seg"
     if name.endswith(LABELMAP_SUFFIXES):
         return "labelmap"
-    raise ValueError(f"{path}: unsupported output type (use .nii.gz, .nii, .nrrd, .mha or .seg.nrrd)")
+    raise ValueError(f"{path}: unsupported output type (use .nii.gz, .nii, .nrrd, .mha, .seg.nrrd or .dcm)")
 
 
 def check_output(path: str | os.PathLike, overwrite: bool = False) -> None:
@@ -86,17 +90,24 @@ def check_not_input(output: str | os.PathLike, sources: list[tuple[Path, list[Pa
 
 
 def write_labels(labels: sitk.Image, path: str | os.PathLike, classes, overwrite: bool = False,
-                 before_replace=None) -> Path:
-    """Write a label map; `.seg.nrrd` gets one named, coloured segment per non-background class.
+                 before_replace=None, dicom_seg=None) -> Path:
+    """Write a label map; `.seg.nrrd` gets one named, coloured segment per non-background class, `.dcm` a DICOM
+    SEG (`dicom_seg`: the `dicom_seg.DicomSegOutput` saying what it references; its `omitted` lists the empty
+    classes left out).
 
     `before_replace`: called once the label map is written but before it replaces `path` (e.g. writing the
     probabilities beside it): if it fails, an existing `path` is left as it was.
     """
     check_output(path, overwrite)
     path = Path(path)
+    kind = output_kind(path)
+    if kind == "dicom-seg" and dicom_seg is None:
+        raise ValueError(f"{path}: a DICOM SEG needs its source DICOM series")
     # lower-case temporary suffix: ITK picks the format from it and knows `.nii.gz`, not `.NII.GZ`
     with atomic_path(path, suffix="".join(path.suffixes).lower()) as tmp:
-        if output_kind(path) == "seg":
+        if kind == "dicom-seg":
+            dicom_seg.write(labels, tmp, classes)
+        elif kind == "seg":
             write_seg_nrrd(labels, tmp, classes)
         else:
             sitk.WriteImage(labels, str(tmp), useCompression=True)

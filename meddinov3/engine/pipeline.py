@@ -397,31 +397,44 @@ def segment_image(image: sitk.Image | np.ndarray, model, device: str | torch.dev
 
 
 def segment_file(input_path: str | os.PathLike, output_path: str | os.PathLike, model, *,
-                 probabilities_path: str | os.PathLike | None = None, overwrite: bool = False, progress=None,
-                 **options: Any) -> SegmentationResult:
-    """Read, segment and write one input (file or DICOM folder). Nothing is written when anything fails."""
+                 probabilities_path: str | os.PathLike | None = None,
+                 statistics_path: str | os.PathLike | None = None, uncertainty_path: str | os.PathLike | None = None,
+                 overwrite: bool = False, progress=None, **options: Any) -> SegmentationResult:
+    """Read, segment and write one input (file or DICOM folder). Nothing is written when anything fails.
+
+    `output_path` `.dcm`: a DICOM SEG referencing the input series (a DICOM folder; `stats["dicom_seg_omitted"]`
+    names the empty classes left out). Beside it, optionally: `probabilities_path` (.npz), `statistics_path`
+    (.json/.csv per structure; `stats["structures"]`), `uncertainty_path` (normalised entropy in percent, uint8
+    image; `stats["slice_confidence"]`). See `side_outputs.SideOutputs`.
+    """
     from ..checkpoints import LoadedModel
     from ..volumes import read_image
-    from .outputs import (check_not_input, check_output, check_probabilities_output, input_files, write_labels,
-                          write_probabilities)
+    from .outputs import check_not_input, check_output, input_files, output_kind, write_labels
+    from .side_outputs import SideOutputs
 
     if Path(output_path).exists():  # listing a DICOM series costs a folder scan: only when it could matter
         check_not_input(output_path, input_files([input_path]))
     check_output(output_path, overwrite)
-    if probabilities_path is not None:
-        check_probabilities_output(probabilities_path, overwrite)
+    side = SideOutputs(probabilities_path, statistics_path, uncertainty_path)
+    side.check(overwrite)
+    dicom = None
+    if output_kind(output_path) == "dicom-seg":
+        from .dicom_seg import DicomSegOutput, model_version, read_source
+
+        source = read_source(input_path)  # before the inference: a file input is refused here
+        if not isinstance(model, LoadedModel):
+            model = _load(model, resolve_device(options.get("device", "auto")), options.pop("folds", None))
+        dicom = DicomSegOutput(source, model.spec.name, model_version(model.spec))
     n_classes = model.spec.config.num_classes if isinstance(model, LoadedModel) else 2
-    image = read_image(input_path, n_classes, probabilities_path is not None)
-    result = segment_image(image, model, progress=progress, return_probabilities=probabilities_path is not None,
+    image = read_image(input_path, n_classes, side.needs_probabilities)
+    result = segment_image(image, model, progress=progress, return_probabilities=side.needs_probabilities,
                            source=input_path, **options)
     if progress is not None:
         progress.update(1, 1, stage="writing")
-
-    def write_probs():
-        write_probabilities(probabilities_path, result.probabilities, result.classes, overwrite=overwrite,
-                            postprocessing=result.stats["postprocessing"])
-
-    # the probabilities are written before the label map replaces an older one: both files are new, or neither
-    write_labels(result.labels, output_path, result.classes, overwrite=overwrite,
-                 before_replace=write_probs if probabilities_path is not None else None)
+    side.analyse(image, result)
+    # the side files are written before the label map replaces an older one: all files are new, or none
+    write_labels(result.labels, output_path, result.classes, overwrite=overwrite, dicom_seg=dicom,
+                 before_replace=lambda: side.write(result, overwrite, source=str(input_path)))
+    if dicom is not None:
+        result.stats["dicom_seg_omitted"] = list(dicom.omitted)
     return result
