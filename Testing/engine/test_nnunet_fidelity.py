@@ -166,6 +166,18 @@ def test_training_orientation_reorients_other_inputs(folder, ct):
     assert float((plain == ours.label_array).mean()) < 0.99  # the declaration matters for this network
 
 
+def test_roi_and_probabilities(folder, ct):
+    """A ROI is predicted as nnU-Net predicts that crop; outside it is background; the probabilities' argmax is
+    the label map (no post-processing declared)."""
+    result = segment_image(ct, load_model(folder), device="cpu", roi=(8, 0, 0, 40, 48, 12), return_probabilities=True)
+    labels = result.label_array
+    assert not labels[:, :, :8].any() and not labels[:, :, 40:].any()
+    expected = nnunet_predict(folder, ct[8:40, :, :], tta=False)
+    assert float((labels[:, :, 8:40] == expected).mean()) >= 0.999
+    assert result.probabilities.shape == (3, *labels.shape)
+    assert float((result.probabilities.argmax(0) == labels).mean()) >= 0.999
+
+
 def test_checkpoint_mirroring_axes_are_used(folder, tmp_path):
     """`inference_allowed_mirroring_axes` of the checkpoint, not a hard-coded (0, 1)."""
     import shutil

@@ -181,7 +181,7 @@ def predict_stored(image: sitk.Image, networks, spec, device: torch.device, out:
     `training_orientation` overrides the package's (`spec.nnunet["training_orientation"]`); `fast` runs at the
     model's fast in-plane spacing. `cancel()` True between batches raises `pipeline.Cancelled`.
     """
-    from .pipeline import Cancelled
+    from .pipeline import Cancelled, _cancelled
 
     t0 = time.perf_counter()
     plans = spec.nnunet
@@ -195,9 +195,10 @@ def predict_stored(image: sitk.Image, networks, spec, device: torch.device, out:
     model_hw = resampled_shape(cropped.shape[1:], spacing[1:], target[1:])
     model_in = resample(cropped[None], (cropped.shape[0], *model_hw), spacing, target, **plans["resampling_data"])[0]
     del cropped
-    labels = layout.to_layout(out)[box]  # views: indices land in `out` directly
-    labels_all = layout.to_layout(out)
-    labels_all[...] = bg_index  # outside the crop: background, as nnU-Net
+    t_setup = time.perf_counter() - t0
+    out_layout = layout.to_layout(out)  # a view: the indices land in `out` directly
+    out_layout[...] = bg_index  # outside the crop: background, as nnU-Net
+    labels = out_layout[box]
     crop_hw = labels.shape[1:]
     probs = probs_view = None
     if return_probabilities:
@@ -212,7 +213,7 @@ def predict_stored(image: sitk.Image, networks, spec, device: torch.device, out:
     Z = model_in.shape[0]
     t_model = 0.0
     for start in range(0, Z, per_batch):
-        if cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):
+        if _cancelled(cancel):
             raise Cancelled("segmentation cancelled")
         zs = slice(start, min(Z, start + per_batch))
         t1 = time.perf_counter()
@@ -228,6 +229,6 @@ def predict_stored(image: sitk.Image, networks, spec, device: torch.device, out:
     stats = {"device": str(device), "batch_size": predictor.batch_size, "slices": int(Z), "predicted_slices": int(Z),
              "slice_step": 1, "skipped_slices": 0, "model_shape": list(model_hw), "spacing": list(target[1:]),
              "tiles_per_slice": predictor.tiles_per_slice(model_hw), "oom_backoffs": list(predictor.oom_events),
-             "model_time_s": round(t_model, 3), "slicing": "stored",
-             "crop": [[s.start, s.stop] for s in box], "setup_s": round(time.perf_counter() - t0 - t_model, 3)}
+             "model_time_s": round(t_model, 3), "slicing": "stored", "crop": [[s.start, s.stop] for s in box],
+             "setup_s": round(t_setup, 3)}
     return probs, stats
