@@ -34,6 +34,7 @@ from meddinov3.phantom import load_liver_ct  # noqa: E402
 from meddinov3.volumes import direction_of_code, reoriented  # noqa: E402
 from Testing.core.reference_dinov3 import make_dinov3_state_dict, make_primus_decoder_state_dict  # noqa: E402
 from Testing.core.upstream_layouts import dataset_json, nnunet_checkpoint, plans_json  # noqa: E402
+from Testing.helpers import make_package  # noqa: E402
 
 TRAINER = "meddinov3_base_primus_multiscale_Trainer"
 PATCH = (32, 32)
@@ -114,6 +115,21 @@ def test_segment_agrees_with_nnunet_predictor(folder, ct, case, tta):
     assert agreement >= 0.999, f"{case}: {agreement:.5f} of voxels agree"
 
 
+@pytest.mark.parametrize("transpose", [(0, 2, 1), (2, 0, 1)])
+def test_plans_transposes_are_nnunets(folder, ct, tmp_path, transpose):
+    """The plans' transpose_forward / transpose_backward, also one that slices along another axis than z."""
+    import shutil
+
+    copy = tmp_path / folder.name
+    shutil.copytree(folder, copy)
+    plans = json.loads((copy / "plans.json").read_text())
+    plans["transpose_forward"], plans["transpose_backward"] = list(transpose), [int(a) for a in np.argsort(transpose)]
+    (copy / "plans.json").write_text(json.dumps(plans))
+    expected = nnunet_predict(copy, ct, tta=False)
+    ours = segment_image(ct, load_model(copy), device="cpu").label_array
+    assert float((ours == expected).mean()) >= 0.999
+
+
 def test_identical_to_nnunet_with_float32_buffers(folder, ct, monkeypatch):
     """nnU-Net accumulates tiles, Gaussian weights and logits in float16 (even on CPU); with those buffers in float32
     (the only change: its module's `torch.half` and `compute_gaussian`'s dtype patched) every voxel is identical, on
@@ -135,17 +151,18 @@ def test_identical_to_nnunet_with_float32_buffers(folder, ct, monkeypatch):
 
 def test_cli_and_converted_package_agree_with_nnunet(folder, ct, tmp_path):
     """`meddinov3 segment` on the folder and on its conversion (model.json says "slicing": "stored") on an
-    RAS-stored NIfTI file: nnU-Net's labels, written on the input's grid."""
+    RAS-stored NIfTI file: nnU-Net's labels, written on the input's grid (also with bf16 RoPE:
+    --reference-precision moves only near-ties)."""
     image = CASES["flipped"](ct)
     sitk.WriteImage(image, str(tmp_path / "ct.nii.gz"))
     expected = nnunet_predict(folder, sitk.ReadImage(str(tmp_path / "ct.nii.gz")), tta=False)
     assert main(["convert", str(folder), "-o", str(tmp_path / "pkg")]) == 0
     spec = json.loads((tmp_path / "pkg" / "model.json").read_text())
     assert spec["slicing"] == "stored" and spec["nnunet"]["resampling_data"]["order"] == 3
-    for model in (folder, tmp_path / "pkg"):
+    for model, extra in ((folder, []), (tmp_path / "pkg", ["--reference-precision"])):
         out = tmp_path / f"{model.name}.nii.gz"
         assert main(["segment", str(tmp_path / "ct.nii.gz"), "-o", str(out), "--model", str(model),
-                     "--device", "cpu"]) == 0
+                     "--device", "cpu", *extra]) == 0
         labels = sitk.ReadImage(str(out))
         assert labels.GetDirection() == image.GetDirection()
         assert float((sitk.GetArrayFromImage(labels) == expected).mean()) >= 0.999
@@ -176,6 +193,27 @@ def test_roi_and_probabilities(folder, ct):
     assert float((labels[:, :, 8:40] == expected).mean()) >= 0.999
     assert result.probabilities.shape == (3, *labels.shape)
     assert float((result.probabilities.argmax(0) == labels).mean()) >= 0.999
+
+
+def test_training_orientation_options(folder, ct, tmp_path, capsys):
+    """`convert --training-orientation` stores the code (its package then reorients like `segment
+    --training-orientation`); bad codes and canonical packages are one-line errors."""
+    assert main(["convert", str(folder), "-o", str(tmp_path / "pkg"), "--training-orientation", "lps"]) == 0
+    assert json.loads((tmp_path / "pkg" / "model.json").read_text())["nnunet"]["training_orientation"] == "LPS"
+    ras = sitk.DICOMOrient(ct, "RAS")
+    from_package = segment_image(ras, load_model(tmp_path / "pkg"), device="cpu").label_array
+    from_option = segment_image(ras, load_model(folder), device="cpu", training_orientation="LPS").label_array
+    assert np.array_equal(from_package, from_option)
+    capsys.readouterr()
+    assert main(["convert", str(folder), "-o", str(tmp_path / "bad"), "--training-orientation", "RAR"]) == 2
+    assert "--training-orientation: orientation code 'RAR' must be three letters" in capsys.readouterr().err
+    sitk.WriteImage(ct, str(tmp_path / "ct.nii.gz"))
+    canonical = tmp_path / "canonical"
+    make_package(canonical)
+    assert main(["segment", str(tmp_path / "ct.nii.gz"), "-o", str(tmp_path / "x.nii.gz"), "--model", str(canonical),
+                 "--training-orientation", "RAS"]) == 2
+    assert "--training-orientation is for nnU-Net result folders" in capsys.readouterr().err
+    assert not (tmp_path / "x.nii.gz").exists() and not (tmp_path / "bad").exists()
 
 
 def test_checkpoint_mirroring_axes_are_used(folder, tmp_path):

@@ -199,6 +199,7 @@ def describe(ref: str | os.PathLike, offline: bool | None = None) -> dict:
         "normalization": spec.normalization,
         "patch_size": list(spec.patch_size) if spec.patch_size else None,
         "folds": spec.folds,
+        "slicing": spec.slicing,
         "modality": spec.modality,
         "license": spec.license,
     }
