@@ -174,14 +174,15 @@ def resample(data: np.ndarray, new_shape, current_spacing, new_spacing, order: i
 def predict_stored(image: sitk.Image, networks, spec, device: torch.device, out: np.ndarray, bg_index: int = 0,
                    tta: bool = False, batch_size="auto", compile=None, fast: bool = False,
                    return_probabilities: bool = False, training_orientation: str | None = None, progress=None,
-                   cancel=None) -> tuple[np.ndarray | None, dict]:
+                   cancel=None, source="<image>") -> tuple[np.ndarray | None, dict]:
     """Class indices of `image` written into `out` ((z, y, x) of the image, its dtype) the way nnUNetv2_predict
     computes them. Returns (float16 probabilities (classes, z, y, x) or None, stats).
 
     `training_orientation` overrides the package's (`spec.nnunet["training_orientation"]`); `fast` runs at the
-    model's fast in-plane spacing. `cancel()` True between batches raises `pipeline.Cancelled`.
+    model's fast in-plane spacing. `cancel()` True between batches raises `pipeline.Cancelled`; `source` names the
+    image in errors.
     """
-    from .pipeline import Cancelled, _cancelled
+    from .pipeline import Cancelled, _cancelled, check_model_slice
 
     t0 = time.perf_counter()
     plans = spec.nnunet
@@ -193,6 +194,7 @@ def predict_stored(image: sitk.Image, networks, spec, device: torch.device, out:
     spacing = layout.spacing
     target = (spacing[0],) + tuple(target_spacing(spec, spacing[1:], fast))
     model_hw = resampled_shape(cropped.shape[1:], spacing[1:], target[1:])
+    check_model_slice(source, cropped.shape[1:], spacing[1:], model_hw, target[1:])
     model_in = resample(cropped[None], (cropped.shape[0], *model_hw), spacing, target, **plans["resampling_data"])[0]
     del cropped
     t_setup = time.perf_counter() - t0

@@ -237,7 +237,8 @@ def segment_image(image: sitk.Image | np.ndarray, model, device: str | torch.dev
 
     orient = Orientation.of(image)
     if spec.slicing == "stored":
-        return _segment_stored(image, full, (lo, hi), loaded, dev, classes, t_start, tta=tta, batch_size=batch_size,
+        return _segment_stored(image, full, (lo, hi), loaded, dev, classes, t_start, source=source, tta=tta,
+                               batch_size=batch_size,
                                compile=compile, fast=fast, return_probabilities=return_probabilities,
                                training_orientation=training_orientation, progress=progress, cancel=cancel,
                                postprocess=postprocess, keep_largest=keep_largest, fill_holes=fill_holes)
@@ -246,10 +247,7 @@ def segment_image(image: sitk.Image | np.ndarray, model, device: str | torch.dev
     slice_sp, row_sp, col_sp = orient.canonical_spacing(image.GetSpacing())
     target = target_spacing(spec, (row_sp, col_sp), fast)
     model_hw = resampled_shape((H, W), (row_sp, col_sp), target)
-    if max(model_hw) > MAX_MODEL_SLICE_SIDE:
-        raise InputError(source, f"slices of {H}x{W} voxels at {row_sp:g} x {col_sp:g} mm would be "
-                                 f"{model_hw[0]}x{model_hw[1]} pixels at the model's spacing {target[0]:g} x "
-                                 f"{target[1]:g} mm (at most {MAX_MODEL_SLICE_SIDE} per side): wrong spacing?")
+    check_model_slice(source, (H, W), (row_sp, col_sp), model_hw, target)
     normalize = make_normalizer(spec.normalization, volume)
 
     bg_index = background_index(classes)
@@ -382,6 +380,14 @@ def segment_image(image: sitk.Image | np.ndarray, model, device: str | torch.dev
              "postprocessing": steps, "setup_s": round(t_setup, 3),
              "finish_s": round(time.perf_counter() - t_finish, 3), "seconds": round(time.perf_counter() - t_start, 3)}
     return SegmentationResult(labels, prob_out, classes, stats)
+
+
+def check_model_slice(source, hw, spacing, model_hw, target) -> None:
+    """InputError when a slice resampled to the model's spacing would be absurdly large (a wrong spacing)."""
+    if max(model_hw) > MAX_MODEL_SLICE_SIDE:
+        raise InputError(source, f"slices of {hw[0]}x{hw[1]} voxels at {spacing[0]:g} x {spacing[1]:g} mm would be "
+                                 f"{model_hw[0]}x{model_hw[1]} pixels at the model's spacing {target[0]:g} x "
+                                 f"{target[1]:g} mm (at most {MAX_MODEL_SLICE_SIDE} per side): wrong spacing?")
 
 
 def background_index(classes) -> int:
