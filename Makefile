@@ -21,6 +21,9 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml requirements.lock
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP_INSTALL) -e ".[test]"
+	# nnU-Net, the fidelity tests' oracle: without its pins (dynamic-network-architectures wants timm<1.0.23); its
+	# other requirements come with the test extra
+	$(PIP_INSTALL) --no-deps nnunetv2==2.8.1 dynamic-network-architectures==0.4.4
 	touch $@
 
 install: $(VENV)/.installed

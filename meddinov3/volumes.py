@@ -478,6 +478,29 @@ class Orientation:
         return self.perm == (0, 1, 2) and not any(self.flip)
 
 
+# where an index axis points, in LPS: L/P/S along +x/+y/+z, R/A/I the opposite way (DICOMOrient's letters)
+_AXIS_LETTERS = {"L": (0, 1.0), "R": (0, -1.0), "P": (1, 1.0), "A": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
+
+
+def check_orientation_code(code: str) -> str:
+    """An orientation code such as 'RAS' or 'LPS' (upper-cased): letter i says where index axis i (x, y, z) points,
+    as in ITK's DICOMOrient; one letter per patient axis. ValueError otherwise."""
+    text = str(code).strip().upper()
+    if len(text) != 3 or any(c not in _AXIS_LETTERS for c in text) or len({_AXIS_LETTERS[c][0] for c in text}) != 3:
+        raise ValueError(f"orientation code {code!r} must be three letters, one of L/R, one of P/A and one of S/I, "
+                         "each saying where an index axis (x, y, z) points: e.g. RAS (NIfTI files) or LPS (DICOM)")
+    return text
+
+
+def direction_of_code(code: str) -> tuple[float, ...]:
+    """SimpleITK direction (9 numbers, LPS) of an image stored in orientation `code`."""
+    m = np.zeros((3, 3))
+    for axis, letter in enumerate(check_orientation_code(code)):
+        patient, sign = _AXIS_LETTERS[letter]
+        m[patient, axis] = sign
+    return tuple(float(v) for v in m.ravel())
+
+
 def reoriented(image: sitk.Image, perm: tuple[int, int, int], flip: tuple[bool, bool, bool]) -> sitk.Image:
     """Same voxels in the same physical place, stored with another axis order/flips (for tests and tools).
 

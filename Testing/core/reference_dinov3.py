@@ -72,6 +72,16 @@ def make_primus_decoder_state_dict(in_channels: int, num_classes: int, stages=4,
     return sd
 
 
+def _rope_bf16(h: int, w: int, periods: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's own RoPE numerics (its default dtype): every step in bf16."""
+    ch = torch.arange(0.5, h, dtype=torch.bfloat16) / h
+    cw = torch.arange(0.5, w, dtype=torch.bfloat16) / w
+    coords = torch.stack(torch.meshgrid(ch, cw, indexing="ij"), -1).reshape(-1, 2) * 2.0 - 1.0
+    angles = 2 * math.pi * coords[:, :, None] / periods.to(torch.bfloat16)[None, None, :]
+    angles = angles.reshape(h * w, -1).repeat(1, 2)
+    return angles.sin(), angles.cos()
+
+
 def _rope(h: int, w: int, periods: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ch = (torch.arange(h, dtype=torch.float64) + 0.5) / h * 2 - 1
     cw = (torch.arange(w, dtype=torch.float64) + 0.5) / w * 2 - 1
@@ -86,8 +96,9 @@ def _rotate_half(x):
     return torch.cat([-b, a], dim=-1)
 
 
-def reference_backbone(sd, x, blocks, num_heads, eps=1e-6) -> list[torch.Tensor]:
-    """Final-normed patch maps (B, C, h, w) after each of `blocks`."""
+def reference_backbone(sd, x, blocks, num_heads, eps=1e-6, bf16_rope=False) -> list[torch.Tensor]:
+    """Final-normed patch maps (B, C, h, w) after each of `blocks`. `bf16_rope`: RoPE as the reference computes it
+    by default (tables in bf16; q and k rounded to bf16, rotated in bf16, then back to fp32)."""
     B = x.shape[0]
     t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=sd["patch_embed.proj.weight"].shape[-1])
     _, C, h, w = t.shape
@@ -97,7 +108,7 @@ def reference_backbone(sd, x, blocks, num_heads, eps=1e-6) -> list[torch.Tensor]
         prefix.append(sd["storage_tokens"].expand(B, -1, -1))
     n_prefix = sum(p.shape[1] for p in prefix)
     z = torch.cat(prefix + [t], dim=1)
-    sin, cos = _rope(h, w, sd["rope_embed.periods"].float())
+    sin, cos = (_rope_bf16 if bf16_rope else _rope)(h, w, sd["rope_embed.periods"].float())
     dh = C // num_heads
     outs = []
     for i in range(max(blocks) + 1):
@@ -108,8 +119,11 @@ def reference_backbone(sd, x, blocks, num_heads, eps=1e-6) -> list[torch.Tensor]
             bias = bias * sd[p + "attn.qkv.bias_mask"]
         qkv = F.linear(y, sd[p + "attn.qkv.weight"], bias).reshape(B, -1, 3, num_heads, dh).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
+        if bf16_rope:
+            q, k = q.to(torch.bfloat16), k.to(torch.bfloat16)
         q = torch.cat([q[:, :, :n_prefix], q[:, :, n_prefix:] * cos + _rotate_half(q[:, :, n_prefix:]) * sin], dim=2)
         k = torch.cat([k[:, :, :n_prefix], k[:, :, n_prefix:] * cos + _rotate_half(k[:, :, n_prefix:]) * sin], dim=2)
+        q, k = q.to(v.dtype), k.to(v.dtype)
         attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dh), dim=-1) @ v
         attn = attn.transpose(1, 2).reshape(B, -1, C)
         z = z + sd[p + "ls1.gamma"] * F.linear(attn, sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"])
@@ -135,8 +149,8 @@ def reference_decoder(sd, x, eps=1e-6) -> torch.Tensor:
     return F.conv2d(x, sd[f"decode.{i}.weight"], sd[f"decode.{i}.bias"])
 
 
-def reference_forward(encoder_sd, decoder_sd, x, blocks, num_heads) -> torch.Tensor:
+def reference_forward(encoder_sd, decoder_sd, x, blocks, num_heads, bf16_rope=False) -> torch.Tensor:
     """(B, 1, H, W) with H, W multiples of 16 -> logits, as the reference Primus networks compute them."""
     x = x.repeat(1, 3, 1, 1)
-    feats = reference_backbone(encoder_sd, x, blocks, num_heads)
+    feats = reference_backbone(encoder_sd, x, blocks, num_heads, bf16_rope=bf16_rope)
     return reference_decoder(decoder_sd, torch.cat(feats, dim=1))

@@ -95,6 +95,30 @@ def test_fidelity_to_reference_network_fp32(variant):
     assert rel_l2(ours, ref) < 1e-4
 
 
+def test_reference_precision_matches_the_references_bf16_rope():
+    """--reference-precision: RoPE tables and the q/k rotation in bf16 as the reference computes them by default.
+    The switched network is far closer to the bf16 reference than to the fp32 one, and switching back restores fp32."""
+    enc = make_dinov3_state_dict(seed=6)
+    dec = make_primus_decoder_state_dict(96 * 4, num_classes=3)
+    cfg = ModelConfig(size="custom", num_classes=3, embed_dim=96, depth=4, num_heads=2, feature_blocks=(0, 1, 2, 3))
+    net = build_model(cfg).eval()
+    sd = {f"backbone.{k}": v for k, v in dinov3_to_backbone(enc, "t").items()}
+    sd.update({f"decoder.{k}": v for k, v in primus_decoder_to_decoder(dec, 4, "t").items()})
+    load_strict(net, sd, "t")
+    x = torch.randn(2, 1, 48, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref_bf16 = reference_forward(enc, dec, x, (0, 1, 2, 3), 2, bf16_rope=True)
+        ref_fp32 = reference_forward(enc, dec, x, (0, 1, 2, 3), 2)
+        fp32 = net(x)
+        net.backbone.set_reference_precision(True)
+        bf16 = net(x)
+        net.backbone.set_reference_precision(False)
+        again = net(x)
+    assert rel_l2(ref_bf16, ref_fp32) > 1e-4  # the two precisions are distinguishable
+    assert rel_l2(bf16, ref_bf16) < 1e-5 and rel_l2(fp32, ref_bf16) > 1e-4
+    assert torch.equal(again, fp32)
+
+
 def test_fidelity_detects_a_wrong_norm_eps():
     """The fidelity check is sensitive: timm's default eps (1e-5) instead of 1e-6 is caught."""
     enc = make_dinov3_state_dict(seed=4)

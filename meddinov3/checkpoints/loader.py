@@ -17,6 +17,7 @@ from ..catalog import RUN_OUTPUT_FOLDERS, imported_model_path, manifest_entry, r
 from ..config import ModelConfig
 from ..model import MedDINOv3, build_model
 from ..resources import resources_dir, user_dir
+from ..volumes import check_orientation_code
 from .convert import DROPPED_PREFIXES, dinov3_to_backbone, infer_backbone_config, load_strict, strip_prefix, unwrap_module_prefixes
 from .hub import resolve_hf
 from .nnunet import is_nnunet_folder, read_nnunet_folder
@@ -165,9 +166,17 @@ def load_backbone(ref: str | os.PathLike, offline: bool | None = None) -> tuple[
 
 
 def convert(ref: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False,
-            name: str | None = None, offline: bool | None = None) -> Path:
-    """Write any supported layout as a model package (`meddinov3 convert SRC -o DIR`)."""
+            name: str | None = None, offline: bool | None = None, training_orientation: str | None = None) -> Path:
+    """Write any supported layout as a model package (`meddinov3 convert SRC -o DIR`).
+
+    nnU-Net result folders keep nnU-Net's convention (`slicing: "stored"`); `training_orientation` (e.g. "RAS")
+    records how their training files were stored."""
     fmt, spec, sds, path = read_model(ref, offline=offline)
+    if training_orientation is not None:
+        if spec.slicing != "stored":
+            raise CheckpointError(f"{path}: --training-orientation is for nnU-Net result folders (and packages "
+                                  "converted from them); this model slices the engine's canonical view")
+        spec = spec.replace(nnunet={**spec.nnunet, "training_orientation": check_orientation_code(training_orientation)})
     if spec.kind == "segmentation" and not spec.classes:
         spec = spec.replace(classes=default_classes(spec.config.num_classes))
     spec = spec.replace(name=name or spec.name,
@@ -191,6 +200,7 @@ def describe(ref: str | os.PathLike, offline: bool | None = None) -> dict:
         "normalization": spec.normalization,
         "patch_size": list(spec.patch_size) if spec.patch_size else None,
         "folds": spec.folds,
+        "slicing": spec.slicing,
         "modality": spec.modality,
         "license": spec.license,
     }

@@ -1,9 +1,10 @@
 """nnU-Net v2 result folders of the MedDINOv3 reference trainers, read without nnU-Net installed.
 
 Layout: `<Trainer>__<Plans>__<configuration>/{dataset.json, plans.json, fold_N/checkpoint_final.pth}`.
-The folder name gives the trainer and configuration; `plans.json` the spacing, patch size and normalisation;
-`dataset.json` the label names and values; each fold's `network_weights` the `dino_encoder.*` backbone and the
-`up_projection.decode.*` decoder.
+The folder name gives the trainer and configuration; `plans.json` the spacing, patch size, normalisation, axis
+transposes and resampling; `dataset.json` the label names and values; each fold's `network_weights` the
+`dino_encoder.*` backbone and the `up_projection.decode.*` decoder, `inference_allowed_mirroring_axes` the TTA axes.
+The spec says `slicing: "stored"`: the engine predicts as nnUNetv2_predict does (`engine.nnunet_mode`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..config import ModelConfig, quartile_blocks
@@ -109,7 +111,7 @@ def read_nnunet_folder(folder: str | Path, folds: list[str] | None = None
     classes = _classes(dataset, str(folder / "dataset.json"))
     ckpts = fold_checkpoints(folder, folds)
 
-    state_dicts, model_cfg = [], None
+    state_dicts, model_cfg, mirroring = [], None, None
     for fold, path in ckpts.items():
         ckpt = safe_torch_load(path)
         if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
@@ -119,6 +121,9 @@ def read_nnunet_folder(folder: str | Path, folds: list[str] | None = None
             raise CheckpointError(f"{path}: fold {fold} was trained with {fold_trainer}, the folds before it with "
                                   f"{trainer}; one result folder holds the folds of one trainer")
         trainer = fold_trainer
+        if mirroring is None:  # nnU-Net reads it from the checkpoints; absent: its default, every in-plane axis
+            axes = ckpt.get("inference_allowed_mirroring_axes")
+            mirroring = tuple(int(a) for a in axes) if axes is not None else (0, 1)
         weights = unwrap_module_prefixes(ckpt["network_weights"])
         if not any(k.startswith("dino_encoder.") for k in weights):
             raise CheckpointError(f"{path}: trainer {trainer or 'unknown'} is not a MedDINOv3 / DINOv3 Primus trainer "
@@ -138,10 +143,6 @@ def read_nnunet_folder(folder: str | Path, folds: list[str] | None = None
         sd.update({f"decoder.{k}": v for k, v in primus_decoder_to_decoder(decoder, num_stages, str(path)).items()})
         state_dicts.append(sd)
 
-    transpose = list(plans.get("transpose_forward", [0, 1, 2]))
-    if transpose[0] != 0:
-        raise CheckpointError(f"{folder}: plans transpose_forward {transpose} slices along a non-first axis; "
-                              "only axial 2D models are supported")
     spec = ModelSpec(
         name=f"{plans.get('dataset_name', folder.parent.name)} {trainer} {config_name}".strip(),
         config=model_cfg,
@@ -150,8 +151,9 @@ def read_nnunet_folder(folder: str | Path, folds: list[str] | None = None
         spacing=tuple(float(s) for s in cfg["spacing"][-2:]),
         patch_size=tuple(int(s) for s in cfg["patch_size"][-2:]),
         normalization=_normalization(plans, cfg, str(folder / "plans.json")),
-        mirroring_axes=(0, 1),
-        transpose_in_plane=transpose == [0, 2, 1],
+        mirroring_axes=mirroring,
+        slicing="stored",
+        nnunet=_nnunet_semantics(plans, cfg, str(folder / "plans.json")),
         weights=[f"fold_{f}.safetensors" for f in ckpts],
         folds=list(ckpts),
         description=f"nnU-Net v2 result folder {folder.name}",
@@ -160,6 +162,32 @@ def read_nnunet_folder(folder: str | Path, folds: list[str] | None = None
                     "plans": plans.get("plans_name", "")},
     )
     return spec, state_dicts
+
+
+def _resampling(cfg: dict, which: str, source: str) -> dict:
+    """{order, order_z, force_separate_z} of the plans' `resampling_fn_<which>` (nnU-Net's defaults if absent)."""
+    from ..engine.nnunet_mode import DEFAULT_RESAMPLING_DATA, DEFAULT_RESAMPLING_PROBABILITIES
+
+    fn = cfg.get(f"resampling_fn_{which}", "resample_data_or_seg_to_shape")
+    if fn != "resample_data_or_seg_to_shape":
+        raise CheckpointError(f"{source}: resampling_fn_{which} {fn!r} is not supported (only nnU-Net's default "
+                              "resample_data_or_seg_to_shape)")
+    defaults = DEFAULT_RESAMPLING_DATA if which == "data" else DEFAULT_RESAMPLING_PROBABILITIES
+    kwargs = cfg.get(f"resampling_fn_{which}_kwargs") or {}
+    return {k: kwargs.get(k, v) for k, v in defaults.items()}
+
+
+def _nnunet_semantics(plans: dict, cfg: dict, source: str) -> dict:
+    """The `model.json` "nnunet" block: axis transposes and the image / logits resampling of the plans."""
+    forward = [int(a) for a in plans.get("transpose_forward", [0, 1, 2])]
+    backward = [int(a) for a in plans.get("transpose_backward", list(np.argsort(forward)))]
+    if sorted(forward) != [0, 1, 2] or [forward[b] for b in backward] != [0, 1, 2]:
+        raise CheckpointError(f"{source}: transpose_forward {forward} / transpose_backward {backward} are not "
+                              "inverse permutations of the three axes")
+    return {"transpose_forward": forward, "transpose_backward": backward,
+            "resampling_data": _resampling(cfg, "data", source),
+            "resampling_probabilities": _resampling(cfg, "probabilities", source),
+            "training_orientation": None}
 
 
 def _config_for(encoder: dict, decoder: dict, trainer: str, num_classes: int, source: str) -> ModelConfig:

@@ -21,6 +21,7 @@ from ..files import atomic_dir
 from .safe_load import CheckpointError
 
 POSTPROCESSING_STEPS = ("largest_component",)
+SLICING = ("canonical", "stored")
 
 PACKAGE_FORMAT = "meddinov3-model"
 PACKAGE_VERSION = 1
@@ -64,6 +65,12 @@ class ModelSpec:
     normalization: dict = field(default_factory=lambda: {"scheme": "ct_hu"})
     mirroring_axes: tuple[int, ...] = (0, 1)  # in-plane axes allowed for test-time mirroring
     transpose_in_plane: bool = False  # nnU-Net transpose_forward [0, 2, 1]: the network saw (x, y) slices
+    # "canonical": slices of the engine's (S, P, L) view (the project's own packages); "stored": nnU-Net's convention,
+    # slices of the array as the file stores it, after `nnunet["transpose_forward"]` (engine.nnunet_mode)
+    slicing: str = "canonical"
+    # for "stored": transpose_forward/backward, resampling_data/resampling_probabilities {order, order_z,
+    # force_separate_z}, training_orientation (e.g. "RAS" or None: the array as stored)
+    nnunet: dict | None = None
     skip_empty_slices: bool = False  # slices that are all air may be skipped (background)
     fast: dict | None = None  # e.g. {"spacing": [1.5, 1.5]}: lower resolution for CPU fast mode
     postprocessing: list[dict] = field(default_factory=list)  # steps the engine applies (engine.postprocess)
@@ -88,6 +95,8 @@ class ModelSpec:
             "normalization": self.normalization,
             "mirroring_axes": list(self.mirroring_axes),
             "transpose_in_plane": self.transpose_in_plane,
+            "slicing": self.slicing,
+            "nnunet": self.nnunet,
             "skip_empty_slices": self.skip_empty_slices,
             "fast": self.fast,
             "postprocessing": self.postprocessing,
@@ -116,6 +125,8 @@ class ModelSpec:
                 normalization=d.get("normalization") or {"scheme": "ct_hu"},
                 mirroring_axes=tuple(d.get("mirroring_axes", (0, 1))),
                 transpose_in_plane=bool(d.get("transpose_in_plane", False)),
+                slicing=check_slicing(d.get("slicing", "canonical"), d.get("nnunet")),
+                nnunet=d.get("nnunet"),
                 skip_empty_slices=bool(d.get("skip_empty_slices", False)),
                 fast=d.get("fast"),
                 postprocessing=check_postprocessing(d.get("postprocessing"), [c["value"] for c in d.get("classes", [])]),
@@ -130,6 +141,22 @@ class ModelSpec:
 
     def replace(self, **changes) -> "ModelSpec":
         return dataclasses.replace(self, **changes)
+
+
+def check_slicing(slicing, nnunet) -> str:
+    """Validate `slicing` (ValueError otherwise): "stored" needs the nnU-Net block that says how to slice."""
+    if slicing not in SLICING:
+        raise ValueError(f"'slicing' must be one of {', '.join(SLICING)}, got {slicing!r}")
+    if slicing == "stored":
+        if not isinstance(nnunet, dict) or not all(k in nnunet for k in ("transpose_forward", "transpose_backward",
+                                                                         "resampling_data", "resampling_probabilities")):
+            raise ValueError("'slicing': 'stored' needs an 'nnunet' block with transpose_forward, transpose_backward, "
+                             "resampling_data and resampling_probabilities")
+        if nnunet.get("training_orientation") is not None:
+            from ..volumes import check_orientation_code
+
+            check_orientation_code(nnunet["training_orientation"])
+    return slicing
 
 
 def check_postprocessing(steps, label_values) -> list[dict]:

@@ -9,13 +9,18 @@ def add_parser(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="package folder to create")
     p.add_argument("--name", help="model name stored in model.json")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--training-orientation", metavar="CODE",
+                   help="nnU-Net result folders: how the training files were stored (e.g. RAS for NIfTI, LPS for "
+                        "DICOM-derived); stored in model.json so inputs stored otherwise are reoriented to it")
     p.add_argument("--offline", action="store_true", default=None, help="never use the network")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     from ..checkpoints import convert
+    from .segment import _orientation
 
-    out = convert(args.source, args.output, overwrite=args.overwrite, name=args.name, offline=args.offline)
+    out = convert(args.source, args.output, overwrite=args.overwrite, name=args.name, offline=args.offline,
+                  training_orientation=_orientation(args.training_orientation))
     print(f"wrote model package {out}")
     return 0

@@ -53,6 +53,13 @@ def add_parser(sub) -> None:
     p.add_argument("--no-postprocessing", dest="postprocess", action="store_false",
                    help="skip the post-processing the model package declares (model.json 'postprocessing')")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the network (CUDA)")
+    p.add_argument("--training-orientation", metavar="CODE",
+                   help="nnU-Net result folders (and their conversions): how the training files were stored, e.g. RAS "
+                        "(NIfTI) or LPS (DICOM-derived); inputs stored otherwise are reoriented to it before slicing "
+                        "and the labels back (default: the package's setting, else the input's array as stored, "
+                        "like nnUNetv2_predict)")
+    p.add_argument("--reference-precision", action="store_true",
+                   help="compute RoPE in bf16 as the reference MedDINOv3 code does (fidelity checks; default fp32)")
     p.add_argument("--json-progress", action="store_true", help="one JSON event per line on stdout")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing outputs (a folder of inputs otherwise skips the cases already done)")
@@ -83,6 +90,19 @@ def _parse(args):
         if len(roi) != 6:
             raise CommandError(f"--roi needs six integers x0,y0,z0,x1,y1,z1, got {args.roi!r}")
     return folds, batch, roi
+
+
+def _orientation(code: str | None) -> str | None:
+    """--training-orientation, checked (one error line naming the problem)."""
+    from ..volumes import check_orientation_code
+    from .main import CommandError
+
+    if code is None:
+        return None
+    try:
+        return check_orientation_code(code)
+    except ValueError as e:
+        raise CommandError(f"--training-orientation: {e}") from None
 
 
 def _outputs(inputs: list[Path], args, batch_mode: bool) -> tuple[list[Path], list]:
@@ -141,6 +161,7 @@ def run(args) -> int:
     started = time.perf_counter()
     try:
         folds, batch, roi = _parse(args)
+        orientation = _orientation(args.training_orientation)
         try:
             inputs = list_inputs(args.inputs)
         except InputError as e:
@@ -169,6 +190,9 @@ def run(args) -> int:
         from ..checkpoints import load_model
 
         model = load_model(args.model, device=device, folds=folds)
+        if orientation and model.spec.slicing != "stored":
+            raise CommandError(f"{args.model}: --training-orientation is for nnU-Net result folders and packages "
+                               "converted from them; this model slices the engine's canonical view")
         progress.event("started", inputs=[str(p) for p in inputs], outputs=[str(o) for o in outputs],
                        model=str(model.path), device=str(device))
 
@@ -178,7 +202,8 @@ def run(args) -> int:
                                   overwrite=args.overwrite, progress=case_progress, device=device, fast=args.fast,
                                   tta=args.tta, batch_size=batch, roi=roi, keep_largest=args.keep_largest,
                                   fill_holes=args.fill_holes, postprocess=args.postprocess,
-                                  compile=args.compile)
+                                  compile=args.compile, training_orientation=orientation,
+                                  reference_precision=args.reference_precision)
             omitted = result.stats.get("dicom_seg_omitted")
             if omitted:
                 print(f"meddinov3 segment: note: {out}: empty classes left out of the DICOM SEG: {', '.join(omitted)}",

@@ -2,7 +2,8 @@
 
 Per fold, logits are averaged over mirrored passes and stitched with Gaussian importance weights (nnU-Net's
 scheme: step 0.5, sigma 1/8 of the tile), then turned into probabilities by softmax; folds are averaged as
-probabilities.
+probabilities. Models in nnU-Net's convention (`spec.slicing == "stored"`) get nnU-Net's exact variant: the
+Gaussian peaks at n // 2, folds are averaged as logits (`return_logits`), CUDA autocast is float16.
 """
 
 from __future__ import annotations
@@ -12,17 +13,20 @@ import math
 import os
 import weakref
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 CPU_BATCH = 4
 
 
-def gaussian_weights(tile: tuple[int, int], sigma_scale: float = 1 / 8, device=None) -> torch.Tensor:
-    """(h, w) importance map peaking at the tile centre, max 1, no zeros."""
+def gaussian_weights(tile: tuple[int, int], sigma_scale: float = 1 / 8, device=None,
+                     nnunet_peak: bool = False) -> torch.Tensor:
+    """(h, w) importance map peaking at the tile centre ((n - 1) / 2; at n // 2 with `nnunet_peak`, as nnU-Net's
+    `compute_gaussian`), max 1, no zeros."""
     axes = []
     for n in tile:
-        c = (n - 1) / 2
+        c = n // 2 if nnunet_peak else (n - 1) / 2
         s = max(n * sigma_scale, 1e-6)
         axes.append(torch.exp(-0.5 * ((torch.arange(n, dtype=torch.float64) - c) / s) ** 2))
     g = axes[0][:, None] * axes[1][None, :]
@@ -32,12 +36,13 @@ def gaussian_weights(tile: tuple[int, int], sigma_scale: float = 1 / 8, device=N
 
 
 def tile_starts(size: int, tile: int, step: float = 0.5) -> list[int]:
-    """Evenly spaced tile starts covering `size`, with at most `step * tile` between them."""
+    """Evenly spaced tile starts covering `size`, with at most `step * tile` between them (nnU-Net's
+    `compute_steps_for_sliding_window`, same arithmetic)."""
     if size <= tile:
         return [0]
     n = math.ceil((size - tile) / (tile * step)) + 1
-    span = size - tile
-    return [int(round(i * span / (n - 1))) for i in range(n)]
+    actual_step = (size - tile) / (n - 1)
+    return [int(np.round(actual_step * i)) for i in range(n)]
 
 
 def mirror_variants(axes: tuple[int, ...], tta: bool) -> list[tuple[int, ...]]:
@@ -85,8 +90,11 @@ class SlicePredictor:
     """Run the fold networks on normalised slices at model resolution: (B, 1, H, W) -> probabilities (B, C, H, W)."""
 
     def __init__(self, networks, spec, device: torch.device, tta: bool = False, batch_size: int | str = "auto",
-                 compile: bool | None = None):
+                 compile: bool | None = None, return_logits: bool = False):
         self.spec = spec
+        self.nnunet = getattr(spec, "slicing", "canonical") == "stored"
+        self.return_logits = return_logits  # fold-averaged logits (nnU-Net) instead of fold-averaged probabilities
+        self.amp_dtype = torch.float16 if self.nnunet else torch.bfloat16  # nnU-Net's predictor autocasts to fp16
         self.device = device
         self.tta = tta
         self.variants = mirror_variants(tuple(spec.mirroring_axes), tta)
@@ -133,7 +141,7 @@ class SlicePredictor:
         batch copies a CPU tensor to the GPU, which waits for all queued work and stalls the pipeline."""
         key = (tile, padded)
         if key not in self._windows:
-            gauss = gaussian_weights(tile, device=self.device)
+            gauss = gaussian_weights(tile, device=self.device, nnunet_peak=self.nnunet)
             weight = torch.zeros(padded, device=self.device)
             for y in tile_starts(padded[0], tile[0]):
                 for xx in tile_starts(padded[1], tile[1]):
@@ -152,7 +160,7 @@ class SlicePredictor:
             x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=layout).copy_(x)
         else:
             x = x.contiguous(memory_format=layout)
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp):
             return net(x)
 
     def _forward_chunked(self, net, x: torch.Tensor):
@@ -179,7 +187,8 @@ class SlicePredictor:
 
     @torch.inference_mode()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, 1, H, W) normalised slices on the device -> (B, C, H, W) float32 probabilities (mean of folds)."""
+        """x: (B, 1, H, W) normalised slices on the device -> (B, C, H, W) float32 probabilities (mean of folds), or
+        the mean of the folds' logits with `return_logits`."""
         B, _, H, W = x.shape
         if self.spec.transpose_in_plane:
             x = x.transpose(-1, -2)
@@ -222,7 +231,10 @@ class SlicePredictor:
                             acc[b, :, y:y + th, xx:xx + tw] += logits[k] * gauss
             if not single:
                 acc /= weight
-            p = torch.softmax(acc.permute(0, 2, 3, 1), dim=-1).permute(0, 3, 1, 2)  # channels-last, as on CPU
+            if self.return_logits:
+                p = acc
+            else:
+                p = torch.softmax(acc.permute(0, 2, 3, 1), dim=-1).permute(0, 3, 1, 2)  # channels-last, as on CPU
             probs = p if probs is None else probs.add_(p)
         if len(self.networks) > 1:
             probs /= len(self.networks)

@@ -20,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from ..volumes import InputError, Orientation, crop_box, validate_image
+from ..volumes import InputError, Orientation, check_orientation_code, crop_box, validate_image
 from .inference import SlicePredictor
 from .postprocess import apply_postprocessing, keep_largest_component
 from .postprocess import fill_holes as _fill_holes
@@ -187,7 +187,8 @@ def segment_image(image: sitk.Image | np.ndarray, model, device: str | torch.dev
                   keep_largest: bool = False, fill_holes: bool = False, postprocess: bool = True, progress=None,
                   cancel=None, return_probabilities: bool = False, compile: bool | None = None,
                   source: str | os.PathLike = "<image>", spacing=None, origin=None,
-                  direction=None) -> SegmentationResult:
+                  direction=None, training_orientation: str | None = None,
+                  reference_precision: bool = False) -> SegmentationResult:
     """Segment a 3D image. `model`: a reference (path, hf:, name) or a `LoadedModel`.
 
     `image`: a SimpleITK image, or a numpy array (z, y, x) with `spacing` (and `origin`, `direction`; SimpleITK
@@ -201,6 +202,11 @@ def segment_image(image: sitk.Image | np.ndarray, model, device: str | torch.dev
     threading.Event; checked between batches (-> Cancelled).
     `postprocess`: run the steps the model package declares (`model.json` `postprocessing`) before the optional
     `keep_largest` / `fill_holes`. `source` names the image in error messages.
+
+    Models in nnU-Net's convention (`spec.slicing == "stored"`: nnU-Net result folders and their conversions) predict
+    as nnUNetv2_predict does (`engine.nnunet_mode`); `training_orientation` (e.g. "RAS") declares how their training
+    files were stored, so inputs stored otherwise are reoriented to it. `reference_precision`: RoPE in bf16 as the
+    reference code computes it (fidelity checks; default fp32).
     """
     t_start = time.perf_counter()
     image = as_image(image, spacing, origin, direction)
@@ -219,6 +225,15 @@ def segment_image(image: sitk.Image | np.ndarray, model, device: str | torch.dev
     if dev.type == "cpu" and fast:
         torch.set_num_threads(cpu_threads())
 
+    if training_orientation is not None:
+        training_orientation = check_orientation_code(training_orientation)
+        if spec.slicing != "stored":
+            raise ValueError(f"training_orientation is for models in nnU-Net's convention (nnU-Net result folders and "
+                             f"their conversions); {spec.name} slices the engine's canonical view")
+    for net in loaded.networks:  # set (or reset) on every call: the networks of a LoadedModel are reused
+        if hasattr(net, "backbone"):
+            net.backbone.set_reference_precision(reference_precision)
+
     full = image
     lo = hi = None
     if roi is not None:
@@ -228,18 +243,21 @@ def segment_image(image: sitk.Image | np.ndarray, model, device: str | torch.dev
             raise InputError(source, str(e)) from None
 
     orient = Orientation.of(image)
+    if spec.slicing == "stored":
+        return _segment_stored(image, full, (lo, hi), loaded, dev, classes, t_start, source=source, tta=tta,
+                               batch_size=batch_size,
+                               compile=compile, fast=fast, return_probabilities=return_probabilities,
+                               training_orientation=training_orientation, progress=progress, cancel=cancel,
+                               postprocess=postprocess, keep_largest=keep_largest, fill_holes=fill_holes)
     volume = orient.to_canonical(sitk.GetArrayViewFromImage(image))  # (S, P, L) view
     Z, H, W = volume.shape
     slice_sp, row_sp, col_sp = orient.canonical_spacing(image.GetSpacing())
     target = target_spacing(spec, (row_sp, col_sp), fast)
     model_hw = resampled_shape((H, W), (row_sp, col_sp), target)
-    if max(model_hw) > MAX_MODEL_SLICE_SIDE:
-        raise InputError(source, f"slices of {H}x{W} voxels at {row_sp:g} x {col_sp:g} mm would be "
-                                 f"{model_hw[0]}x{model_hw[1]} pixels at the model's spacing {target[0]:g} x "
-                                 f"{target[1]:g} mm (at most {MAX_MODEL_SLICE_SIDE} per side): wrong spacing?")
+    check_model_slice(source, (H, W), (row_sp, col_sp), model_hw, target)
     normalize = make_normalizer(spec.normalization, volume)
 
-    bg_index = next((i for i, c in enumerate(classes) if c.value == 0), 0)
+    bg_index = background_index(classes)
     todo = np.arange(Z)
     if spec.skip_empty_slices:
         todo = np.array([z for z in range(Z) if float(volume[z].max()) >= AIR_HU], dtype=int)
@@ -253,15 +271,7 @@ def segment_image(image: sitk.Image | np.ndarray, model, device: str | torch.dev
     slices_per_batch = max(1, bs // per_slice)
     batches = [run_z[i:i + slices_per_batch] for i in range(0, len(run_z), slices_per_batch)]
 
-    # The labels are written straight into the output array, in the input's own axis order, through the canonical
-    # view: no reorienting copy and, when label values are the class indices (the usual case), no lookup afterwards.
-    values = [c.value for c in classes]
-    lut = np.array(values, dtype=np.uint8 if n_classes <= 256 and max(values) <= 255 else np.uint16)
-    out_full = np.zeros(sitk.GetArrayViewFromImage(full).shape, dtype=lut.dtype)  # outside a ROI: background 0
-    out = out_full
-    if roi is not None:
-        (x0, y0, z0), (x1, y1, z1) = lo, hi
-        out = out_full[z0:z1, y0:y1, x0:x1]
+    out_full, out, lut = _output_arrays(full, (lo, hi), classes)
     index = orient.to_canonical(out)  # (S, P, L) class indices, a view of `out`
     if bg_index != 0:
         index[...] = bg_index
@@ -367,9 +377,56 @@ def segment_image(image: sitk.Image | np.ndarray, model, device: str | torch.dev
     read_t.check()
 
     t_finish = time.perf_counter()
+    labels, prob_out, steps = _finish(full, out_full, out, lut, (lo, hi), orient, orient.from_canonical(probs)
+                                      if probs is not None else None, spec, bg_index, (slice_sp, row_sp, col_sp),
+                                      postprocess, keep_largest, fill_holes)
+    stats = {"device": str(dev), "batch_size": predictor.batch_size, "slices": int(len(todo)),
+             "predicted_slices": int(len(run_z)), "slice_step": step,
+             "skipped_slices": int(Z - len(todo)), "model_shape": list(model_hw), "tiles_per_slice": per_slice,
+             "spacing": list(target), "oom_backoffs": list(predictor.oom_events), "model_time_s": round(t_model, 3),
+             "postprocessing": steps, "setup_s": round(t_setup, 3),
+             "finish_s": round(time.perf_counter() - t_finish, 3), "seconds": round(time.perf_counter() - t_start, 3)}
+    return SegmentationResult(labels, prob_out, classes, stats)
+
+
+def check_model_slice(source, hw, spacing, model_hw, target) -> None:
+    """InputError when a slice resampled to the model's spacing would be absurdly large (a wrong spacing)."""
+    if max(model_hw) > MAX_MODEL_SLICE_SIDE:
+        raise InputError(source, f"slices of {hw[0]}x{hw[1]} voxels at {spacing[0]:g} x {spacing[1]:g} mm would be "
+                                 f"{model_hw[0]}x{model_hw[1]} pixels at the model's spacing {target[0]:g} x "
+                                 f"{target[1]:g} mm (at most {MAX_MODEL_SLICE_SIDE} per side): wrong spacing?")
+
+
+def background_index(classes) -> int:
+    """Channel of label value 0 (the first channel when no class has value 0)."""
+    return next((i for i, c in enumerate(classes) if c.value == 0), 0)
+
+
+def _output_arrays(full: sitk.Image, box, classes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(label array on `full`'s grid, its view on the ROI `box` ((x0, y0, z0), (x1, y1, z1)) or (None, None),
+    class index -> label value table). The labels are written straight into it, in the input's own axis order,
+    through views: no reorienting copy and, when label values are the class indices (the usual case), no lookup."""
+    values = [c.value for c in classes]
+    lut = np.array(values, dtype=np.uint8 if len(values) <= 256 and max(values) <= 255 else np.uint16)
+    out_full = np.zeros(sitk.GetArrayViewFromImage(full).shape, dtype=lut.dtype)  # outside a ROI: background 0
+    out = out_full
+    if box[0] is not None:
+        (x0, y0, z0), (x1, y1, z1) = box
+        out = out_full[z0:z1, y0:y1, x0:x1]
+    return out_full, out, lut
+
+
+def _finish(full, out_full, out, lut, box, orient, probs, spec, bg_index, canonical_spacing, postprocess,
+            keep_largest, fill_holes) -> tuple[sitk.Image, np.ndarray | None, list]:
+    """Post-processing (on the canonical view), class index -> label value, ROI re-embedding.
+
+    `out` (the ROI view of `out_full`) holds class indices; `probs` (classes, z, y, x) of the ROI in the input's
+    axis order, or None. Returns the label image on `full`'s grid, the probabilities on it, the steps done."""
+    index = orient.to_canonical(out)
+    values = lut.tolist()
     steps = []
     if postprocess and spec.postprocessing:
-        apply_postprocessing(index, spec.postprocessing, values, (slice_sp, row_sp, col_sp), bg_index)
+        apply_postprocessing(index, spec.postprocessing, values, canonical_spacing, bg_index)
         steps += [dict(step) for step in spec.postprocessing]
     if keep_largest:
         keep_largest_component(index, bg_index)
@@ -377,22 +434,35 @@ def segment_image(image: sitk.Image | np.ndarray, model, device: str | torch.dev
     if fill_holes:
         _fill_holes(index, bg_index)
         steps.append({"step": "fill_holes"})
-    if np.any(lut != np.arange(n_classes)):  # class index -> label value
+    if np.any(lut != np.arange(len(lut))):  # class index -> label value
         out[...] = lut[out]
-    prob_out = np.ascontiguousarray(orient.from_canonical(probs)) if probs is not None else None
-    if prob_out is not None and roi is not None:
-        pc = np.zeros((n_classes,) + out_full.shape, dtype=np.float16)
+    prob_out = np.ascontiguousarray(probs) if probs is not None else None
+    if prob_out is not None and box[0] is not None:
+        (x0, y0, z0), (x1, y1, z1) = box
+        pc = np.zeros((len(lut),) + out_full.shape, dtype=np.float16)
         pc[bg_index] = 1.0
         pc[:, z0:z1, y0:y1, x0:x1] = prob_out
         prob_out = pc
     labels = sitk.GetImageFromArray(out_full)
     labels.CopyInformation(full)
-    stats = {"device": str(dev), "batch_size": predictor.batch_size, "slices": int(len(todo)),
-             "predicted_slices": int(len(run_z)), "slice_step": step,
-             "skipped_slices": int(Z - len(todo)), "model_shape": list(model_hw), "tiles_per_slice": per_slice,
-             "spacing": list(target), "oom_backoffs": list(predictor.oom_events), "model_time_s": round(t_model, 3),
-             "postprocessing": steps, "setup_s": round(t_setup, 3),
-             "finish_s": round(time.perf_counter() - t_finish, 3), "seconds": round(time.perf_counter() - t_start, 3)}
+    return labels, prob_out, steps
+
+
+def _segment_stored(image, full, box, loaded, dev, classes, t_start, postprocess, keep_largest, fill_holes,
+                    **options) -> SegmentationResult:
+    """`segment_image` for models in nnU-Net's convention: `nnunet_mode.predict_stored`, then the common finish."""
+    from .nnunet_mode import predict_stored
+
+    out_full, out, lut = _output_arrays(full, box, classes)
+    bg_index = background_index(classes)
+    probs, stats = predict_stored(image, loaded.networks, loaded.spec, dev, out, bg_index=bg_index, **options)
+    t_finish = time.perf_counter()
+    orient = Orientation.of(image)
+    labels, prob_out, steps = _finish(full, out_full, out, lut, box, orient, probs, loaded.spec, bg_index,
+                                      orient.canonical_spacing(image.GetSpacing()), postprocess, keep_largest,
+                                      fill_holes)
+    stats.update(postprocessing=steps, finish_s=round(time.perf_counter() - t_finish, 3),
+                 seconds=round(time.perf_counter() - t_start, 3))
     return SegmentationResult(labels, prob_out, classes, stats)
 
 

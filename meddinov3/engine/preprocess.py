@@ -57,7 +57,7 @@ def fast_slice_step(spec, slice_spacing: float, in_plane_target: tuple[float, fl
 
 def resampled_shape(shape: tuple[int, int], spacing: tuple[float, float], target: tuple[float, float]) -> tuple[int, int]:
     """Slice size covering the same extent at `target` spacing (nnU-Net rounds the same way)."""
-    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target))
+    return tuple(max(1, int(round(s / t * n))) for n, s, t in zip(shape, spacing, target))
 
 
 def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -4,12 +4,17 @@ timm's defaults differ from the reference network in two places that change outp
 (timm 1e-5, reference 1e-6) and the RoPE periods (timm recomputes them in fp32, checkpoints carry bf16-rounded
 values the reference uses). Both are fixed here; the periods and the live key bias of qkv-bias variants are made
 persistent so they travel with our own checkpoints.
+
+`reference_precision` (off by default) computes RoPE as the reference does: coordinates, angles, sin/cos and the
+q/k rotation in bf16 (queries and keys are rounded to bf16 around the rotation), for fidelity checks against it.
 """
 
 from __future__ import annotations
 
 from functools import partial
 from typing import Sequence
+
+import math
 
 import timm
 import torch
@@ -61,6 +66,26 @@ class DINOv3Backbone(nn.Module):
                 if getattr(blk.attn, "k_bias", None) is not None:
                     blk.attn.register_buffer("k_bias", blk.attn.k_bias, persistent=True)
         self.grad_checkpointing = False
+        self.reference_precision = False
+
+    def set_reference_precision(self, enabled: bool) -> None:
+        """RoPE in bf16 as the reference computes it (True) or in fp32 (False, the default)."""
+        self.reference_precision = bool(enabled)
+        for blk in self.vit.blocks:  # q_norm/k_norm are identities in DINOv3: the hook where q and k are rounded
+            blk.attn.q_norm = _RoundToBF16() if enabled else nn.Identity()
+            blk.attn.k_norm = _RoundToBF16() if enabled else nn.Identity()
+
+    def _reference_rope(self, h: int, w: int, device) -> torch.Tensor:
+        """(h*w, 2*head_dim) [sin, cos] computed in bf16 step by step like the reference's RoPE module:
+        0.5-centred coordinates / size -> [-1, 1], angles 2*pi*coord/period, rotate-half layout."""
+        dd = {"device": device, "dtype": torch.bfloat16}
+        coords_h = torch.arange(0.5, h, **dd) / h
+        coords_w = torch.arange(0.5, w, **dd) / w
+        coords = torch.stack(torch.meshgrid(coords_h, coords_w, indexing="ij"), dim=-1).flatten(0, 1)
+        coords = 2.0 * coords - 1.0
+        periods = self.vit.rope.periods.to(**dd)
+        angles = (2 * math.pi * coords[:, :, None] / periods[None, None, :]).flatten(1, 2).tile(2)
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -78,6 +103,8 @@ class DINOv3Backbone(nn.Module):
         if masks is not None:
             x = torch.where(masks.view(B, h, w, 1), self.mask_token.to(x.dtype).view(1, 1, 1, C), x)
         x, rope = vit._pos_embed(x)
+        if self.reference_precision:
+            rope = self._reference_rope(h, w, x.device)
         x = vit.norm_pre(x)
         last = max(blocks)
         taken = {}
@@ -103,3 +130,10 @@ class DINOv3Backbone(nn.Module):
         outputs, (h, w) = self.forward_blocks(x, blocks)
         p = self.num_prefix_tokens
         return [t[:, p:].transpose(1, 2).reshape(t.shape[0], -1, h, w) for t in outputs]
+
+
+class _RoundToBF16(nn.Module):
+    """Queries/keys to bf16: the rotation then runs in bf16 and timm casts the result back to the value dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.bfloat16)
