@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure the issues ask for, in one run on one H100 / H200: at most 9 minutes (the sum of the steps'
-# limits; ~5 minutes on the H200). No network needed; the machine's own torch/timm are used. Prints each
+# limits; ~5 minutes on the H200; a machine with 2+ GPUs also times a cohort under torchrun: at most 2.5 minutes
+# more). No network needed; the machine's own torch/timm are used. Prints each
 # benchmark's table; copy them into benchmarks/RESULTS.md.
 #   bash benchmarks/gpu_check.sh [OUT_FILE]     (default: gpu_check.txt)
 # Each step has its own time limit so one slow step (a cold torch.compile) cannot eat the others' time.
@@ -26,5 +27,11 @@ step 60 "train: ViT-B 512 px batch 32, model-only / inline / prefetch" "$PY" ben
 step 120 "train: same with --compile" "$PY" benchmarks/train.py --compile
 step 60 "pretrain: stage 1 ViT-B, 2x224 + 8x96 crops, batch 32, one step" \
   "$PY" benchmarks/pretrain.py --size base --batch 32 --device cuda
+if [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 2 ]; then
+  step 150 "cohort: 8 CTs, 1 process vs 2 GPU processes under torchrun (random ViT-B)" \
+    "$PY" benchmarks/cohort_scaling.py --device cuda --size base
+else
+  echo "### cohort: 1 vs 2 GPU processes skipped (one GPU)" | tee -a "$OUT"
+fi
 step 60 "GPU tests: engine and prefetch on CUDA vs CPU, batch budget, OOM back-off" \
   "$PY" -m pytest -q Testing/test_cuda.py Testing/engine/test_batch_budget.py Testing/train/test_train_oom.py

@@ -80,7 +80,7 @@ def test_batch_folder_and_dicom(tmp_path, pkg, capsys):
     out = tmp_path / "out"
     assert main(["segment", str(inp), "-o", str(out), "--model", str(pkg), "--device", "cpu",
                  "--keep-largest", "--fill-holes"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "b.nii.gz", "series1.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "b.nii.gz", "cohort.csv", "series1.nii.gz"]
     assert same_geometry(sitk.ReadImage(str(out / "b.nii.gz")), b)
     dicom_seg = sitk.ReadImage(str(out / "series1.nii.gz"))
     assert same_geometry(dicom_seg, a)
@@ -90,13 +90,16 @@ def test_batch_folder_and_dicom(tmp_path, pkg, capsys):
     segs, probs = tmp_path / "segs", tmp_path / "probs"
     assert main(["segment", str(inp / "a.nii.gz"), str(inp / "b.mha"), "-o", str(segs), "--model", str(pkg),
                  "--device", "cpu", "--output-format", "seg.nrrd", "--save-probabilities", str(probs)]) == 0
-    assert sorted(p.name for p in segs.iterdir()) == ["a.seg.nrrd", "b.seg.nrrd"]
+    assert sorted(p.name for p in segs.iterdir()) == ["a.seg.nrrd", "b.seg.nrrd", "cohort.csv"]
     assert [s["name"] for s in slicerio.read_segmentation(str(segs / "b.seg.nrrd"))["segments"]]
     assert sorted(p.name for p in probs.iterdir()) == ["a.npz", "b.npz"]
     assert np.load(probs / "b.npz")["probabilities"].shape[1:] == sitk.GetArrayViewFromImage(b).shape
+    before = {p.name: p.stat().st_mtime_ns for p in segs.glob("*.seg.nrrd")}
+    capsys.readouterr()
     assert main(["segment", str(inp / "a.nii.gz"), str(inp / "b.mha"), "-o", str(segs), "--model", str(pkg),
-                 "--device", "cpu", "--output-format", "seg.nrrd"]) != 0  # existing outputs are never replaced
-    assert "already exists" in capsys.readouterr().err
+                 "--device", "cpu", "--output-format", "seg.nrrd"]) == 0  # a cohort skips what is done
+    assert "0 segmented, 2 skipped" in capsys.readouterr().err
+    assert {n: (segs / n).stat().st_mtime_ns for n in before} == before  # existing outputs are never replaced
     # a DICOM folder alone is one input
     single = tmp_path / "single.nrrd"
     assert main(["segment", str(inp / "series1"), "-o", str(single), "--model", str(pkg), "--device", "cpu",

@@ -133,18 +133,25 @@ def test_dicom_seg_references_series_and_holds_the_label_map(tmp_path, liver_sli
     assert finished["statistics"] == str(stats) and finished["uncertainty"] == str(unc)
 
 
-def test_batch_of_series_writes_one_seg_statistics_and_uncertainty_each(tmp_path, liver_slices):
+def test_batch_of_series_writes_one_seg_statistics_and_uncertainty_each(tmp_path, liver_slices, capsys):
+    """A folder of series is a cohort: each case's statistics and uncertainty files are part of 'finished'."""
     for number, (name, first) in enumerate((("upper", 0), ("lower", 6))):
         write_ct_series(liver_slices[:, :, first:first + 4], tmp_path / "in" / name, uid=f"{UID}{number}")
     stats = tmp_path / "stats"
+    argv = ["segment", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--output-format", "dicom-seg", "--model",
+            str(DEMO), "--device", "cpu", "--statistics", str(stats), "--save-uncertainty", str(tmp_path / "unc")]
+    assert main(argv) == 2  # the statistics folder must exist: refused before any work
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "out").exists()
     stats.mkdir()
-    assert main(["segment", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--output-format", "dicom-seg",
-                 "--model", str(DEMO), "--device", "cpu", "--statistics", str(stats), "--save-uncertainty",
-                 str(tmp_path / "unc")]) == 0
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["lower.dcm", "upper.dcm"]
+    assert main(argv) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cohort.csv", "lower.dcm", "upper.dcm"]
     assert sorted(p.name for p in stats.iterdir()) == ["lower.json", "upper.json"]
     assert sorted(p.name for p in (tmp_path / "unc").iterdir()) == ["lower.nii.gz", "upper.nii.gz"]
     assert json.loads((stats / "lower.json").read_text())["input"] == str(tmp_path / "in" / "lower")
+    (stats / "lower.json").unlink()  # lower is not finished any more (its SEG exists: it fails without --overwrite)
+    capsys.readouterr()
+    assert main(argv) == 1
+    assert "0 segmented, 1 skipped (already done), 1 failed" in capsys.readouterr().err
 
 
 def test_dicom_seg_leaves_out_empty_classes_and_says_so(tmp_path):

@@ -144,7 +144,7 @@ def test_folder_with_several_dicom_series(tmp_path, ct):
 
 
 def test_batch_folder_skips_earlier_seg_nrrd_results(tmp_path, ct, pkg, capsys):
-    """Rerunning a batch on a folder that holds its own .seg.nrrd results segments the scans only."""
+    """Rerunning a batch on a folder that holds its own .seg.nrrd results (and cohort.csv) segments the scans only."""
     scans = tmp_path / "scans"
     scans.mkdir()
     sitk.WriteImage(ct, str(scans / "a.nrrd"))
@@ -152,7 +152,7 @@ def test_batch_folder_skips_earlier_seg_nrrd_results(tmp_path, ct, pkg, capsys):
         rc = main(["segment", str(scans), "-o", str(scans), "--model", str(pkg), "--device", "cpu", "--output-format",
                    "seg.nrrd", "--overwrite"])
         assert rc == 0, capsys.readouterr().err
-    assert sorted(p.name for p in scans.iterdir()) == ["a.nrrd", "a.seg.nrrd"]
+    assert sorted(p.name for p in scans.iterdir()) == ["a.nrrd", "a.seg.nrrd", "cohort.csv"]
 
 
 def test_repeated_fold_runs_once():

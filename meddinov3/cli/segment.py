@@ -1,7 +1,12 @@
-"""`meddinov3 segment INPUT... -o OUTPUT --model MODEL`: segment CT volumes (files, DICOM folders, folders of them)."""
+"""`meddinov3 segment INPUT... -o OUTPUT --model MODEL`: segment CT volumes (files, DICOM folders, folders of them).
+
+Several inputs (or a folder of them) are a cohort (`engine/cohort.py`): finished outputs are skipped, a CSV reports
+every case, and under torchrun the cases are shared out over all processes.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -56,7 +61,8 @@ def add_parser(sub) -> None:
     p.add_argument("--reference-precision", action="store_true",
                    help="compute RoPE in bf16 as the reference MedDINOv3 code does (fidelity checks; default fp32)")
     p.add_argument("--json-progress", action="store_true", help="one JSON event per line on stdout")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing outputs (a folder of inputs otherwise skips the cases already done)")
     p.set_defaults(run=run)
 
 
@@ -100,9 +106,10 @@ def _orientation(code: str | None) -> str | None:
 
 
 def _outputs(inputs: list[Path], args, batch_mode: bool) -> tuple[list[Path], list]:
-    """(label outputs, `SideOutputs`) per input: the given files, or NAME.<format> / NAME.npz ... in folders."""
+    """(label outputs, `SideOutputs`) per input: the given files, or NAME.<format> / NAME.npz ... in folders
+    (`engine.cohort.cohort_cases`)."""
+    from ..engine.cohort import cohort_cases
     from ..engine.side_outputs import SideOutputs
-    from ..volumes import strip_suffix
     from .main import CommandError
 
     out = Path(args.output)
@@ -119,14 +126,15 @@ def _outputs(inputs: list[Path], args, batch_mode: bool) -> tuple[list[Path], li
         if folder is not None and not folder.is_dir() and (folder.exists() or _file_name(folder)):
             raise CommandError(f"{folder}: several inputs, or a folder of them, need {flag} to be a folder, not a "
                                "file name")
-    stems = [strip_suffix(p) for p in inputs]
-    dupes = {n for n in stems if stems.count(n) > 1}
-    if dupes:
-        raise CommandError(f"inputs would write the same output name(s): {', '.join(sorted(dupes))}")
     suffix = "dcm" if args.output_format == "dicom-seg" else args.output_format
-    return ([out / f"{n}.{suffix}" for n in stems],
-            [SideOutputs(*(folder / f"{n}.{ext}" if folder else None for (_, _, ext), folder in
-                           zip(SIDE_FLAGS, sides.values()))) for n in stems])
+    try:
+        cases = cohort_cases(inputs, out, suffix, [(folder, ext) for (_, _, ext), folder in
+                                                   zip(SIDE_FLAGS, sides.values()) if folder is not None])
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    given = [i for i, folder in enumerate(sides.values()) if folder is not None]  # SideOutputs' order
+    return ([c.output for c in cases],
+            [SideOutputs(*(dict(zip(given, c.extras)).get(i) for i in range(len(SIDE_FLAGS)))) for c in cases])
 
 
 def _file_name(path: Path) -> bool:
@@ -143,12 +151,13 @@ def _file_name(path: Path) -> bool:
 
 def run(args) -> int:
     from ..engine import Cancelled, segment_file
-    from ..engine.outputs import check_not_input, check_output, input_files
+    from ..engine.outputs import check_not_input, check_output, check_writable, input_files
     from ..progress import Progress
     from ..volumes import InputError, list_inputs
     from .main import CommandError, device_option
 
-    progress = Progress(json_lines=args.json_progress, desc="segment")
+    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    progress = Progress(json_lines=args.json_progress, desc="segment", enabled=int(os.environ.get("RANK", "0")) == 0)
     started = time.perf_counter()
     try:
         folds, batch, roi = _parse(args)
@@ -159,16 +168,25 @@ def run(args) -> int:
             raise CommandError(str(e)) from None
         batch_mode = len(inputs) > 1 or (len(args.inputs) == 1 and Path(args.inputs[0]).is_dir()
                                          and inputs[0] != Path(args.inputs[0]))
+        if under_torchrun and not batch_mode:
+            raise CommandError("under torchrun, segment shares a cohort out over the processes: give a folder of "
+                               "scans (or several inputs) and an output folder")
         outputs, side_outputs = _outputs(inputs, args, batch_mode)
         sources = input_files(inputs) if any(o.exists() for o in outputs) else []
-        for o, side in zip(outputs, side_outputs):
-            try:
+        try:
+            for o, side in zip(outputs, side_outputs):
                 check_not_input(o, sources)
-                check_output(o, args.overwrite)
-                side.check(args.overwrite)
-            except ValueError as e:
-                raise CommandError(str(e)) from None
-        device = device_option(args.device)
+                if not batch_mode:  # a cohort skips the cases whose outputs exist: only its folders must take files
+                    check_output(o, args.overwrite)
+                    side.check(args.overwrite)
+            if batch_mode:
+                check_writable(outputs[0])
+                # the side folders' rules (a statistics folder must exist, all must take files); existing files are
+                # not refused here: a finished case is skipped, an unfinished one is checked by `segment_file`
+                side_outputs[0].check(overwrite=True)
+        except ValueError as e:
+            raise CommandError(str(e)) from None
+        info, device = _join(args.device) if batch_mode else (None, device_option(args.device))
         from ..checkpoints import load_model
 
         model = load_model(args.model, device=device, folds=folds)
@@ -177,40 +195,39 @@ def run(args) -> int:
                                "converted from them; this model slices the engine's canonical view")
         progress.event("started", inputs=[str(p) for p in inputs], outputs=[str(o) for o in outputs],
                        model=str(model.path), device=str(device))
-        failures = []
-        for inp, out, side in zip(inputs, outputs, side_outputs):
-            t0 = time.perf_counter()
-            try:
-                result = segment_file(inp, out, model, probabilities_path=side.probabilities,
-                                      statistics_path=side.statistics, uncertainty_path=side.uncertainty,
-                                      overwrite=args.overwrite, progress=progress, device=device, fast=args.fast,
-                                      tta=args.tta, batch_size=batch, roi=roi, keep_largest=args.keep_largest,
-                                      fill_holes=args.fill_holes, postprocess=args.postprocess,
-                                      compile=args.compile, training_orientation=orientation,
-                                      reference_precision=args.reference_precision)
-            except (InputError, FileExistsError) as e:
-                if not batch_mode:
-                    raise CommandError(str(e)) from None
-                failures.append(str(e))
-                progress.event("failed", input=str(inp), message=str(e))
-                print(f"meddinov3 segment: error: {e}", file=sys.stderr)
-                continue
+
+        def segment_one(inp, out, side, case_progress):
+            result = segment_file(inp, out, model, probabilities_path=side.probabilities,
+                                  statistics_path=side.statistics, uncertainty_path=side.uncertainty,
+                                  overwrite=args.overwrite, progress=case_progress, device=device, fast=args.fast,
+                                  tta=args.tta, batch_size=batch, roi=roi, keep_largest=args.keep_largest,
+                                  fill_holes=args.fill_holes, postprocess=args.postprocess,
+                                  compile=args.compile, training_orientation=orientation,
+                                  reference_precision=args.reference_precision)
             omitted = result.stats.get("dicom_seg_omitted")
             if omitted:
                 print(f"meddinov3 segment: note: {out}: empty classes left out of the DICOM SEG: {', '.join(omitted)}",
                       file=sys.stderr)
-            progress.event("finished", input=str(inp), output=str(out), seconds=round(time.perf_counter() - t0, 2),
-                           **{k: str(v) if v else None for k, v in (("probabilities", side.probabilities),
-                               ("statistics", side.statistics), ("uncertainty", side.uncertainty))},
-                           **{k: result.stats[k] for k in ("device", "slices", "batch_size", "dicom_seg_omitted",
-                                                           "slice_confidence") if k in result.stats})
-            if not args.json_progress:
-                print(f"{inp} -> {out} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+            return result
+
+        if batch_mode:
+            return _run_cohort(args, inputs, outputs, side_outputs, segment_one, info, progress, started)
+        t0 = time.perf_counter()
+        side = side_outputs[0]
+        try:
+            result = segment_one(inputs[0], outputs[0], side, progress)
+        except (InputError, FileExistsError) as e:
+            raise CommandError(str(e)) from None
+        progress.event("finished", input=str(inputs[0]), output=str(outputs[0]),
+                       seconds=round(time.perf_counter() - t0, 2),
+                       **{k: str(v) if v else None for k, v in (("probabilities", side.probabilities),
+                           ("statistics", side.statistics), ("uncertainty", side.uncertainty))},
+                       **{k: result.stats[k] for k in ("device", "slices", "batch_size", "dicom_seg_omitted",
+                                                       "slice_confidence") if k in result.stats})
+        if not args.json_progress:
+            print(f"{inputs[0]} -> {outputs[0]} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
         progress.close()
-        if failures:
-            progress.event("failed", message=f"{len(failures)} of {len(inputs)} input(s) failed")
-            return 1
-        progress.event("done", seconds=round(time.perf_counter() - started, 2), count=len(inputs))
+        progress.event("done", seconds=round(time.perf_counter() - started, 2), count=1)
         return 0
     except Cancelled as e:
         progress.event("failed", message=str(e))
@@ -219,3 +236,41 @@ def run(args) -> int:
         progress.close()
         progress.event("failed", message=str(e))
         raise
+
+
+def _join(device: str):
+    """(rank/world, this rank's device): the torchrun job's when there is one (`engine.cohort.join_cohort`)."""
+    from ..engine.cohort import join_cohort
+    from ..train.distributed import DeviceError
+    from .main import CommandError
+
+    try:
+        return join_cohort(device)
+    except DeviceError as e:
+        raise CommandError(f"--device {device}: {e}") from None
+
+
+def _run_cohort(args, inputs, outputs, side_outputs, segment_one, info, progress, started) -> int:
+    """Several inputs: `engine.cohort.run_cohort` (skips finished cases, shares out under torchrun, writes the CSV).
+    A case is finished when its label map and all its side outputs (`SideOutputs.files`) exist."""
+    from ..engine.cohort import CSV_NAME, CohortCase, run_cohort
+    from ..train.distributed import cleanup
+
+    cases = [CohortCase(i, o, side.files) for i, o, side in zip(inputs, outputs, side_outputs)]
+    beside = dict(zip(outputs, side_outputs))  # each label map's other outputs
+    csv_path = Path(args.output) / CSV_NAME
+    report = run_cohort(cases, lambda c: segment_one(c.input, c.output, beside[c.output], None).stats, info,
+                        args.overwrite, csv_path, progress)
+    cleanup(info)
+    failed, skipped = report.count("failed"), report.count("skipped")
+    if not info.is_main:  # rank 0 reports; every rank exits with the cohort's code
+        return 1 if failed else 0
+    if not args.json_progress:
+        print(f"cohort: {report.count('done')} segmented, {skipped} skipped (already done), {failed} failed; "
+              f"every case in {csv_path}", file=sys.stderr)
+    if failed:
+        progress.event("failed", message=f"{failed} of {len(cases)} input(s) failed", csv=str(csv_path))
+        return 1
+    progress.event("done", seconds=round(time.perf_counter() - started, 2), count=len(cases), skipped=skipped,
+                   csv=str(csv_path))
+    return 0

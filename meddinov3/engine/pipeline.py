@@ -94,6 +94,13 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+def cpu_threads() -> int:
+    """This process's share of the CPU cores it may run on: the cores divided by the processes torchrun starts on
+    this machine (LOCAL_WORLD_SIZE; 1 outside torchrun), at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def _load(model, device: torch.device, folds):
     from ..checkpoints import LoadedModel, load_model
 
@@ -216,7 +223,7 @@ def segment_image(image: sitk.Image | np.ndarray, model, device: str | torch.dev
         classes = default_classes(n_classes)
     validate_image(image, source, spec.modality, n_classes, return_probabilities)
     if dev.type == "cpu" and fast:
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(cpu_threads())
 
     if training_orientation is not None:
         training_orientation = check_orientation_code(training_orientation)

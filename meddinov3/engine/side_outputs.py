@@ -35,6 +35,11 @@ class SideOutputs:
                 check(path, overwrite)
 
     @property
+    def files(self) -> tuple[Path, ...]:
+        """The asked-for files (probabilities, statistics, uncertainty), e.g. a cohort case's extras."""
+        return tuple(Path(p) for p in (self.probabilities, self.statistics, self.uncertainty) if p is not None)
+
+    @property
     def needs_probabilities(self) -> bool:
         return self.probabilities is not None or self.uncertainty is not None
 
