@@ -26,22 +26,23 @@ _TAIL_LINES = 50
 
 
 def python_executable() -> str:
-    """Python for the child: Slicer's `PythonSlicer` inside Slicer, else the running interpreter."""
+    """Python for the child: Slicer's `PythonSlicer` inside Slicer (the one beside the running application first),
+    else the running interpreter. `PythonSlicer` is a launcher that runs the real interpreter as its child."""
     try:
         import slicer
 
         app = getattr(slicer, "app", None)
-        if app is not None and not getattr(app, "isHeadlessStandIn", False):
-            found = shutil.which("PythonSlicer")
-            if found:
-                return found
-            home = getattr(app, "slicerHome", "")
-            for name in ("PythonSlicer.exe", "PythonSlicer"):
-                candidate = Path(home) / "bin" / name
-                if candidate.is_file():
-                    return str(candidate)
     except ImportError:
-        pass
+        app = None
+    if app is not None:
+        home = getattr(app, "slicerHome", "")
+        for name in ("PythonSlicer.exe", "PythonSlicer"):
+            candidate = Path(home) / "bin" / name
+            if home and candidate.is_file():
+                return str(candidate)
+        found = shutil.which("PythonSlicer")
+        if found:
+            return found
     return sys.executable
 
 
