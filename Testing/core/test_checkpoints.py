@@ -20,6 +20,8 @@ from meddinov3.model import build_model
 from .reference_dinov3 import reference_backbone, reference_forward
 from .upstream_layouts import write_meta_dinov3, write_nnunet_folder, write_official_pretrained
 
+pytestmark = pytest.mark.slicer_python  # loading on Slicer 5.8: numpy 1.26 scalars of nnU-Net files
+
 X = torch.randn(2, 1, 64, 48, generator=torch.Generator().manual_seed(11))
 
 

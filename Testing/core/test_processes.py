@@ -19,6 +19,8 @@ import pytest
 from meddinov3 import processes
 from meddinov3.processes import kill_process_tree, own_process_record, process_alive, process_start_time
 
+pytestmark = pytest.mark.slicer_python  # process control without psutil, as in Slicer
+
 posix_only = pytest.mark.skipif(os.name == "nt", reason="process groups and /proc are POSIX")
 
 

@@ -192,6 +192,7 @@ def test_collapse_detector_fires_on_constant_backbone(liver):
     assert json.loads((root / "collapsed" / "status.json").read_text())["collapse"]["step"] == 2
 
 
+@pytest.mark.slicer_python
 def test_kill9_then_resume_continues_at_same_step(liver):
     root, _, vol = liver
     out = root / "killed"

@@ -226,6 +226,7 @@ def test_segment_matches_cli_for_plain_oblique_and_flipped_volumes(logic, packag
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slicer_python
 def test_cancel_kills_the_child_at_once_and_leaves_the_scene_unchanged(logic, package, liver_voxels):
     """Cancel ends the work even though the child is a launcher (PythonSlicer) that forwards no signal."""
     from MedDINOv3SegmentLib import MedDINOv3SegmentCancelled
@@ -263,6 +264,7 @@ def test_cancel_kills_the_child_at_once_and_leaves_the_scene_unchanged(logic, pa
     assert volume.GetMTime() == volume_mtime
 
 
+@pytest.mark.slicer_python
 def test_errors_in_the_child_become_clear_one_line_errors(logic, package, liver_voxels):
     """An unknown model (asynchronous call) and a wrong modality (blocking call), both found by the child."""
     from MedDINOv3SegmentLib import MedDINOv3SegmentError

@@ -188,6 +188,7 @@ def _tiny(cache: Path, **extra) -> dict:
             "augment": {"enabled": False}, **extra}
 
 
+@pytest.mark.slicer_python
 def test_finetune_job_runs_detached_registers_and_segments(logic, slicer_scene, phantom_data, cache, meddinov3_home,
                                                            headless_slicer):
     job = logic.startJob("finetune", phantom_data, None, size="tiny", options={"steps": 4, **_tiny(cache)})
@@ -243,6 +244,7 @@ def _wait_for_step(job, step: int, timeout: float = 180) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.slicer_python
 def test_stop_reattach_resume_to_completion(headless_slicer, phantom_data, cache, tmp_path):
     """Start; "restart Slicer" (a new Logic finds the running job); Stop -> resumable "stopped"; Resume -> the
     step count continues to the end; a third Logic sees it finished."""
@@ -293,6 +295,7 @@ def launched_interpreters(launcher: int) -> list[int]:
     return [int(pid) for pid in Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()]
 
 
+@pytest.mark.slicer_python
 def test_trainer_outliving_its_launcher_is_still_running_until_stop_ends_it(headless_slicer, phantom_data, cache,
                                                                              tmp_path):
     """The launcher dies (a CTKAppLauncher does on SIGTERM, which it forwards nowhere) while its trainer goes on:

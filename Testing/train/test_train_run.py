@@ -117,6 +117,7 @@ def _common(phantom, tmp_path, steps: int) -> list[str]:
             "patch_size=[32, 32]"]
 
 
+@pytest.mark.slicer_python
 def test_kill9_then_resume_gives_same_step_count(phantom, tmp_path):
     out = tmp_path / "run"
     # started with relative paths, resumed from another working directory (config.json stores them absolute)
