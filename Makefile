@@ -37,6 +37,7 @@ $(SLICER_VENV)/.installed: $(SLICER_REQUIREMENTS)
 	@test -n "$(PYTHON39)" || { echo "Python 3.9 not found: pyenv install 3.9, or make PYTHON39=/path/to/python3.9"; exit 1; }
 	$(PYTHON39) -m venv $(SLICER_VENV)
 	$(SLICER_VENV)/bin/pip install --disable-pip-version-check -q -r $(SLICER_REQUIREMENTS)
+	$(SLICER_VENV)/bin/pip install --disable-pip-version-check -q --no-deps liver-ct-segmentation-package==1.6.0
 	@# Slicer ships no psutil: the leg checks that the code does without it
 	$(SLICER_VENV)/bin/python -c "import importlib.util as u, sys; sys.exit('psutil is installed' if u.find_spec('psutil') else 0)"
 	touch $@

@@ -149,13 +149,16 @@ def signal_process_tree(pid: int | None, group: int | None = None, sig: int = si
         kill_process_tree(pid)
         return
     group = _safe_group(group)
-    targets = [(os.killpg, group)] if group else []
-    targets += [(os.kill, pid)] if pid else []
-    for send, target in targets:
+    if group:
         try:
-            send(int(target), sig)
+            os.killpg(group, sig)
         except (ProcessLookupError, PermissionError):
             pass
+    try:
+        if pid and (not group or os.getpgid(int(pid)) != group):  # once: a second SIGTERM could cut short the
+            os.kill(int(pid), sig)  # clean stop the first one started
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def kill_process_tree(pid: int | None, group: int | None = None) -> None:

@@ -202,7 +202,7 @@ class TrainJob:
                                                    "command": [str(c) for c in command]})
         _writeJson(self.jobFile, record)
 
-    # -- state ----------------------------------------------------------------------------------------
+    # -- state ------------------------------------------------------------------------------------
 
     @property
     def pid(self) -> int | None:
@@ -293,10 +293,12 @@ class TrainJob:
         both trees are ended (taskkill /T /F)."""
         info, raw, launcher, trainer = self._processes()
         send = kill_process_tree if kill else signal_process_tree
-        if trainer:
-            send(raw.get("pid"), raw.get("pgid"))
-        if launcher:
-            send(info.get("pid"), info.get("pid"))
+        signalled = set()  # process groups: the trainer is usually in the launcher's, and is signalled once
+        processes = ((trainer, raw.get("pid"), raw.get("pgid")), (launcher, info.get("pid"), info.get("pid")))
+        for alive, pid, group in processes:
+            if alive and (group is None or group not in signalled):
+                send(pid, group)
+                signalled.add(group)
 
     def stop(self, timeout: float = 15.0) -> str:
         """Ask the trainer to stop (SIGTERM: it saves a resumable checkpoint); waits up to `timeout` s."""
