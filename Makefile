@@ -13,7 +13,7 @@ PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check -q -c requirements
 
 # Python 3.9 for the Slicer-Python leg: PYTHON39=..., else pyenv's newest 3.9, else python3.9 on PATH
 PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $(HOME)/.pyenv)
-PYTHON39 ?= $(or $(lastword $(sort $(wildcard $(PYENV_ROOT)/versions/3.9*/bin/python))),$(shell command -v python3.9))
+PYTHON39 ?= $(or $(shell ls -d $(PYENV_ROOT)/versions/3.9*/bin/python 2>/dev/null | sort -V | tail -n 1),$(shell command -v python3.9))
 SLICER_VENV := .venv-slicer39
 SLICER_REQUIREMENTS := Testing/slicer-python-requirements.txt
 SLICER_TESTS := Testing/core Testing/train Testing/pretrain Testing/engine
