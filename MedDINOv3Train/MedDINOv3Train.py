@@ -436,8 +436,8 @@ class MedDINOv3TrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             status = job.status()
             progress = f"{status.get('step', 0)}/{status.get('total') or '?'}"
             state = status["state"] or "?"
-            if state == "failed" and status.get("error"):
-                state = f"failed: {status['error']}"
+            if state in ("failed", "killed") and status.get("error"):
+                state = f"{state}: {status['error']}"
             for column, text in enumerate((job.name, job.mode, state, progress, str(job.runDir))):
                 item = qt.QTableWidgetItem(text)
                 item.setToolTip(text)
@@ -459,7 +459,7 @@ class MedDINOv3TrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         eta = status.get("eta_s")
         etaText = f", {int(eta) // 3600}h{int(eta) % 3600 // 60:02d}m left" if eta and state == "running" else ""
         self.ui.statusLabel.text = f"{job.name}: {state}, step {step}/{total or '?'}{etaText}"
-        if state == "failed" and status.get("error"):
+        if state in ("failed", "killed") and status.get("error"):
             self.ui.statusLabel.text += f"\n{status['error']}"
         metrics = status.get("metrics") or {}
         parts = []

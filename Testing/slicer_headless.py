@@ -17,7 +17,10 @@ Real objects (from slicer-core):
 Stand-ins (documented as such; they exist only because the Qt GUI cannot exist here):
 
 - ``slicer.app``: :class:`ApplicationStandIn` (``applicationLogic()``, ``mrmlScene()``,
-  ``temporaryPath``, ``processEvents()``, ``testingEnabled()``, ``pauseRender()``/``resumeRender()``).
+  ``temporaryPath``, ``slicerHome``, ``processEvents()``, ``testingEnabled()``, ``pauseRender()``/``resumeRender()``).
+  ``slicerHome/bin/PythonSlicer`` is a stand-in launcher (``Testing/python_slicer_stand_in.py``, POSIX): like
+  Slicer's CTKAppLauncher it runs the real interpreter as its child and forwards no signal, so the modules'
+  child processes are started, stopped and cancelled as in Slicer.
   No ``moduleManager()``, ``coreIOManager()`` or ``layoutManager()``: ``slicer.util.loadVolume``,
   ``saveNode``, ``getModule*`` and anything about views do not work; use storage nodes or
   ``slicer.modules.volumes.logic().AddArchetypeVolume`` instead (Logic code should anyway).
@@ -101,6 +104,7 @@ class ApplicationStandIn:
         self._scene = scene
         self._application_logic = application_logic
         self.temporaryPath = temporary_path
+        self.slicerHome = _install_python_slicer(os.path.join(temporary_path, "slicer-home"))
         self.commandOptions = lambda: types.SimpleNamespace(noMainWindow=True, testingEnabled=True)
 
     def applicationLogic(self):
@@ -120,6 +124,17 @@ class ApplicationStandIn:
 
     def resumeRender(self) -> None:
         """No views to render."""
+
+
+def _install_python_slicer(home: str) -> str:
+    """Make ``home/bin/PythonSlicer`` run the stand-in launcher with this interpreter (POSIX); returns ``home``."""
+    launcher = pathlib.Path(home) / "bin" / "PythonSlicer"
+    launcher.parent.mkdir(parents=True, exist_ok=True)
+    if os.name != "nt":
+        stand_in = pathlib.Path(__file__).with_name("python_slicer_stand_in.py")
+        launcher.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{stand_in}" "$@"\n')
+        launcher.chmod(0o755)
+    return home
 
 
 class ModuleStandIn:

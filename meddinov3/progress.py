@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .files import read_json, write_json
+from .processes import own_process_record, process_alive
 
 
 def _jsonable(value: Any) -> Any:
@@ -92,7 +93,9 @@ class Progress:
 class RunStatus:
     """The `status.json` of a training or pretraining run: what a reattaching GUI reads.
 
-    States: "starting", "running", "stopping", "stopped", "finished", "failed".
+    States: "starting", "running", "stopping", "stopped", "finished", "failed" (readers add "killed", see
+    `run_state`). The process records itself (pid, process group, start time: `processes.own_process_record`), so
+    that a GUI that started it through a launcher (Slicer's `PythonSlicer`) stops the worker, not the launcher.
     """
 
     def __init__(self, run_dir: str | os.PathLike, total: int, kind: str, previous: dict | None = None):
@@ -102,7 +105,7 @@ class RunStatus:
         self._start = time.monotonic()
         self._start_step: int | None = None
         self.data: dict[str, Any] = {
-            "kind": kind, "state": "starting", "step": 0, "total": total, "eta_s": None, "pid": os.getpid(),
+            "kind": kind, "state": "starting", "step": 0, "total": total, "eta_s": None, **own_process_record(),
             "host": socket.gethostname(), "metrics": {}, "error": None, "started": time.time(), "updated": time.time(),
         }
         # `previous`: status.json of the run this one resumes (its step and metrics carry on); put back when the
@@ -212,30 +215,42 @@ class RunFolderError(Exception):
     """The run folder cannot be used as asked: busy, not empty, nothing to resume, or changed options."""
 
 
-def running_pid(status: dict | None) -> int | None:
-    """The pid of a live meddinov3 process on this host that `status` (a status.json) says uses its run folder.
+def run_process_alive(status: dict | None) -> bool:
+    """True if the process that wrote `status` (a status.json) runs on this host, and is not another program that
+    got its pid later."""
+    return bool(status) and status.get("host") == socket.gethostname() and process_alive(
+        status.get("pid"), status.get("pid_started") or status.get("started"))
 
-    A dead pid, or one reused by another program (Linux: its /proc/PID/cmdline does not mention meddinov3), is
-    not a running run.
+
+def running_pid(status: dict | None) -> int | None:
+    """The pid of the live process on this host that `status` (a status.json) says uses its run folder.
+
+    A dead pid, or one reused by a process started after the run recorded itself, is not a running run.
     """
-    if not status or status.get("state") not in BUSY_STATES or status.get("host") != socket.gethostname():
+    if not status or status.get("state") not in BUSY_STATES or status.get("pid") == os.getpid():
         return None
-    pid = status.get("pid")
-    if not isinstance(pid, int) or pid == os.getpid():
+    return status.get("pid") if run_process_alive(status) else None
+
+
+def run_state(status: dict | None) -> str | None:
+    """The state of a run as its status.json says, or "killed": a run busy on this host whose process is gone
+    without writing a final state (the kernel's out-of-memory killer, `kill -9`, a crash). A busy run on another
+    host keeps its state: its process cannot be checked from here."""
+    if not status:
         return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass  # alive, another user's
-    if sys.platform.startswith("linux"):
-        try:
-            if b"meddinov3" not in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return None
-        except OSError:
-            return None
-    return pid
+    state = status.get("state")
+    if state in BUSY_STATES and status.get("host") == socket.gethostname() and status.get("pid") != os.getpid() \
+            and not run_process_alive(status):
+        return "killed"
+    return state
+
+
+def killed_message(run_dir: str | os.PathLike, status: dict) -> str:
+    """What happened to a killed run and how to continue it (one line)."""
+    verb = "pretrain" if status.get("kind") == "pretrain" else "train"
+    return (f"{run_dir}: the {verb} process (pid {status.get('pid')}) was killed at step {status.get('step', 0)} of "
+            f"{status.get('total')} without saving its state (out of memory, kill -9 or a crash); "
+            f"`meddinov3 {verb} --out {run_dir} --resume` continues it from its last checkpoint")
 
 
 def open_run(run_dir: str | os.PathLike, section: str, resume: bool, explicit: dict | None = None,
@@ -259,6 +274,7 @@ def open_run(run_dir: str | os.PathLike, section: str, resume: bool, explicit: d
         raise RunFolderError(f"{run_dir}: another process (pid {pid}) is {previous['state']} this run; stop it "
                              "first, or choose another --out")
     config = run_dir / "config.json"
+    killed = run_state(previous) == "killed"
     if resume:
         if not config.is_file():
             raise RunFolderError(f"{run_dir}: nothing to resume (no config.json)")
@@ -268,9 +284,12 @@ def open_run(run_dir: str | os.PathLike, section: str, resume: bool, explicit: d
         if changed:
             raise RunFolderError(f"{run_dir}: --resume continues the saved configuration (only --device and "
                                  f"--json-progress may differ), but {'; '.join(changed)}; {longer}")
+        if killed:
+            print(f"[meddinov3] {killed_message(run_dir, previous)}: resuming", file=sys.stderr, flush=True)
         return saved, previous
     if config.exists():
-        raise RunFolderError(f"{run_dir}: already holds a run (pass --resume to continue it, or another --out)")
+        what = f"a run that was killed at step {previous.get('step', 0)}" if killed else "a run"
+        raise RunFolderError(f"{run_dir}: already holds {what} (pass --resume to continue it, or another --out)")
     others = sorted(p.name for p in run_dir.iterdir() if p.name not in (*leftovers, *JOB_FILES)) \
         if run_dir.is_dir() else []
     if others:

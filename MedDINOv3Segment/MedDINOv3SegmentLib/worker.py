@@ -14,33 +14,35 @@ import json
 import os
 import queue
 import shutil
-import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+from meddinov3.processes import kill_process_tree
+
 _TAIL_LINES = 50
 
 
 def python_executable() -> str:
-    """Python for the child: Slicer's `PythonSlicer` inside Slicer, else the running interpreter."""
+    """Python for the child: Slicer's `PythonSlicer` inside Slicer (the one beside the running application first),
+    else the running interpreter. `PythonSlicer` is a launcher that runs the real interpreter as its child."""
     try:
         import slicer
 
         app = getattr(slicer, "app", None)
-        if app is not None and not getattr(app, "isHeadlessStandIn", False):
-            found = shutil.which("PythonSlicer")
-            if found:
-                return found
-            home = getattr(app, "slicerHome", "")
-            for name in ("PythonSlicer.exe", "PythonSlicer"):
-                candidate = Path(home) / "bin" / name
-                if candidate.is_file():
-                    return str(candidate)
     except ImportError:
-        pass
+        app = None
+    if app is not None:
+        home = getattr(app, "slicerHome", "")
+        for name in ("PythonSlicer.exe", "PythonSlicer"):
+            candidate = Path(home) / "bin" / name
+            if home and candidate.is_file():
+                return str(candidate)
+        found = shutil.which("PythonSlicer")
+        if found:
+            return found
     return sys.executable
 
 
@@ -133,39 +135,14 @@ class ChildProcess:
         """Kill the process and everything it started; returns once it is gone (or after `timeout`)."""
         if self.process.poll() is not None:
             return
-        killTree(self.process.pid)
+        # the child leads its own process group (its pid): that reaches the interpreter that PythonSlicer, a
+        # launcher that forwards no signal, started as its child
+        kill_process_tree(self.process.pid, group=self.process.pid)
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(timeout)
-
-
-def killTree(pid: int) -> None:
-    """Kill process `pid` and its descendants (psutil when available, else the process group / taskkill)."""
-    try:
-        import psutil
-    except ImportError:
-        psutil = None
-    if psutil is not None:
-        try:
-            parent = psutil.Process(pid)
-            processes = parent.children(recursive=True) + [parent]
-        except psutil.NoSuchProcess:
-            processes = []
-        for process in processes:
-            try:
-                process.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(processes, timeout=1.0)
-    if os.name == "nt":
-        subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], capture_output=True)
-        return
-    try:
-        os.killpg(pid, signal.SIGKILL)  # the child leads its own session: its group id is its pid
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def errorMessageFromChild(returncode: int, failedMessage: str | None, stderrLines: list[str]) -> str:

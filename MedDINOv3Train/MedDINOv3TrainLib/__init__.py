@@ -5,7 +5,16 @@
 - `logic`: MedDINOv3TrainLogic (export, start/stop/resume/list jobs, model registration, chart nodes).
 """
 
-from .jobs import TrainJob, TrainJobError
+import os
+import sys
+
+# Run from a checkout, the core package `meddinov3` is in the repository root, two folders up (as in
+# MedDINOv3SegmentLib, which this module must not need); an installed extension has it beside the modules.
+_checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if os.path.isfile(os.path.join(_checkout, "meddinov3", "__init__.py")) and _checkout not in sys.path:
+    sys.path.insert(0, _checkout)
+
+from .jobs import TrainJob, TrainJobError  # noqa: E402
 
 __all__ = ["MedDINOv3TrainLogic", "TrainJob", "TrainJobError"]
 

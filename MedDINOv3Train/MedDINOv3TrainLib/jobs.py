@@ -4,13 +4,21 @@ A job is its run folder. The child runs in its own session / process group with 
 `RUN_DIR/log.txt` (no pipe the GUI has to drain), so closing the module or Slicer does not stop it. What a later
 session needs to reattach is on disk:
 
-- `job.json`  (written here): mode, command, pid, start time, data, base, launches (one per start / resume),
-  time of the last stop request, registered model reference.
-- `status.json` (written by the trainer): state, step, total, eta_s, metrics, error, pid.
+- `job.json`  (written here): mode, command, pid of the process started here, start time, data, base, launches
+  (one per start / resume), time of the last stop request, registered model reference.
+- `status.json` (written by the trainer): state, step, total, eta_s, metrics, error, and the trainer's own pid,
+  process group and start time.
 - `metrics.jsonl`, `log.txt`, `checkpoints/`, `model/` (fine-tune) or `backbone/` (pretrain).
 
-`TrainJob.status()` merges both: a process that died while status.json still says "running" is reported as
-"failed" with the end of the log ("stopped" if Stop was asked for, e.g. during its start-up).
+Two processes: inside Slicer the process started here is `PythonSlicer`, a launcher (CTKAppLauncher) that starts
+the real interpreter as its child and forwards no signal. Running, Stop, Resume and Delete therefore look at both:
+the job runs while either lives, Stop signals the trainer and the process groups of both (SIGTERM: the trainer saves
+a checkpoint; Windows: the trees are ended with taskkill), Resume and Delete are refused while either runs.
+
+`TrainJob.status()` merges both files: a trainer that died while status.json still says "running" is reported as
+"killed" (out of memory, kill -9...; Resume continues from the last checkpoint), a process that ended without
+writing a status as "failed" with the end of the log, and either as "stopped" if Stop was asked for (e.g. during its
+start-up).
 """
 
 from __future__ import annotations
@@ -18,18 +26,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from meddinov3.processes import kill_process_tree, process_alive, signal_process_tree
+from meddinov3.progress import run_process_alive, run_state
+
 ACTIVE_STATES = ("starting", "running", "stopping")
-FINAL_STATES = ("finished", "stopped", "failed")
+FINAL_STATES = ("finished", "stopped", "failed", "killed")
 MODES = ("finetune", "pretrain")
 
 #: Popen objects of the children this process launched, by run folder: reaped here so they never linger as
-#: zombies (a zombie still "exists" for os.kill(pid, 0)).
+#: zombies.
 _CHILDREN: dict[str, subprocess.Popen] = {}
 
 
@@ -85,36 +95,6 @@ def forget(runDir) -> None:
     folders = rememberedFolders()
     if path in folders:
         _writeJson(registryPath(), [p for p in folders if p != path])
-
-
-def processAlive(pid: int | None, startedAfter: float | None = None) -> bool:
-    """True if `pid` is a live (not zombie) process; with `startedAfter`, also not a reused pid."""
-    if not pid:
-        return False
-    child = next((p for p in _CHILDREN.values() if p.pid == pid), None)
-    if child is not None:
-        return child.poll() is None
-    try:
-        import psutil
-    except ImportError:
-        psutil = None
-    if psutil is not None:
-        try:
-            process = psutil.Process(int(pid))
-            if process.status() == psutil.STATUS_ZOMBIE:
-                return False
-            if startedAfter is not None and process.create_time() > startedAfter + 5.0:
-                return False  # the pid was reused by a process started after ours
-            return True
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            return False
-    if os.name == "nt":
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
 
 
 def _tail(path: Path, lines: int) -> list[str]:
@@ -226,11 +206,24 @@ class TrainJob:
 
     @property
     def pid(self) -> int | None:
+        """The pid of the process started here (PythonSlicer, a launcher, inside Slicer)."""
         return self.info().get("pid")
 
+    def _launcherAlive(self, info: dict) -> bool:
+        child = _CHILDREN.get(str(self.runDir))
+        if child is not None and child.pid == info.get("pid"):
+            return child.poll() is None  # ours: reaped here
+        return process_alive(info.get("pid"), info.get("started"))
+
+    def _processes(self) -> tuple[dict, dict | None, bool, bool]:
+        """(job.json, status.json, launcher alive, trainer alive): the trainer as it recorded itself."""
+        info, raw = self.info(), self.rawStatus()
+        return info, raw, self._launcherAlive(info), run_process_alive(raw)
+
     def isProcessRunning(self) -> bool:
-        info = self.info()
-        return processAlive(info.get("pid"), info.get("started"))
+        """True while the process started here or the trainer (its child inside Slicer) runs."""
+        _, _, launcher, trainer = self._processes()
+        return launcher or trainer
 
     def rawStatus(self) -> dict | None:
         """The trainer's status.json as written (None before it exists)."""
@@ -239,27 +232,33 @@ class TrainJob:
 
     def status(self) -> dict:
         """state, step, total, eta_s, metrics, error (+ pid, mode, runDir); see the module docstring."""
-        info = self.info()
-        raw = self.rawStatus() or {}
-        alive = processAlive(info.get("pid"), info.get("started"))
+        info, raw, launcher, trainer = self._processes()
+        raw = raw or {}
+        alive = launcher or trainer
         status = {"state": None, "step": 0, "total": None, "eta_s": None, "metrics": {}, "error": None, **raw}
         started = info.get("started") or 0
         fresh = bool(raw) and float(raw.get("updated", raw.get("started", 0)) or 0) >= started - 1.0
+        ended = not alive and (status["state"] not in FINAL_STATES or not fresh)
         if alive and not fresh:
             # status.json is absent or from the previous launch (e.g. just resumed): the child is starting
             status.update(state="starting", error=None, eta_s=None)
-        elif not alive and (status["state"] not in FINAL_STATES or not fresh) and float(
-                info.get("stopRequested") or 0) >= started:
+        elif ended and float(info.get("stopRequested") or 0) >= started:
             # stopped (SIGTERM) before the trainer took over its signals: nothing to resume from this launch
             status.update(state="stopped", error=None, eta_s=None)
-        elif not alive and (status["state"] not in FINAL_STATES or not fresh):
-            # died without a final status (crash, kill -9, or a relaunch that failed before writing one)
+        elif ended and fresh and run_state(raw) == "killed":
+            # the trainer died in the middle of its work without a word: out of memory, kill -9, a crash
+            status.update(state="killed", eta_s=None, logTail=self.logTail(40), error=(
+                f"The training process (pid {raw.get('pid')}) was killed at step {raw.get('step', 0)} of "
+                f"{raw.get('total')} without saving its state (out of memory, kill -9 or a crash). Resume continues "
+                "from its last checkpoint."))
+        elif ended:
+            # ended without a final status (a relaunch that failed before writing one, a crash at start-up)
             tail = self.logTail(40)
             status["state"] = "failed"
             status["error"] = (raw.get("error") if fresh else None) or _lastError(tail)
             status["logTail"] = tail
         status.update(mode=info.get("mode", "finetune"), runDir=str(self.runDir), pid=info.get("pid"),
-                      processRunning=alive)
+                      trainerPid=raw.get("pid") if fresh else None, processRunning=alive)
         if status["state"] == "finished" and not self._finishedSeen:
             self._finishedSeen = True
             if self.onFinished is not None:
@@ -274,7 +273,7 @@ class TrainJob:
         return self.isProcessRunning()
 
     def wait(self, timeout: float | None = None, interval: float = 0.5) -> str:
-        """Poll until the job reaches a final state and its process exited (returns the state), or `timeout`
+        """Poll until the job reaches a final state and its processes exited (returns the state), or `timeout`
         seconds passed (returns the current state)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -288,32 +287,34 @@ class TrainJob:
 
     # -- control ----------------------------------------------------------------------------------
 
+    def _signal(self, kill: bool) -> None:
+        """SIGTERM (or SIGKILL with `kill`) to the trainer and to the process groups of the trainer and of the
+        process started here (its own session's leader): whatever the launcher between them forwards. Windows:
+        both trees are ended (taskkill /T /F)."""
+        info, raw, launcher, trainer = self._processes()
+        send = kill_process_tree if kill else signal_process_tree
+        signalled = set()  # process groups: the trainer is usually in the launcher's, and is signalled once
+        processes = ((trainer, raw.get("pid"), raw.get("pgid")), (launcher, info.get("pid"), info.get("pid")))
+        for alive, pid, group in processes:
+            if alive and (group is None or group not in signalled):
+                send(pid, group)
+                signalled.add(group)
+
     def stop(self, timeout: float = 15.0) -> str:
         """Ask the trainer to stop (SIGTERM: it saves a resumable checkpoint); waits up to `timeout` s."""
-        pid = self.pid
         if not self.isProcessRunning():
             return self.status()["state"]
         record = self.info()
         record["stopRequested"] = time.time()  # a child killed by this signal before its handler is "stopped"
         _writeJson(self.jobFile, record)
-        try:
-            os.kill(int(pid), signal.SIGTERM)  # Windows: TerminateProcess (no checkpoint beyond the last saved)
-        except (ProcessLookupError, PermissionError):
-            pass
+        self._signal(kill=False)
         return self.wait(timeout)
 
     def kill(self) -> None:
-        """Kill the process group at once (no checkpoint beyond the last periodic one)."""
-        pid = self.pid
-        if not pid or not self.isProcessRunning():
+        """Kill the trainer and the process started here at once (no checkpoint beyond the last periodic one)."""
+        if not self.isProcessRunning():
             return
-        try:
-            if os.name == "nt":
-                subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], capture_output=True)
-            else:
-                os.killpg(int(pid), signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        self._signal(kill=True)
         child = _CHILDREN.get(str(self.runDir))
         if child is not None:
             try:
@@ -324,7 +325,7 @@ class TrainJob:
     def resume(self, python: str | None = None, env: dict | None = None, device: str | None = None) -> "TrainJob":
         """Relaunch with --resume (continues from checkpoints/latest.pt, step count included)."""
         if self.isProcessRunning():
-            raise TrainJobError(f"Job {self.name} is still running.")
+            raise TrainJobError(f"Job {self.name} is still running: stop it before resuming it.")
         info = self.info()
         if not info:
             raise TrainJobError(f"{self.runDir} is not a job folder (no job.json).")

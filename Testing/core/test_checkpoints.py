@@ -1,5 +1,7 @@
 """Every checkpoint layout, generated with the upstream key names, loads and computes the same network."""
 
+from __future__ import annotations
+
 import json
 import os
 import pickle
@@ -19,6 +21,8 @@ from meddinov3.model import build_model
 
 from .reference_dinov3 import reference_backbone, reference_forward
 from .upstream_layouts import write_meta_dinov3, write_nnunet_folder, write_official_pretrained
+
+pytestmark = pytest.mark.slicer_python  # loading on Slicer 5.8: numpy 1.26 scalars of nnU-Net files
 
 X = torch.randn(2, 1, 64, 48, generator=torch.Generator().manual_seed(11))
 
@@ -185,8 +189,9 @@ def test_pickle_with_code_is_refused_and_never_executed(tmp_path):
     assert not marker.exists()
 
 
-def test_numpy1_scalar_path_is_allowed(tmp_path):
-    """Files written with numpy 1.x name `numpy.core.multiarray.scalar`: rewrite the pickle to that name."""
+def test_numpy_scalar_path_of_the_other_numpy_major_version_is_allowed(tmp_path):
+    """Files written with numpy 1.x name `numpy.core.multiarray.scalar`, with numpy 2 `numpy._core...`: rewrite the
+    pickle to the other name (Slicer 5.8 has numpy 1.26; nnU-Net files come from either)."""
     folder, _ = write_nnunet_folder(tmp_path, folds=(0,))
     path = folder / "fold_0" / "checkpoint_final.pth"
     import zipfile
@@ -194,8 +199,10 @@ def test_numpy1_scalar_path_is_allowed(tmp_path):
         names = z.namelist()
         data = {n: z.read(n) for n in names}
     pkl = next(n for n in names if n.endswith("data.pkl"))
-    assert b"numpy._core.multiarray" in data[pkl]
-    data[pkl] = data[pkl].replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    names_by_version = [b"numpy._core.multiarray", b"numpy.core.multiarray"]  # numpy 2, numpy 1
+    written = 0 if int(np.__version__.split(".")[0]) >= 2 else 1
+    assert names_by_version[written] in data[pkl]
+    data[pkl] = data[pkl].replace(names_by_version[written], names_by_version[1 - written])
     with zipfile.ZipFile(path, "w") as z:
         for n in names:
             z.writestr(n, data[n])

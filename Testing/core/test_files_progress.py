@@ -107,27 +107,32 @@ def _status(tmp_path, **fields):
     return data
 
 
-def test_running_pid_needs_a_live_meddinov3_process_on_this_host(tmp_path):
+def test_running_pid_needs_a_live_process_on_this_host_not_a_reused_pid(tmp_path):
     import subprocess
     import sys
+    import time
 
-    from meddinov3.progress import running_pid
+    from meddinov3.progress import run_state, running_pid
 
-    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "meddinov3"])
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    before = time.time() - 60  # a run that recorded itself a minute ago
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         assert running_pid(_status(tmp_path, pid=trainer.pid)) == trainer.pid
         for state in ("starting", "stopping"):
             assert running_pid(_status(tmp_path, pid=trainer.pid, state=state)) == trainer.pid
         assert running_pid(_status(tmp_path, pid=trainer.pid, state="stopped")) is None
         assert running_pid(_status(tmp_path, pid=trainer.pid, host="another-host")) is None
-        assert running_pid(_status(tmp_path, pid=other.pid)) is None  # a reused pid: not a meddinov3 process
+        # the pid now belongs to a process that started after the run recorded itself: another program
+        assert running_pid(_status(tmp_path, pid=trainer.pid, started=before)) is None
+        assert run_state(_status(tmp_path, pid=trainer.pid, started=before)) == "killed"
+        assert run_state(_status(tmp_path, pid=trainer.pid)) == "running"
     finally:
         trainer.kill()
-        other.kill()
         trainer.wait()
-        other.wait()
     assert running_pid(_status(tmp_path, pid=trainer.pid)) is None  # dead
+    assert run_state(_status(tmp_path, pid=trainer.pid)) == "killed"
+    assert run_state(_status(tmp_path, pid=trainer.pid, host="another-host")) == "running"  # cannot be checked
+    assert run_state(_status(tmp_path, pid=trainer.pid, state="stopped")) == "stopped"
 
 
 def test_open_run_refuses_a_busy_or_foreign_folder(tmp_path):
@@ -156,7 +161,7 @@ def test_open_run_refuses_a_busy_or_foreign_folder(tmp_path):
     with pytest.raises(RunFolderError, match=r"--resume continues the saved configuration .*steps 8 \(saved: 4\); "
                                              r"train longer so"):
         open_run(run, "train", resume=True, explicit={"steps": 8}, longer="train longer so")
-    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "meddinov3"])
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         _status(run, pid=trainer.pid)
         with pytest.raises(RunFolderError, match=f"another process \\(pid {trainer.pid}\\) is running"):

@@ -15,6 +15,8 @@ from meddinov3.volumes import InputError, same_geometry
 from Testing.helpers import ThresholdNet, make_package, threshold_model
 
 
+pytestmark = pytest.mark.slicer_python  # the engine under Slicer 5.8's Python
+
 @pytest.fixture(scope="module")
 def phantom():
     return make_phantom_ct((12, 64, 56), spacing=(2.0, 2.0, 5.0), seed=2)[0]

@@ -192,6 +192,7 @@ def test_collapse_detector_fires_on_constant_backbone(liver):
     assert json.loads((root / "collapsed" / "status.json").read_text())["collapse"]["step"] == 2
 
 
+@pytest.mark.slicer_python
 def test_kill9_then_resume_continues_at_same_step(liver):
     root, _, vol = liver
     out = root / "killed"
@@ -209,8 +210,12 @@ def test_kill9_then_resume_continues_at_same_step(liver):
         assert time.time() < deadline
     p.wait(timeout=30)
     assert ckpt_step is not None
+    from meddinov3.progress import RunStatus, run_state
+
+    assert run_state(RunStatus.read(out)) == "killed"  # status.json says "running" with the dead pid
     r = _cli(["pretrain", "--out", str(out), "--resume", "--json-progress", "--device", "cpu"])
     assert r.returncode == 0, r.stderr[-3000:]
+    assert f"the pretrain process (pid {p.pid}) was killed at step" in r.stderr and "resuming" in r.stderr
     ev = _events(r.stdout)
     started = ev[0]
     assert started["event"] == "started" and started["resumed"] and started["step"] >= ckpt_step

@@ -125,6 +125,16 @@ def labelmap_on_volume_grid(segmentation_node, volume_node) -> np.ndarray:
     return voxels
 
 
+def launched_interpreter(launcher_pid: int, timeout: float = 10.0) -> int:
+    """The pid of the interpreter the stand-in PythonSlicer launcher started (Linux: /proc children)."""
+    from MedDINOv3SegmentLib.worker import waitUntil
+
+    children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children")
+    assert waitUntil(lambda: children.read_text().split(), timeout), "the launcher started no interpreter"
+    (child,) = children.read_text().split()
+    return int(child)
+
+
 def cli(*args, timeout=600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "meddinov3.cli.main", *map(str, args)], capture_output=True,
                           text=True, cwd=REPO, timeout=timeout)
@@ -216,8 +226,11 @@ def test_segment_matches_cli_for_plain_oblique_and_flipped_volumes(logic, packag
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slicer_python
 def test_cancel_kills_the_child_at_once_and_leaves_the_scene_unchanged(logic, package, liver_voxels):
+    """Cancel ends the work even though the child is a launcher (PythonSlicer) that forwards no signal."""
     from MedDINOv3SegmentLib import MedDINOv3SegmentCancelled
+    from MedDINOv3SegmentLib.worker import waitUntil
 
     scene = slicer.mrmlScene
     volume = slicer.util.addVolumeFromArray(liver_voxels, geometry_cases()["plain"], name="CT")
@@ -231,6 +244,7 @@ def test_cancel_kills_the_child_at_once_and_leaves_the_scene_unchanged(logic, pa
     time.sleep(1.0)  # the child is starting (importing torch)
     assert task.poll() and task.process.returncode() is None
     pid = task.process.pid
+    interpreter = launched_interpreter(pid)  # the child is the stand-in PythonSlicer: the work is its child
     started = time.monotonic()
     task.cancel()
     assert time.monotonic() - started < 1.0
@@ -238,6 +252,9 @@ def test_cancel_kills_the_child_at_once_and_leaves_the_scene_unchanged(logic, pa
     if os.name != "nt":
         with pytest.raises(ProcessLookupError):  # gone and reaped
             os.kill(pid, 0)
+        from meddinov3.processes import process_alive
+
+        assert waitUntil(lambda: not process_alive(interpreter), 2.0), "the interpreter PythonSlicer ran survived"
     assert task.state == "cancelled" and task.result is None
     assert len(finished) == 1 and finished[0][0] is None and isinstance(finished[0][1], MedDINOv3SegmentCancelled)
     assert not task.poll()
@@ -247,6 +264,7 @@ def test_cancel_kills_the_child_at_once_and_leaves_the_scene_unchanged(logic, pa
     assert volume.GetMTime() == volume_mtime
 
 
+@pytest.mark.slicer_python
 def test_errors_in_the_child_become_clear_one_line_errors(logic, package, liver_voxels):
     """An unknown model (asynchronous call) and a wrong modality (blocking call), both found by the child."""
     from MedDINOv3SegmentLib import MedDINOv3SegmentError
@@ -417,10 +435,11 @@ def test_command_line_of_the_child(headless_slicer):
     from MedDINOv3SegmentLib.logic import buildCommand
     from MedDINOv3SegmentLib.worker import python_executable
 
-    assert python_executable() == sys.executable  # headless: no PythonSlicer
+    launcher = str(Path(slicer.app.slicerHome) / "bin" / "PythonSlicer")  # the harness's stand-in launcher
+    assert python_executable() == launcher
     command = buildCommand("in.nrrd", "out.seg.nrrd", "demo-liver-ct", device="cuda:1", fast=True, tta=True,
                            roiBox=[1, 2, 3, 4, 5, 6], keepLargest=True, fillHoles=True, batchSize=8)
-    assert command[:8] == [sys.executable, "-m", "meddinov3.cli.main", "segment", "in.nrrd", "-o", "out.seg.nrrd",
+    assert command[:8] == [launcher, "-m", "meddinov3.cli.main", "segment", "in.nrrd", "-o", "out.seg.nrrd",
                            "--model"]
     joined = " ".join(command)
     for flag in ("--device cuda:1", "--fast", "--tta", "--roi 1,2,3,4,5,6", "--keep-largest", "--fill-holes",

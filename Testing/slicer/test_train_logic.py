@@ -3,6 +3,8 @@
 - Scene export: segments with different names / label values across cases become one consistent dataset.
 - A tiny fine-tune job runs detached to completion; its model is registered and segments a volume.
 - Stop leaves a resumable checkpoint; Resume continues the step count to completion.
+- Jobs start the harness's stand-in `PythonSlicer` (a launcher that forwards no signal, like Slicer's): Stop ends the
+  trainer it runs; a trainer that outlives its launcher still counts as running (Resume and Delete refused).
 - A new Logic (a Slicer restart) finds running and finished jobs again.
 - Chart nodes for loss and per-class validation Dice.
 """
@@ -18,6 +20,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from meddinov3.processes import process_alive
 from Testing.slicer_headless import sitk_from_volume_node, volume_node_from_sitk
 
 
@@ -185,12 +188,15 @@ def _tiny(cache: Path, **extra) -> dict:
             "augment": {"enabled": False}, **extra}
 
 
-def test_finetune_job_runs_detached_registers_and_segments(logic, slicer_scene, phantom_data, cache, meddinov3_home):
+@pytest.mark.slicer_python
+def test_finetune_job_runs_detached_registers_and_segments(logic, slicer_scene, phantom_data, cache, meddinov3_home,
+                                                           headless_slicer):
     job = logic.startJob("finetune", phantom_data, None, size="tiny", options={"steps": 4, **_tiny(cache)})
     assert job.runDir.parent == meddinov3_home / "jobs"  # default: MEDDINOV3_HOME/jobs
     info = json.loads((job.runDir / "job.json").read_text())
     assert info["mode"] == "finetune" and info["pid"] and info["command"][-1] == "--json-progress"
     assert info["command"][1:5] == ["-m", "meddinov3.cli.main", "train", "--data"]
+    assert info["command"][0] == str(Path(headless_slicer.app.slicerHome) / "bin" / "PythonSlicer")
     assert os.getsid(info["pid"]) == info["pid"], "the job leads its own session"
     assert job.status()["state"] in ("starting", "running", "finished")
     assert job.wait(timeout=240) == "finished", job.logTail(30)
@@ -238,6 +244,7 @@ def _wait_for_step(job, step: int, timeout: float = 180) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.slicer_python
 def test_stop_reattach_resume_to_completion(headless_slicer, phantom_data, cache, tmp_path):
     """Start; "restart Slicer" (a new Logic finds the running job); Stop -> resumable "stopped"; Resume -> the
     step count continues to the end; a third Logic sees it finished."""
@@ -256,7 +263,10 @@ def test_stop_reattach_resume_to_completion(headless_slicer, phantom_data, cache
     assert job.status()["state"] == "running", job.logTail(30)
     with pytest.raises(Exception, match="running"):
         job.delete()
+    trainer = job.rawStatus()["pid"]
+    assert trainer != job.pid and trainer in launched_interpreters(job.pid)  # PythonSlicer's child does the work
     assert job.stop(timeout=60) == "stopped", job.logTail(30)
+    assert not process_alive(trainer) and not process_alive(job.pid)
     stopped = job.status()
     assert stopped["state"] == "stopped" and 2 <= stopped["step"] < 12
     assert (job.runDir / "checkpoints" / "latest.pt").is_file() and not job.isProcessRunning()
@@ -278,6 +288,62 @@ def test_stop_reattach_resume_to_completion(headless_slicer, phantom_data, cache
     assert [Path(r["reference"]) for r in listModels() if r["source"] == "trained"] == [job.runDir / "model"]
     again.delete()
     assert not started.runDir.exists() and MedDINOv3TrainLogic().jobs() == []
+
+
+def launched_interpreters(launcher: int) -> list[int]:
+    """Children of the stand-in PythonSlicer launcher (Linux /proc)."""
+    return [int(pid) for pid in Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()]
+
+
+@pytest.mark.slicer_python
+def test_trainer_outliving_its_launcher_is_still_running_until_stop_ends_it(headless_slicer, phantom_data, cache,
+                                                                             tmp_path):
+    """The launcher dies (a CTKAppLauncher does on SIGTERM, which it forwards nowhere) while its trainer goes on:
+    the job is still running, Resume and Delete are refused, Stop ends the trainer itself."""
+    import signal
+
+    from MedDINOv3TrainLib.jobs import _CHILDREN, TrainJobError
+    from MedDINOv3TrainLib.logic import MedDINOv3TrainLogic
+
+    logic = MedDINOv3TrainLogic()
+    job = logic.startJob("finetune", phantom_data, tmp_path / "run", size="tiny",
+                         options={"steps": 60, **_tiny(cache, checkpoint_every=1)})
+    _wait_for_step(job, 1)
+    trainer = job.rawStatus()["pid"]
+    assert trainer in launched_interpreters(job.pid)
+    os.kill(job.pid, signal.SIGKILL)
+    _CHILDREN[str(job.runDir)].wait(10)
+    assert process_alive(trainer)
+    status = job.status()
+    assert status["state"] == "running" and status["processRunning"] and status["trainerPid"] == trainer
+    with pytest.raises(TrainJobError, match="still running"):
+        logic.resumeJob(job)
+    with pytest.raises(TrainJobError, match="running"):
+        job.delete()
+    assert job.runDir.is_dir() and len(job.info()["launches"]) == 1  # no second trainer in the same folder
+    assert job.stop(timeout=60) == "stopped", job.logTail(30)
+    assert not process_alive(trainer) and (job.runDir / "checkpoints" / "latest.pt").is_file()
+    job.delete()
+    assert not job.runDir.exists()
+
+
+def test_trainer_that_died_while_running_is_reported_killed(logic, tmp_path):
+    """status.json says "running" for this host with a pid that is gone (out of memory, kill -9): "killed", with
+    what happened and that Resume continues; not "failed"."""
+    import socket
+    import subprocess
+    import sys
+
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "job.json").write_text(json.dumps({"mode": "finetune", "pid": finished.pid, "started": time.time() - 5}))
+    (run / "status.json").write_text(json.dumps({"state": "running", "step": 7, "total": 20, "updated": time.time(),
+                                                 "pid": finished.pid, "host": socket.gethostname()}))
+    status = logic.job(run).status()
+    assert status["state"] == "killed" and not status["processRunning"]
+    assert "killed at step 7 of 20" in status["error"] and "Resume continues" in status["error"]
 
 
 def test_dead_process_is_reported_failed_with_the_log_tail(logic, tmp_path):

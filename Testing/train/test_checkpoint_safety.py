@@ -16,6 +16,8 @@ from meddinov3.train.checkpoint import FORMAT, load_state, rng_states, set_rng_s
 
 from ._datasets import phantom_dataset, run_cli, tiny_args
 
+pytestmark = pytest.mark.slicer_python  # safe loading of run checkpoints under Slicer 5.8's Python
+
 REFUSED = "contains objects other than weights and plain data"
 
 

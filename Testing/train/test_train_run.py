@@ -117,6 +117,7 @@ def _common(phantom, tmp_path, steps: int) -> list[str]:
             "patch_size=[32, 32]"]
 
 
+@pytest.mark.slicer_python
 def test_kill9_then_resume_gives_same_step_count(phantom, tmp_path):
     out = tmp_path / "run"
     # started with relative paths, resumed from another working directory (config.json stores them absolute)
@@ -129,8 +130,22 @@ def test_kill9_then_resume_gives_same_step_count(phantom, tmp_path):
     saved = json.loads((out / "config.json").read_text())
     assert saved["train"]["data"] == str(phantom) and saved["train"]["out"] == str(out)
     assert saved["data"]["cases"][0]["image"] == str(phantom / "imagesTr" / "case0_0000.nii.gz")
+
+    # status.json still says "running" with the dead pid: every reader says "killed" and how to continue
+    raw = json.loads((out / "status.json").read_text())
+    assert raw["state"] == "running" and raw["pid"] == proc.pid and raw["pgid"] == os.getpgid(0)
+    r = run_cli(["info", str(out)], timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(r.stdout)
+    assert report["state"] == "killed" and report["step"] >= 3 and report["model"] is None
+    for text in (report["message"], r.stderr):
+        assert f"pid {proc.pid}) was killed at step" in text and f"meddinov3 train --out {out} --resume" in text
+    r = run_cli(["train", "--out", str(out), *_common(phantom, tmp_path, 12)], timeout=120)
+    assert r.returncode == 2 and "already holds a run that was killed at step" in r.stderr, r.stderr[-2000:]
+
     r = run_cli(["train", "--out", str(out), "--resume", "--json-progress"], timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "was killed at step" in r.stderr and "resuming" in r.stderr
     evs = events(r.stdout)
     started = next(e for e in evs if e["event"] == "started")
     assert started["resumed"] and started["step"] >= 3

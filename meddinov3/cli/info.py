@@ -1,20 +1,50 @@
-"""`meddinov3 info MODEL`: describe any model layout as JSON."""
+"""`meddinov3 info MODEL`: describe any model layout as JSON; `meddinov3 info RUN_DIR`: a run's state and model."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("info", help="print what a model is (format, architecture, classes, spacing...) as JSON")
+    p = sub.add_parser("info", help="print what a model is (format, architecture, classes, spacing...) as JSON, or "
+                       "the state of a training / pretraining run folder")
     p.add_argument("model", help="model package folder, nnU-Net result folder, .pth checkpoint, hf: reference, "
-                   "or a name that `meddinov3 models list` shows")
+                   "a name that `meddinov3 models list` shows, or a train / pretrain run folder")
     p.add_argument("--offline", action="store_true", default=None, help="never use the network")
     p.set_defaults(run=run)
 
 
-def run(args) -> int:
+def describe_run(run_dir: Path, offline: bool | None = None) -> dict:
+    """A run folder's status.json as readers should see it (a dead "running" process is "killed", with what to
+    do), and the description of the model it exported, if any."""
     from ..checkpoints import describe
+    from ..checkpoints.hub import RUN_OUTPUT_FOLDERS
+    from ..checkpoints.package import is_package
+    from ..progress import RunStatus, killed_message, run_state
 
-    print(json.dumps(describe(args.model, offline=args.offline), indent=2))
+    status = RunStatus.read(run_dir) or {}
+    report = {"run": str(run_dir), "kind": status.get("kind"), "state": run_state(status),
+              "step": status.get("step"), "total": status.get("total"), "error": status.get("error")}
+    if report["state"] == "killed":
+        report["message"] = killed_message(run_dir, status)
+    model = next((run_dir / sub for sub in RUN_OUTPUT_FOLDERS if is_package(run_dir / sub)), None)
+    report["model"] = describe(model, offline=offline) if model is not None else None
+    return report
+
+
+def run(args) -> int:
+    import sys
+
+    from ..checkpoints import describe
+    from ..checkpoints.package import is_package
+
+    path = Path(args.model).expanduser()
+    if path.is_dir() and (path / "status.json").is_file() and not is_package(path):
+        report = describe_run(path, offline=args.offline)
+        if report.get("message"):
+            print(f"meddinov3 info: {report['message']}", file=sys.stderr)
+    else:
+        report = describe(args.model, offline=args.offline)
+    print(json.dumps(report, indent=2))
     return 0

@@ -85,15 +85,19 @@ def load_optimizer(meta: SSLMetaArch, optimizer: torch.optim.Optimizer, state: d
     optimiser; call on every rank.
 
     Parameters that have never had a gradient (the prototypes during ``freeze_last_layer_steps``) have no saved
-    state; loading (strict=False) initialises every state with a zero step, so theirs is dropped again: the
-    optimiser continues exactly as the one that saved it.
+    state; they are loaded with a zero state (torch 2.8, the newest on Slicer 5.8's Python 3.9, requires one for
+    every trainable parameter) that is dropped again: the optimiser continues exactly as the one that saved it.
     """
     names = _param_names(meta, optimizer)
-    by_name = {"state": {names[i]: s for i, s in state["state"].items()},
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    saved = {names[i]: s for i, s in state["state"].items()}
+    template = next(iter(saved.values()), None)
+    stateless = [(name, param) for name, param in zip(names, params) if name not in saved]
+    filled = {name: {key: torch.zeros(param.shape if v.ndim else (), dtype=v.dtype) if torch.is_tensor(v) else v
+                     for key, v in template.items()} for name, param in stateless} if template else {}
+    by_name = {"state": {**saved, **filled},
                "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
     set_optimizer_state_dict(meta.student, optimizer, by_name,
                              options=StateDictOptions(full_state_dict=True, strict=False))
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    for name, param in zip(names, params):
-        if name not in by_name["state"]:
-            optimizer.state.pop(param, None)
+    for _, param in stateless:
+        optimizer.state.pop(param, None)
