@@ -13,11 +13,19 @@ from typing import Sequence
 
 import timm
 import torch
-from timm.layers import LayerNorm
+from timm.layers import DropPath, LayerNorm
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
+
+
+def set_drop_path(vit: nn.Module, rate: float) -> None:
+    """Stochastic depth `rate` on both residual branches of every block, as DINOv3's ViT (and so the MedDINOv3
+    reference trainer, `vit_base(drop_path_rate=0.2)`) does; timm's `drop_path_rate` would ramp from 0 to it."""
+    for blk in vit.blocks:
+        blk.drop_path1 = DropPath(rate) if rate > 0 else nn.Identity()
+        blk.drop_path2 = DropPath(rate) if rate > 0 else nn.Identity()
 
 
 class DINOv3Backbone(nn.Module):
@@ -42,8 +50,9 @@ class DINOv3Backbone(nn.Module):
             init_values=cfg.layer_scale_init,
             rope_temperature=cfg.rope_base,
             norm_layer=partial(LayerNorm, eps=cfg.norm_eps),
-            drop_path_rate=cfg.drop_path_rate,
+            drop_path_rate=0.0,  # timm ramps it linearly over the blocks; DINOv3 uses one rate: set_drop_path
         )
+        set_drop_path(self.vit, cfg.drop_path_rate)
         # Only used by masked-image (iBOT) pretraining; DINOv3 checkpoints carry it.
         self.mask_token = nn.Parameter(torch.zeros(1, cfg.embed_dim))
         # From scratch, timm draws the CLS and register tokens with std 0.02 while layer scale (1e-5) keeps what
