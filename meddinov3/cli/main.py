@@ -45,7 +45,10 @@ def config_from_args(config_cls, args, overrides: dict, clear: dict | None = Non
         with open(args.config) as f:  # only the keys the file gives override the recipe
             saved = json.load(f)
         keys = set(saved.get(config_cls.SECTION, saved))
-        cfg = config_cls.from_dict({**cfg.to_dict(), **{k: v for k, v in from_file.to_dict().items() if k in keys}})
+        try:
+            cfg = config_cls.from_dict({**cfg.to_dict(), **{k: v for k, v in from_file.to_dict().items() if k in keys}})
+        except ValueError as e:
+            raise CommandError(f"--config {args.config}: {e}") from None
     changes = {}
     for item in args.set:
         if "=" not in item:

@@ -86,38 +86,45 @@ def _centre_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return x[..., y0:y0 + size[0], x0:x0 + size[1]]
 
 
+def affine_warp(img: torch.Tensor, lab: torch.Tensor, angle: torch.Tensor, zoom: torch.Tensor, pad_value: float,
+                out_size: tuple[int, int], num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate by `angle` (B,) radians and scale the sampled region by `zoom` (B,) about the centre of (B, 1, H, W)
+    `img` / (B, H, W) `lab`, sampling an `out_size` patch: output pixel offset p (x, y) from its centre reads the
+    input at zoom * R(angle) p (pixel units, so a true rotation on non-square patches). Bilinear image (outside the
+    input: `pad_value`); labels as nnU-Net (`bg_style_seg_sampling=False`): each label's one-hot map interpolated
+    bilinearly, then the argmax (outside: background)."""
+    B, _, H, W = img.shape
+    oh, ow = out_size
+    c, s = torch.cos(angle) * zoom, torch.sin(angle) * zoom
+    # affine_grid works in [-1, 1] units of each image: scale by the output and input half sizes
+    row0 = torch.stack([c * ow / W, -s * oh / W, torch.zeros(B)], 1)
+    row1 = torch.stack([s * ow / H, c * oh / H, torch.zeros(B)], 1)
+    theta = torch.stack([row0, row1], 1).to(img.device, img.dtype)
+    grid = F.affine_grid(theta, [B, 1, oh, ow], align_corners=False)
+    warped = F.grid_sample(img - pad_value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    onehot = F.one_hot(lab.long(), int(num_classes or int(lab.max()) + 1)).permute(0, 3, 1, 2).to(img.dtype)
+    warped_lab = F.grid_sample(onehot, grid, mode="bilinear", padding_mode="zeros", align_corners=False).argmax(1)
+    return warped + pad_value, warped_lab.to(lab.dtype)
+
+
 def spatial(img: torch.Tensor, lab: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig, pad_value: float,
             out_size: tuple[int, int] | None = None, num_classes: int | None = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotation + scaling about the patch centre, crop to `out_size` (default: the input size), mirroring.
-
-    One affine resampling in pixel units (a true rotation on non-square patches): bilinear image (outside the
-    input: `pad_value`), labels as nnU-Net does (`bg_style_seg_sampling=False`): each label's one-hot map
-    interpolated bilinearly, then the argmax. Samples left unmoved are cropped, not resampled.
-    """
+    """Rotation + scaling (`affine_warp`) to `out_size` (default: the input size), then mirroring; samples left
+    unmoved are cropped from the centre, not resampled."""
     B, _, H, W = img.shape
-    oh, ow = out_size or (H, W)
+    out_size = tuple(out_size or (H, W))
     rot, scl = _chance(gen, B, cfg.p_rotation), _chance(gen, B, cfg.p_scale)
-    limit = cfg.rotation_for((oh, ow))
+    limit = cfg.rotation_for(out_size)
     angle = torch.where(rot, _uniform(gen, B, -limit, limit), torch.zeros(B)) * math.pi / 180
     zoom = torch.where(scl, _uniform(gen, B, *cfg.scale), torch.ones(B))
     flip_y, flip_x = _chance(gen, B, cfg.p_mirror), _chance(gen, B, cfg.p_mirror)
-    out_img, out_lab = _centre_crop(img, (oh, ow)), _centre_crop(lab, (oh, ow))
+    out_img, out_lab = _centre_crop(img, out_size), _centre_crop(lab, out_size)
     if rot.any() or scl.any():
-        # output pixel offset p (x, y) from the centre samples the input at zoom * R(angle) p; affine_grid works in
-        # [-1, 1] units of each image, hence the scaling by the output and input half sizes
-        c, s = torch.cos(angle) * zoom, torch.sin(angle) * zoom
-        row0 = torch.stack([c * ow / W, -s * oh / W, torch.zeros(B)], 1)
-        row1 = torch.stack([s * ow / H, c * oh / H, torch.zeros(B)], 1)
-        theta = torch.stack([row0, row1], 1).to(img.device, img.dtype)
-        grid = F.affine_grid(theta, [B, 1, oh, ow], align_corners=False)
         moved = (rot | scl).to(img.device)
-        warped = F.grid_sample(img - pad_value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        n = int(num_classes or int(lab.max()) + 1)
-        onehot = F.one_hot(lab.long(), n).permute(0, 3, 1, 2).to(img.dtype)
-        warped_lab = F.grid_sample(onehot, grid, mode="bilinear", padding_mode="zeros", align_corners=False).argmax(1)
-        out_img = torch.where(moved.view(B, 1, 1, 1), warped + pad_value, out_img)
-        out_lab = torch.where(moved.view(B, 1, 1), warped_lab.to(lab.dtype), out_lab)
+        warped, warped_lab = affine_warp(img, lab, angle, zoom, pad_value, out_size, num_classes)
+        out_img = torch.where(moved.view(B, 1, 1, 1), warped, out_img)
+        out_lab = torch.where(moved.view(B, 1, 1), warped_lab, out_lab)
     img, lab = out_img.contiguous(), out_lab.contiguous()
     fy, fx = flip_y.to(img.device), flip_x.to(img.device)
     img = torch.where(fy.view(B, 1, 1, 1), img.flip(-2), img)
