@@ -73,6 +73,7 @@ def test_recipes_load_and_set_what_they_claim():
     assert cfg.weight_decay_all and cfg.lr_per_epoch and cfg.augment_config == AugmentConfig()
     net, _ = build_network(cfg, 3, ["background", "a", "b"], print)
     rates = [(b.drop_path1.drop_prob, b.drop_path2.drop_prob) for b in net.backbone.vit.blocks]
+    assert type(net.backbone.vit.blocks[0].drop_path1).__name__ == "SubsetDropPath"
     assert rates == [(0.2, 0.2)] * len(net.backbone.vit.blocks)  # every block, not timm's ramp from 0
     assert [type(b.drop_path1).__name__ for b in build_model(net.config.replace(drop_path_rate=0.0)).backbone.vit.blocks
             ] == ["Identity"] * len(rates)
@@ -80,6 +81,18 @@ def test_recipes_load_and_set_what_they_claim():
     _, args = _parse(["--recipe", "reference-896", "--set", "drop_path=0.1", "--val-cases", "x"])
     cfg = train_cli.build_config(args)
     assert (cfg.resolution, cfg.drop_path, cfg.val_cases, cfg.fold) == (896, 0.1, ["x"], None)
+
+
+def test_drop_path_keeps_dinov3s_batch_subset():
+    from meddinov3.model.backbone import SubsetDropPath
+
+    drop = SubsetDropPath(0.2)
+    x = torch.ones(12, 5, 3)
+    out = drop(x)
+    kept = out.flatten(1).abs().sum(1) > 0
+    assert int(kept.sum()) == 9 and torch.allclose(out[kept], torch.full_like(out[kept], 12 / 9))
+    assert int((drop(torch.ones(2, 4)).sum(1) > 0).sum()) == 1  # int(2 * 0.8) = 1 of 2, scaled by 2
+    assert torch.equal(drop.eval()(x), x)
 
 
 def test_recipe_and_fold_errors_are_one_line(tmp_path):

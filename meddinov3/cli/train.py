@@ -2,9 +2,10 @@
 
 Options given on the command line override `--config FILE.json` (a JSON object of `TrainConfig` fields, or a
 previous run's config.json), which overrides `--recipe` (`reference`, `reference-896`: the MedDINOv3 reference
-trainer's settings, files in Resources/recipes/; or the path of such a file), which overrides the defaults. `--resume` continues RUN_DIR with its saved config
-(only --device and --json-progress may differ; a finished run is left as it is): to train longer, start a new run
-with `--base RUN_DIR`, which keeps the decoder. RUN_DIR must be new or empty, and one process trains into it at a time.
+trainer's settings, files in Resources/recipes/; or the path of such a file), which overrides the defaults.
+`--resume` continues RUN_DIR with its saved config (only --device and --json-progress may differ; a finished run is
+left as it is): to train longer, start a new run with `--base RUN_DIR`, which keeps the decoder. RUN_DIR must be
+new or empty, and one process trains into it at a time.
 Launch with `torchrun --nproc_per_node N -m meddinov3.cli.main train ...` for several GPUs / processes.
 """
 

@@ -367,9 +367,9 @@ def validate(net, spec, ds: Dataset, names: list[str], device, tta: bool = False
             if save_to is not None:
                 prediction = save_to / f"{case.name}.nii.gz"
                 sitk.WriteImage(result.labels, str(prediction), True)
-            per_case.append({"reference_file": str(case.label), "prediction_file": str(prediction) if prediction else None,
-                             "metrics": case_metrics(sitk.GetArrayViewFromImage(label),
-                                                     sitk.GetArrayViewFromImage(result.labels), values),
+            metrics = case_metrics(sitk.GetArrayViewFromImage(label), sitk.GetArrayViewFromImage(result.labels), values)
+            per_case.append({"reference_file": str(case.label),
+                             "prediction_file": str(prediction) if prediction else None, "metrics": metrics,
                              "case": case.name})
     finally:
         del loaded, net
@@ -509,7 +509,8 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
         full = {"train": cfg.to_dict(), "resolved": {
             "model": mcfg.to_dict(), "patch_size": list(patch), "spacing": list(cache.spacing),
             "normalization": cache.normalization, "statistics": cache.statistics, "cache": str(cache.folder),
-            "total_steps": total, "batch_size": batch_size, "per_rank_batch": per_rank, "world_size": world, "device": str(device),
+            "total_steps": total, "batch_size": batch_size, "per_rank_batch": per_rank, "world_size": world,
+            "device": str(device),
             "amp": str(adt).replace("torch.", "") if adt else "fp32", "frozen_parameters": n_frozen,
             "augment": aug_cfg.to_dict(), "base": base_info, "training_cases": train_names,
             "validation_cases": val_names}, "data": ds.summary(), "versions": versions()}
