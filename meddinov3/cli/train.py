@@ -69,7 +69,7 @@ def recipe(args) -> dict:
     from ..train.recipes import recipe_options
     from .main import CommandError
 
-    if not args.recipe:
+    if not getattr(args, "recipe", None):  # `pretrain` shares explicit_options and has no --recipe
         return {}
     try:
         return recipe_options(args.recipe)
