@@ -7,7 +7,7 @@ import importlib
 import os
 import sys
 
-VERBS = ("segment", "train", "pretrain", "convert", "info", "models", "demo")
+VERBS = ("segment", "train", "evaluate", "pretrain", "convert", "info", "models", "demo")
 
 
 class CommandError(Exception):
@@ -24,19 +24,30 @@ def device_option(value: str):
         raise CommandError(f"--device {value}: {e}") from None
 
 
-def config_from_args(config_cls, args, overrides: dict, clear: dict | None = None):
-    """Defaults < `--config FILE.json` < `--set KEY=JSON` < explicit flags (`overrides` that are not None).
+def config_from_args(config_cls, args, overrides: dict, clear: dict | None = None, recipe: dict | None = None):
+    """Defaults < `recipe` (options of `train --recipe`) < `--config FILE.json` < `--set KEY=JSON` < explicit flags
+    (`overrides` that are not None).
 
     Shared by `train` and `pretrain`, whose config classes have `from_file`, `from_dict` and `to_dict`.
     `clear` sets keys after merging (e.g. `--epochs` clears a configured step count).
     """
     import json
 
-    cfg = config_cls()
+    try:
+        cfg = config_cls.from_dict({**config_cls().to_dict(), **(recipe or {})})
+    except (TypeError, ValueError) as e:
+        raise CommandError(f"--recipe: {e}") from None
     if args.config:
         try:
-            cfg = config_cls.from_file(args.config)
+            from_file = config_cls.from_file(args.config)
         except (OSError, ValueError) as e:
+            raise CommandError(f"--config {args.config}: {e}") from None
+        with open(args.config) as f:  # only the keys the file gives override the recipe
+            saved = json.load(f)
+        keys = set(saved.get(config_cls.SECTION, saved))
+        try:
+            cfg = config_cls.from_dict({**cfg.to_dict(), **{k: v for k, v in from_file.to_dict().items() if k in keys}})
+        except ValueError as e:
             raise CommandError(f"--config {args.config}: {e}") from None
     changes = {}
     for item in args.set:

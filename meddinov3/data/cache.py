@@ -34,7 +34,7 @@ LOCATIONS_PER_CLASS = 10_000
 STAT_SAMPLES_PER_CASE = 100_000
 
 
-def cache_key(ds: Dataset, spacing, normalization, modality: str) -> str:
+def cache_key(ds: Dataset, spacing, normalization, modality: str, image_resampling: str = "linear") -> str:
     def stat(p: Path):
         s = p.stat()
         return [str(p.resolve()), s.st_size, int(s.st_mtime_ns)]
@@ -42,6 +42,8 @@ def cache_key(ds: Dataset, spacing, normalization, modality: str) -> str:
     payload = {"version": CACHE_VERSION, "labels": ds.labels, "modality": modality,
                "spacing": list(spacing) if spacing else None, "normalization": normalization,
                "cases": [[c.name, stat(c.image), stat(c.label)] for c in ds.cases]}
+    if image_resampling != "linear":  # linear caches keep the keys they had before the option existed
+        payload["image_resampling"] = image_resampling
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -87,9 +89,27 @@ def resolve_normalization(configured: dict | None, modality: str, stats: dict) -
     return {"scheme": "zscore", "use_mask": False}
 
 
+def resize_cubic(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """nnU-Net's image resampling of (B, C, H, W): order-3 spline per slice (skimage `resize(order=3, mode="edge",
+    anti_aliasing=False)`: scipy's zoom on pixel-centre grids with edge replication, clipped to the slice's range)."""
+    from scipy import ndimage
+
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    zoom = (size[0] / x.shape[-2], size[1] / x.shape[-1])
+    arr = x.numpy().reshape(-1, *x.shape[-2:])
+    out = np.stack([ndimage.zoom(a, zoom, order=3, mode="nearest", grid_mode=True).clip(a.min(), a.max())
+                    for a in arr])
+    return torch.from_numpy(out.reshape(*x.shape[:-2], *size).astype(np.float32))
+
+
 def preprocess_case(vol: np.ndarray, lab: np.ndarray, spacing, target, normalization: dict, n_classes: int,
-                    chunk: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Canonical (S, H, W) volume + labels -> normalised float16 image and uint8 labels at `target` spacing."""
+                    chunk: int = 16, image_resampling: str = "linear") -> tuple[np.ndarray, np.ndarray]:
+    """Canonical (S, H, W) volume + labels -> normalised float16 image and uint8 labels at `target` spacing.
+
+    `image_resampling`: "linear" (the engine's bilinear `resize`) or "cubic" (nnU-Net's order-3 spline,
+    `resize_cubic`); labels always one-hot bilinear + argmax."""
+    resize_image = resize_cubic if image_resampling == "cubic" else resize
     S, H, W = vol.shape
     out_hw = resampled_shape((H, W), spacing, target)
     normalize = make_normalizer(normalization, vol)
@@ -97,7 +117,7 @@ def preprocess_case(vol: np.ndarray, lab: np.ndarray, spacing, target, normaliza
     lab_out = np.empty((S, *out_hw), np.uint8)
     for z0 in range(0, S, chunk):
         x = torch.from_numpy(np.array(vol[z0:z0 + chunk], dtype=np.float32))[:, None]
-        img_out[z0:z0 + chunk] = resize(normalize(x), out_hw)[:, 0].numpy().astype(np.float16)
+        img_out[z0:z0 + chunk] = resize_image(normalize(x), out_hw)[:, 0].numpy().astype(np.float16)
         y = torch.from_numpy(np.ascontiguousarray(lab[z0:z0 + chunk])).long()
         if out_hw == (H, W):
             lab_out[z0:z0 + chunk] = y.numpy()
@@ -148,10 +168,10 @@ class SliceCache:
 
 
 def build_cache(ds: Dataset, root: str | os.PathLike, spacing=None, normalization: dict | None = None,
-                seed: int = 0, log=None) -> Path:
+                seed: int = 0, log=None, image_resampling: str = "linear") -> Path:
     """Preprocess `ds` into `root/<key>/` unless an identical cache exists there; returns the folder."""
     root = Path(root)
-    key = cache_key(ds, spacing, normalization, ds.modality)
+    key = cache_key(ds, spacing, normalization, ds.modality, image_resampling)
     folder = root / key
     if (folder / "index.json").is_file():
         if log:
@@ -172,7 +192,7 @@ def build_cache(ds: Dataset, root: str | os.PathLike, spacing=None, normalizatio
             entries = []
             for case in ds.cases:
                 vol, lab, sp = _canonical(case, ds)
-                img, seg = preprocess_case(vol, lab, sp, target, norm, n_classes)
+                img, seg = preprocess_case(vol, lab, sp, target, norm, n_classes, image_resampling=image_resampling)
                 np.save(tmp / f"{case.name}_image.npy", img)
                 np.save(tmp / f"{case.name}_label.npy", seg)
                 np.savez(tmp / f"{case.name}_locs.npz", **foreground_locations(seg, n_classes, rng))
@@ -181,6 +201,7 @@ def build_cache(ds: Dataset, root: str | os.PathLike, spacing=None, normalizatio
                                 "pad_value": float(img.min()) if img.size else 0.0,
                                 "source_spacing": list(sp), "source": str(case.image)})
             index = {"version": CACHE_VERSION, "key": key, "spacing": list(target), "normalization": norm,
+                     "image_resampling": image_resampling,
                      "statistics": stats, "labels": ds.labels, "modality": ds.modality, "cases": entries}
             (tmp / "index.json").write_text(json.dumps(index, indent=2) + "\n")
     except (FileExistsError, OSError):  # another process finished the same cache first

@@ -15,13 +15,15 @@ from .cache import CachedCase
 class PatchSampler:
     """Draws (image, label) patches of `patch_size` from a slice cache's cases.
 
-    Cases are chosen in proportion to their slice count; in each batch the last `round(B * fg_fraction)` samples
-    are centred on a random voxel of a random foreground class present in the case (nnU-Net's rule), the
+    Cases are chosen uniformly (`case_sampling="uniform"`, nnU-Net's rule) or in proportion to their slice count
+    (`"slices"`: every slice equally likely); in each batch the samples from index `round(B * (1 - fg_fraction))`
+    on are centred on a random voxel of a random foreground class present in the case (nnU-Net's rule), the
     others on a random position of a random slice.
     """
 
     def __init__(self, cases: list[CachedCase], patch_size: tuple[int, int], batch_size: int,
-                 fg_fraction: float = 0.33, seed: int = 0, rank: int = 0, world_size: int = 1):
+                 fg_fraction: float = 0.33, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 case_sampling: str = "uniform"):
         if not cases:
             raise ValueError("no training cases")
         self.cases = cases
@@ -29,7 +31,9 @@ class PatchSampler:
         self.batch_size = int(batch_size)
         self.fg_fraction = float(fg_fraction)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
-        counts = np.array([c.image.shape[0] for c in cases], float)
+        if case_sampling not in ("uniform", "slices"):
+            raise ValueError(f"case_sampling must be 'uniform' or 'slices', got {case_sampling!r}")
+        counts = np.array([c.image.shape[0] if case_sampling == "slices" else 1 for c in cases], float)
         self.case_p = counts / counts.sum()
 
     def state_dict(self) -> dict:
@@ -61,7 +65,7 @@ class PatchSampler:
         """(images (B, 1, ph, pw) float32, labels (B, ph, pw) int64) of this rank at `step`."""
         rng = self.rng(step)
         B = self.batch_size
-        n_fg = int(round(B * self.fg_fraction))
+        n_fg = B - int(round(B * (1 - self.fg_fraction)))  # nnU-Net's _oversample_last_XX_percent
         imgs = np.empty((B, 1, *self.patch), np.float32)
         labs = np.empty((B, *self.patch), np.int64)
         for i in range(B):

@@ -25,6 +25,37 @@ from torch.utils.checkpoint import checkpoint
 from ..config import ModelConfig
 
 
+class SubsetDropPath(nn.Module):
+    """DINOv3's stochastic depth (`SelfAttentionBlock`, `sample_drop_ratio`): in training, a random subset of exactly
+    max(int(B * (1 - rate)), 1) samples of the batch keeps the residual branch, scaled by B / subset size; the others
+    get nothing. (DINOv3 computes the branch on the subset only; the result is the same.) At B = 12 and rate 0.2 that
+    keeps 9 of 12, at B = 2 one of 2: not timm's independent per-sample draw."""
+
+    def __init__(self, rate: float):
+        super().__init__()
+        self.drop_prob = float(rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.drop_prob <= 0:
+            return x
+        b = x.shape[0]
+        keep = max(int(b * (1 - self.drop_prob)), 1)
+        scale = torch.zeros(b, device=x.device, dtype=x.dtype)
+        scale[torch.randperm(b, device=x.device)[:keep]] = b / keep
+        return x * scale.view(b, *([1] * (x.ndim - 1)))
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+def set_drop_path(vit: nn.Module, rate: float) -> None:
+    """Stochastic depth `rate` on both residual branches of every block, as DINOv3's ViT (and so the MedDINOv3
+    reference trainer, `vit_base(drop_path_rate=0.2)`) does; timm's `drop_path_rate` would ramp from 0 to it."""
+    for blk in vit.blocks:
+        blk.drop_path1 = SubsetDropPath(rate) if rate > 0 else nn.Identity()
+        blk.drop_path2 = SubsetDropPath(rate) if rate > 0 else nn.Identity()
+
+
 class DINOv3Backbone(nn.Module):
     """ViT with CLS + register tokens and RoPE; returns final-normed token maps of chosen blocks."""
 
@@ -47,8 +78,9 @@ class DINOv3Backbone(nn.Module):
             init_values=cfg.layer_scale_init,
             rope_temperature=cfg.rope_base,
             norm_layer=partial(LayerNorm, eps=cfg.norm_eps),
-            drop_path_rate=cfg.drop_path_rate,
+            drop_path_rate=0.0,  # timm ramps it linearly over the blocks; DINOv3 uses one rate: set_drop_path
         )
+        set_drop_path(self.vit, cfg.drop_path_rate)
         # Only used by masked-image (iBOT) pretraining; DINOv3 checkpoints carry it.
         self.mask_token = nn.Parameter(torch.zeros(1, cfg.embed_dim))
         # From scratch, timm draws the CLS and register tokens with std 0.02 while layer scale (1e-5) keeps what

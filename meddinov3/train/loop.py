@@ -27,13 +27,13 @@ from ..data.dataset import Dataset, DatasetError, check_dataset, load_dataset, r
 from ..data.prefetch import Prefetcher
 from ..data.sampler import PatchSampler
 from ..config import JsonOptions
-from ..files import write_json
+from ..files import atomic_path, write_json
 from ..progress import (Progress, RunFolderError, RunStatus, StopRequest, absolute_path, absolute_paths, is_finished,
                         open_run, peak_gpu_memory_gb, report_failure)
 from . import distributed as D
 from .checkpoint import load_state, save_state, set_rng_states
 from .curves import plot_curves
-from .losses import DiceCELoss, dice_per_class
+from .losses import DiceCELoss
 from .optim import freeze_blocks, make_optimizer, make_scheduler
 
 
@@ -45,7 +45,7 @@ class TrainError(Exception):
 class TrainConfig(JsonOptions):
     SECTION = "train"  # key of these options in the run's config.json
     KIND = "training"
-    PATHS = ("data", "out", "cache_dir")  # stored absolute in config.json
+    PATHS = ("data", "out", "cache_dir", "splits")  # stored absolute in config.json
     PATHS_IF_EXISTING = ("base",)  # absolute when a path, kept when a model name
 
     data: str = ""
@@ -53,23 +53,33 @@ class TrainConfig(JsonOptions):
     base: str | None = None  # backbone / model package / pretrain run; None = from scratch
     size: str = "base"  # when there is no base
     model: dict = field(default_factory=dict)  # model_config overrides, e.g. {"depth": 2, "patch_size": 8}
+    drop_path: float | None = None  # stochastic depth on every block (DINOv3's rule); None: the model's (0 new)
     name: str | None = None  # model package name (default: the run folder's name)
     epochs: int = 1000
     steps_per_epoch: int = 250
     steps: int | None = None  # total optimiser steps; overrides epochs
-    batch_size: int = 8  # global (all ranks together)
+    batch_size: int | str = 8  # global (all ranks together); "nnunet": nnU-Net's 2D planner rule (nnunet_batch_size)
     micro_batch: int | None = None  # per-rank forward size; None = the whole per-rank batch
     patch_size: list | None = None  # default: median slice size rounded up to the patch size, at most 512
     spacing: list | None = None  # in-plane (row, column) mm; default: the dataset's median
+    resolution: int | None = None  # high-resolution configuration (MedDINOv3's 2d_896): patch R x R, spacing
+    #                                 scaled per axis by (the patch without it) / R
+    case_sampling: str = "uniform"  # "uniform" over cases (nnU-Net), or "slices" (in proportion to slice count)
+    image_resampling: str = "linear"  # in the slice cache: "linear" (as the engine) or "cubic" (nnU-Net's order 3)
     normalization: dict | None = None  # default: CT -> nnU-Net CTNormalization from the training data
     val_cases: list | None = None
     val_fraction: float = 0.2
+    fold: int | None = None  # nnU-Net cross-validation fold: KFold(5, shuffle, 12345) over sorted names, or `splits`
+    splits: str | None = None  # an nnU-Net splits_final.json to take `fold` (default 0) from
     val_every: int | None = None  # steps; default one epoch
-    val_tta: bool = False
+    val_tta: bool | str = False  # mirroring at validation: True, False, or "final" (the last validation only)
+    export_weights: str = "best"  # model/ from the "best" validation, or the "final" weights (nnU-Net's default)
     seed: int = 0
     lr_decoder: float = 3e-4
     lr_backbone: float = 3e-5
     weight_decay: float = 0.05
+    weight_decay_all: bool = False  # also decay biases, norms, tokens, LayerScale (the reference trainer does)
+    lr_per_epoch: bool = False  # hold the learning rate for each epoch (nnU-Net steps its schedule per epoch)
     betas: list = field(default_factory=lambda: [0.9, 0.98])
     grad_clip: float = 12.0
     freeze_blocks: int = 0
@@ -97,10 +107,22 @@ class TrainConfig(JsonOptions):
         return AugmentConfig.from_dict(self.augment)
 
     def validate(self) -> None:
-        for key in ("epochs", "steps_per_epoch", "batch_size"):
+        for key in ("epochs", "steps_per_epoch") + (() if self.batch_size == "nnunet" else ("batch_size",)):
             self.require_number(key, 1)
-        for key in ("steps", "micro_batch"):
+        for key in ("steps", "micro_batch", "resolution"):
             self.require_number(key, 1, optional=True)
+        self.require_number("drop_path", 0, whole=False, optional=True)
+        self.require_number("fold", 0, optional=True)
+        if self.val_tta not in (True, False, "final"):
+            raise ValueError(f"val_tta must be true, false or \"final\", got {self.val_tta!r}")
+        if self.export_weights not in ("best", "final"):
+            raise ValueError(f"export_weights must be 'best' or 'final', got {self.export_weights!r}")
+        if self.image_resampling not in ("linear", "cubic"):
+            raise ValueError(f"image_resampling must be 'linear' or 'cubic', got {self.image_resampling!r}")
+        if self.case_sampling not in ("uniform", "slices"):
+            raise ValueError(f"case_sampling must be 'uniform' or 'slices', got {self.case_sampling!r}")
+        if self.val_cases is not None and (self.fold is not None or self.splits):
+            raise ValueError("val_cases and fold/splits both choose the validation cases: give one of them")
         vf = self.val_fraction
         if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0 <= vf < 1:
             raise ValueError(f"val_fraction must be at least 0 (no validation) and below 1, got {vf!r}")
@@ -114,9 +136,30 @@ class TrainConfig(JsonOptions):
 # ----------------------------------------------------------------------------------------------- set-up
 
 
+def cross_validation_splits(ds: Dataset, cfg: TrainConfig) -> list[dict] | None:
+    """All folds (nnU-Net's splits_final.json content) when `fold` or `splits` is set, else None."""
+    from .splits import nnunet_folds, read_splits
+
+    try:
+        if cfg.splits:
+            return read_splits(cfg.splits)
+        return nnunet_folds([c.name for c in ds.cases]) if cfg.fold is not None else None
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+
+
 def split_cases(ds: Dataset, cfg: TrainConfig) -> tuple[list[str], list[str]]:
-    """(training, validation) case names: `val_cases`, or a seeded `val_fraction` (none when only one case)."""
+    """(training, validation) case names, by precedence: `val_cases`; `fold`/`splits` (nnU-Net's folds); a seeded
+    `val_fraction` (none when only one case). `val_cases` with `fold`/`splits` is refused by `validate`."""
+    from .splits import fold_cases
+
     names = [c.name for c in ds.cases]
+    splits = cross_validation_splits(ds, cfg)
+    if splits is not None:
+        try:
+            return fold_cases(splits, cfg.fold or 0, names, cfg.splits or "nnU-Net's 5-fold split")
+        except ValueError as e:
+            raise TrainError(str(e)) from None
     if cfg.val_cases:
         unknown = [n for n in cfg.val_cases if n not in names]
         if unknown:
@@ -140,6 +183,50 @@ def default_patch(shapes: list[tuple[int, int]], multiple: int, cap: int = 512) 
     return tuple(int(min(cap, math.ceil(m / multiple) * multiple)) for m in med)
 
 
+# nnU-Net's 2D planner: batch 12 at the reference VRAM for a 512 x 512 U-Net patch, at most 5 % of the dataset's
+# voxels per batch, at least 2 (ExperimentPlanner: UNet_reference_val_corresp_bs_2d, max_dataset_covered,
+# UNet_min_batch_size)
+NNUNET_REFERENCE_BATCH_2D, NNUNET_REFERENCE_AREA_2D, NNUNET_MAX_COVERED, NNUNET_MIN_BATCH = 12, 512 * 512, 0.05, 2
+
+
+def nnunet_batch_size(slice_counts_and_shapes: list[tuple[int, int, int]], n_cases: int, patch) -> int:
+    """nnU-Net's 2D batch size for `patch`: the reference batch scaled by patch area (the U-Net's VRAM estimate
+    grows with it; exact at 512 x 512), capped so one batch covers at most 5 % of the dataset (median case volume
+    x number of cases, at the training spacing), at least 2."""
+    vram_batch = round(NNUNET_REFERENCE_BATCH_2D * NNUNET_REFERENCE_AREA_2D / float(np.prod(patch)))
+    median_voxels = float(np.prod(np.median(np.array(slice_counts_and_shapes, float), axis=0)))
+    five_percent = round(median_voxels * n_cases * NNUNET_MAX_COVERED / float(np.prod(patch)))
+    return int(max(min(vram_batch, five_percent), NNUNET_MIN_BATCH))
+
+
+def prepare_cache(ds: Dataset, train_names: list[str], root: Path, cfg: TrainConfig, multiple: int, log
+                  ) -> tuple[Path, int]:
+    """The training slice cache and the global batch size (main process only).
+
+    With `resolution`: the configuration without it (spacing and patch: given or the defaults, from a cache at that
+    spacing when needed) gives the spacing scaled per axis by patch / resolution, as MedDINOv3's 2d_896 plan; the
+    "nnunet" batch is the one of that configuration (2d_896 inherits it from 2d).
+    """
+    train_ds = ds.subset(train_names)
+    spacing, patch, first = cfg.spacing, cfg.patch_size, None
+    if cfg.resolution and not (spacing and patch) or cfg.batch_size == "nnunet":
+        first = SliceCache(build_cache(train_ds, root, cfg.spacing, cfg.normalization, cfg.seed, log,
+                                       cfg.image_resampling))
+        spacing = spacing or first.spacing
+        patch = patch or default_patch(first.slice_shapes, multiple)
+    if cfg.resolution:
+        spacing = [float(s) * p / cfg.resolution for s, p in zip(spacing, patch)]
+        log(f"resolution {cfg.resolution}: spacing {[round(s, 4) for s in spacing]} mm (patch {list(patch)} -> "
+            f"{[cfg.resolution] * 2})")
+    folder = build_cache(train_ds, root, spacing if cfg.resolution else cfg.spacing, cfg.normalization, cfg.seed, log,
+                         cfg.image_resampling)
+    batch = cfg.batch_size
+    if batch == "nnunet":
+        batch = nnunet_batch_size([c.image.shape for c in first.cases], len(ds.cases), patch)
+        log(f"batch size {batch} (nnU-Net's 2D planner rule for patch {list(patch)})")
+    return folder, int(batch)
+
+
 def build_network(cfg: TrainConfig, n_classes: int, class_names: list[str], log) -> tuple[torch.nn.Module, dict]:
     """The network (from scratch, a backbone of any layout, or a previous package) and what was loaded."""
     from ..checkpoints import CheckpointError, load_backbone, read_model
@@ -147,8 +234,9 @@ def build_network(cfg: TrainConfig, n_classes: int, class_names: list[str], log)
     from ..config import model_config
     from ..model import build_model
 
+    drop = {} if cfg.drop_path is None else {"drop_path_rate": float(cfg.drop_path)}
     if not cfg.base:
-        mcfg = model_config(cfg.size, n_classes, **cfg.model)
+        mcfg = model_config(cfg.size, n_classes, **{**drop, **cfg.model})
         return build_model(mcfg), {"base": None, "decoder": "new"}
     try:
         bcfg, backbone_sd, spec = load_backbone(cfg.base)
@@ -158,7 +246,7 @@ def build_network(cfg: TrainConfig, n_classes: int, class_names: list[str], log)
     bad = sorted(set(cfg.model) & arch_keys)
     if bad:
         raise TrainError(f"--base fixes the architecture; model option(s) {bad} cannot change it")
-    mcfg = bcfg.replace(num_classes=n_classes, **cfg.model)
+    mcfg = bcfg.replace(num_classes=n_classes, **{**drop, **cfg.model})
     net = build_model(mcfg)
     load_strict(net.backbone, backbone_sd, str(cfg.base))
     info = {"base": str(cfg.base), "base_name": spec.name, "base_kind": spec.kind, "decoder": "new"}
@@ -249,16 +337,25 @@ def _unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
-def validate(net, spec, ds: Dataset, names: list[str], device, tta: bool = False) -> dict:
-    """Whole-volume inference through the engine on each validation case: Dice per class name (+ mean)."""
+def validate(net, spec, ds: Dataset, names: list[str], device, tta: bool = False, save_to: Path | None = None) -> dict:
+    """Whole-volume inference through the engine on each validation case, scored as nnU-Net does.
+
+    Returns {"dice": {class name: mean Dice over cases, NaN where a class is in no prediction and no truth},
+    "mean_dice": mean of the non-NaN class Dice, "cases": {case: {class name: Dice}}, "summary": nnU-Net's
+    summary (`meddinov3.evaluation`)}. `save_to`: also write each prediction there as `<case>.nii.gz`.
+    """
+    import copy
+
+    import SimpleITK as sitk
+
     from ..checkpoints import LoadedModel
     from ..engine import segment_image
-
-    import copy
+    from ..evaluation import case_metrics, summarize
 
     net = copy.deepcopy(net).eval()  # the engine may cast / compile its networks: never touch the trained one
     loaded = LoadedModel(spec, [net], "package", Path(spec.name))
-    per_case = {}
+    values = [c.value for c in spec.classes if c.value != 0]
+    per_case = []
     try:
         for case in ds.cases:
             if case.name not in names:
@@ -266,18 +363,22 @@ def validate(net, spec, ds: Dataset, names: list[str], device, tta: bool = False
             image, label = read_case(case, ds.modality)
             with torch.no_grad():
                 result = segment_image(image, loaded, device=device, tta=tta, source=str(case.image))
-            import SimpleITK as sitk
-
-            pred = sitk.GetArrayViewFromImage(result.labels)
-            truth = sitk.GetArrayViewFromImage(label)
-            per_case[case.name] = dice_per_class(pred, truth, [c.value for c in spec.classes[1:]])
+            prediction = None
+            if save_to is not None:
+                prediction = save_to / f"{case.name}.nii.gz"
+                sitk.WriteImage(result.labels, str(prediction), True)
+            metrics = case_metrics(sitk.GetArrayViewFromImage(label), sitk.GetArrayViewFromImage(result.labels), values)
+            per_case.append({"reference_file": str(case.label),
+                             "prediction_file": str(prediction) if prediction else None, "metrics": metrics,
+                             "case": case.name})
     finally:
         del loaded, net
     names_by_value = {c.value: c.name for c in spec.classes}
-    dice = {names_by_value[v]: float(np.mean([d[v] for d in per_case.values()]))
-            for v in names_by_value if v != 0}
-    return {"dice": dice, "mean_dice": float(np.mean(list(dice.values()))) if dice else 0.0,
-            "cases": {n: {names_by_value[v]: s for v, s in d.items()} for n, d in per_case.items()}}
+    cases = {c.pop("case"): {names_by_value[v]: m["Dice"] for v, m in c["metrics"].items()} for c in per_case}
+    summary = summarize(per_case, values)
+    dice = {names_by_value[v]: summary["mean"][v]["Dice"] for v in values}
+    scored = [d for d in dice.values() if not math.isnan(d)]
+    return {"dice": dice, "mean_dice": float(np.mean(scored)) if scored else 0.0, "cases": cases, "summary": summary}
 
 
 def train(cfg: TrainConfig, resume: bool = False, json_progress: bool = False, stream=None,
@@ -344,7 +445,7 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
     if cache_root is None:
         from ..resources import user_dir
         cache_root = user_dir() / "cache" / "slices"
-    error, folder = None, None
+    error, folder, batch_size = None, None, None
     if main:
         try:
             info = check_dataset(ds)
@@ -353,10 +454,10 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
             if absent:  # nnU-Net trains on such data too, but the class can only be learnt as absent
                 print(f"[meddinov3 train] WARNING: label(s) {', '.join(absent)} have no voxels in any training case",
                       file=sys.stderr, flush=True)
-            folder = build_cache(ds.subset(train_names), cache_root, cfg.spacing, cfg.normalization, cfg.seed, log)
+            folder, batch_size = prepare_cache(ds, train_names, cache_root, cfg, net.config.patch_size, log)
         except (DatasetError, ValueError) as e:
             error = str(e)
-    error, folder = D.broadcast_object((error, str(folder) if folder else None), dist_info)
+    error, folder, batch_size = D.broadcast_object((error, str(folder) if folder else None, batch_size), dist_info)
     if error:
         raise DatasetError(error)
     cache = SliceCache(Path(folder))
@@ -366,22 +467,24 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
     net.backbone.mask_token.requires_grad_(False)  # pretraining only
     n_frozen = freeze_blocks(net, cfg.freeze_blocks)
     net.to(device)
-    patch = tuple(cfg.patch_size) if cfg.patch_size else default_patch(cache.slice_shapes, mcfg.patch_size)
+    patch = (cfg.resolution,) * 2 if cfg.resolution else \
+        tuple(cfg.patch_size) if cfg.patch_size else default_patch(cache.slice_shapes, mcfg.patch_size)
     if any(p % mcfg.patch_size for p in patch):
         raise TrainError(f"patch_size {list(patch)} must be a multiple of the network's patch size {mcfg.patch_size}")
     optimizer = make_optimizer(net, cfg)
     total = cfg.total_steps
-    scheduler = make_scheduler(optimizer, total)
+    scheduler = make_scheduler(optimizer, total, cfg.steps_per_epoch if cfg.lr_per_epoch else None)
     adt = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=adt == torch.float16)
     criterion = DiceCELoss(*cfg.loss_weights)
     aug_cfg = cfg.augment_config
     world = dist_info.world_size
-    if cfg.batch_size % world:
-        raise TrainError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
-    per_rank = cfg.batch_size // world
+    if batch_size % world:
+        raise TrainError(f"batch_size {batch_size} is not divisible by the {world} processes")
+    per_rank = batch_size // world
     micro = min(cfg.micro_batch or per_rank, per_rank)
-    sampler = PatchSampler(cache.cases, patch, per_rank, cfg.foreground_oversampling, cfg.seed, dist_info.rank, world)
+    sampler = PatchSampler(cache.cases, aug_cfg.sampled_patch(patch), per_rank, cfg.foreground_oversampling, cfg.seed,
+                           dist_info.rank, world, cfg.case_sampling)
     pad_value = float(np.median([c.pad_value for c in cache.cases]))
     val_every = int(cfg.val_every or cfg.steps_per_epoch)
 
@@ -406,12 +509,16 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
         full = {"train": cfg.to_dict(), "resolved": {
             "model": mcfg.to_dict(), "patch_size": list(patch), "spacing": list(cache.spacing),
             "normalization": cache.normalization, "statistics": cache.statistics, "cache": str(cache.folder),
-            "total_steps": total, "per_rank_batch": per_rank, "world_size": world, "device": str(device),
+            "total_steps": total, "batch_size": batch_size, "per_rank_batch": per_rank, "world_size": world,
+            "device": str(device),
             "amp": str(adt).replace("torch.", "") if adt else "fp32", "frozen_parameters": n_frozen,
             "augment": aug_cfg.to_dict(), "base": base_info, "training_cases": train_names,
             "validation_cases": val_names}, "data": ds.summary(), "versions": versions()}
         if not resume:
             write_json(run_dir / "config.json", full)
+            splits = cross_validation_splits(ds, cfg)
+            if splits is not None:  # nnU-Net's format: the folds this run's fold came from
+                write_json(run_dir / "splits_final.json", splits)
     spec = make_spec(cfg, mcfg, ds, cache, patch, postprocessing, {"base": base_info, "dataset": ds.source,
                                                     "training_cases": train_names, "validation_cases": val_names,
                                                     "seed": cfg.seed, "total_steps": total})
@@ -443,12 +550,23 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
         write_package(run_dir / "model", spec.replace(provenance=prov), [weights], overwrite=True,
                       dtype=torch.float16 if cfg.export_dtype == "float16" else None)
 
-    def run_validation() -> dict | None:
+    def run_validation(final: bool = False) -> dict | None:
+        """Validate on the validation cases; `final`: also keep the predictions in validation/ and nnU-Net's
+        summary.json in the run folder (and export these weights with export_weights="final")."""
         nonlocal best
         result = None
         if main and val_names:
             t0 = time.perf_counter()
-            result = validate(net, spec, ds, val_names, device, cfg.val_tta)
+            save_to = None
+            if final:
+                save_to = run_dir / "validation"
+                save_to.mkdir(exist_ok=True)
+            tta = cfg.val_tta is True or (final and cfg.val_tta == "final")
+            result = validate(net, spec, ds, val_names, device, tta, save_to)
+            if final:
+                from ..evaluation import to_json
+                with atomic_path(run_dir / "summary.json", suffix=".json") as tmp:
+                    tmp.write_text(to_json(result["summary"]))
             record = {"kind": "validation", "step": step, "epoch": step / cfg.steps_per_epoch,
                       "dice": result["dice"], "mean_dice": result["mean_dice"], "cases": result["cases"],
                       "seconds": round(time.perf_counter() - t0, 2)}
@@ -460,8 +578,11 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
                 save_state(run_dir / "checkpoints" / "best.pt", model=net, optimizer=optimizer, scheduler=scheduler,
                            scaler=scaler, step=step, epoch=step // cfg.steps_per_epoch, sampler=sampler.state_dict(),
                            best=best, config=cfg.to_dict())
-                export(net.state_dict(), result["dice"])
+                if cfg.export_weights == "best":
+                    export(net.state_dict(), result["dice"])
                 progress.event("checkpoint", step=step, path=str(run_dir / "checkpoints" / "best.pt"), kind="best")
+            if final and cfg.export_weights == "final":
+                export(net.state_dict(), result["dice"])
             status.update(metrics={"validation_dice": result["dice"], "best": best})
         if main:
             plot_curves(metrics_path, run_dir / "curves.png")
@@ -487,7 +608,7 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
             x, y = batches.get(step)
             seed = np.random.default_rng([cfg.seed, step, dist_info.rank, 31]).integers(2 ** 62)
             gen = torch.Generator().manual_seed(int(seed))
-            x, y = augment(x, y, gen, aug_cfg, pad_value)
+            x, y = augment(x, y, gen, aug_cfg, pad_value, patch, len(class_names))
             while True:
                 try:
                     optimizer.zero_grad(set_to_none=True)
@@ -518,7 +639,7 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
             scaler.update()
             scheduler.step()
             step += 1
-            n_img += cfg.batch_size
+            n_img += batch_size
             loss_acc += step_loss
             loss_n += 1
             if step % cfg.log_every == 0 or step == total:
@@ -558,7 +679,7 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
     if state_name == "finished":
         if val_names:
             if best["step"] != step:
-                run_validation()
+                run_validation(final=True)
         elif main:
             export(net.state_dict(), None)
             plot_curves(metrics_path, run_dir / "curves.png")
