@@ -27,9 +27,12 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY = {"size": "tiny", "model": {"depth": 2, "patch_size": 8},
         "head": {"out_dim": 256, "hidden_dim": 64, "bottleneck_dim": 32, "nlayers": 3},
         "global_size": 64, "local_size": 32, "n_local": 2, "batch_size": 4, "lr": 1e-3, "warmup_steps": 2,
-        "teacher_temp_warmup_steps": 4, "log_every": 1, "seed": 0}
+        "teacher_temp_warmup_steps": 4, "log_every": 1, "seed": 0,
+        # what these few-step runs were tuned for: unscaled lr, no stochastic depth, prototypes frozen throughout
+        "lr_scaling": "none", "drop_path_rate": 0.0, "freeze_last_layer_steps": 1250}
 SETS = ['model={"depth": 2, "patch_size": 8}', 'head={"out_dim": 256, "hidden_dim": 64, "bottleneck_dim": 32}',
-        "global_size=64", "local_size=32", "n_local=2", "lr=1e-3", "warmup_steps=2", "log_every=1", "probe_every=0"]
+        "global_size=64", "local_size=32", "n_local=2", "lr=1e-3", "warmup_steps=2", "log_every=1", "probe_every=0",
+        'lr_scaling="none"', "drop_path_rate=0.0", "freeze_last_layer_steps=1250"]
 
 
 @pytest.fixture(scope="module", autouse=True)

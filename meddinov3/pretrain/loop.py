@@ -18,7 +18,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,9 @@ from .data import PretrainDataError, SliceIndex, StepSampler, build_slice_index,
 from .masking import sample_masks
 from .meta_arch import HeadConfig, SSLMetaArch
 from .parallel import full_state, load_optimizer, shard
-from .schedules import cosine_schedule
+from .recipe import (entropy_floor, lr_scale, optimizer_groups, prototype_warning, prototypes_for_batch, stage_value, step_schedules,
+                     uniform_drop_path)
+from .step import MicroBatchStep, OutOfMemoryStop
 
 FORMAT = "meddinov3-pretrain-state"
 OFFICIAL_BASE = "meddinov3-vitb16-ct3m"
@@ -47,13 +49,17 @@ def collapse_check(stats: dict, state: dict, cfg: PretrainConfig, step: int) -> 
 
     Three signatures: a constant CLS (spread numerically zero, or below collapse_std after falling to a tenth of its
     best: random init starts near-constant, so a low spread alone is no alarm); one prototype for everything
-    (usage entropy below collapse_usage); uniform targets (per-sample teacher entropy above collapse_uniform x
-    log K once the prototypes train, i.e. after the lr warm-up and freeze_last_layer_steps), the fixed point in
-    which the student learns nothing from the DINO term.
+    (usage entropy below collapse_usage); uniform targets (per-sample teacher entropy above collapse_uniform of the
+    way from Sinkhorn's floor log(K / 2B) to log K, once the prototypes train, i.e. after the lr warm-up and
+    freeze_last_layer_steps), the fixed point in which the student learns nothing from the DINO term. Measured from
+    the floor, because equal mass per prototype keeps every target's entropy above it whatever the features
+    (``recipe.entropy_floor``): with many prototypes per image, a fraction of log K alone could not tell.
     """
     spread, usage, entropy = stats["teacher_feature_std"], stats["prototype_usage"], stats["teacher_entropy"]
     state["max_std"] = max(state.get("max_std", 0.0), spread)
-    uniform_limit = cfg.collapse_uniform * math.log(int(cfg.head.get("out_dim", 65536)))
+    k = int(cfg.head["out_dim"])
+    floor = entropy_floor(k, cfg.batch_size) if cfg.centering == "sinkhorn" else 0.0
+    uniform_limit = floor + cfg.collapse_uniform * (math.log(k) - floor)
     free = step > max(cfg.warmup_steps, cfg.freeze_last_layer_steps)
     why = []
     if spread < 1e-6 or (spread < cfg.collapse_std and spread < 0.1 * state["max_std"]):
@@ -99,22 +105,29 @@ class PretrainConfig(JsonOptions):
     batch_size: int = 64  # images per step, all ranks together
     micro_batch: int | None = None  # per-rank forward size (OOM back-off halves it)
     seed: int = 0
-    lr: float = 5e-4
-    min_lr: float = 1e-6
-    warmup_steps: int = 1000
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.2
-    momentum: float = 0.992
-    momentum_end: float = 1.0
+    # None: the stage's DINOv3 default (``recipe.STAGE_DEFAULTS``), resolved into config.json at the start
+    lr: float | None = None  # base lr at batch 1024 / 4 ... scaled by ``lr_scaling`` with batch_size
+    min_lr: float | None = None
+    lr_scaling: str = "sqrt_wrt_1024"  # DINOv3's rule: lr x 4 sqrt(batch_size / 1024); "linear_wrt_256", "none"
+    layer_decay: float = 0.9  # layer-wise lr decay (DINOv3 optim.layerwise_decay)
+    patch_embed_lr: float = 0.2  # lr multiplier of the patch embedding (DINOv3 optim.patch_embed_lr_mult)
+    drop_path_rate: float = 0.3  # student stochastic depth, every block (DINOv3 student.drop_path_rate)
+    warmup_steps: int | None = None
+    weight_decay: float | None = None
+    weight_decay_end: float | None = None
+    momentum: float | None = None
+    momentum_end: float | None = None
     teacher_temp: float = 0.07
-    warmup_teacher_temp: float = 0.04
-    teacher_temp_warmup_steps: int = 3000
+    warmup_teacher_temp: float | None = None
+    teacher_temp_warmup_steps: int | None = None
     student_temp: float = 0.1
     centering: str = "sinkhorn"  # or "centering" (DINO centre + sharpen), "none"
     center_momentum: float = 0.9
-    head: dict = field(default_factory=lambda: {"out_dim": 65536, "hidden_dim": 2048, "bottleneck_dim": 256,
+    # out_dim None: 32 prototypes per Sinkhorn row (``recipe.prototypes_for_batch``)
+    head: dict = field(default_factory=lambda: {"out_dim": None, "hidden_dim": 2048, "bottleneck_dim": 256,
                                                 "nlayers": 3})
-    loss_weights: dict = field(default_factory=lambda: {"dino": 1.0, "ibot": 1.0, "koleo": 0.1, "gram": 1.0})
+    # KoLeo counts once per global crop (x2, as DINOv3); "gram" absent: the stage's default (2 / 1.5)
+    loss_weights: dict = field(default_factory=lambda: {"dino": 1.0, "ibot": 1.0, "koleo": 0.1})
     global_size: int = 224
     local_size: int = 96
     n_local: int = 8
@@ -124,9 +137,9 @@ class PretrainConfig(JsonOptions):
     mask_ratio: list = field(default_factory=lambda: [0.1, 0.5])
     mask_probability: float = 0.5
     grad_clip: float = 3.0
-    # the prototypes stay fixed this long (DINOv2: one epoch of 1250 steps): early on the targets are near uniform
-    # and trainable prototypes would settle in that uniform fixed point
-    freeze_last_layer_steps: int = 1250
+    # the prototypes stay fixed this long (DINOv3: 1 % of the run in stage 1): early on the targets are near
+    # uniform and trainable prototypes would settle in that uniform fixed point
+    freeze_last_layer_steps: int | None = None
     grad_checkpointing: bool = False
     gram_teacher: str | None = None  # stage >= 2: Gram teacher weights; None = the teacher at stage start
     amp: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; "bf16", "none"
@@ -137,7 +150,7 @@ class PretrainConfig(JsonOptions):
     probe_size: int = 128  # px at 1 mm, at least 8 patches a side
     collapse_std: float = 0.02  # teacher CLS feature spread below this ...
     collapse_usage: float = 0.02  # ... or prototype-usage entropy (fraction of log K) below this ...
-    collapse_uniform: float = 0.995  # ... or per-sample teacher entropy above this fraction of log K ...
+    collapse_uniform: float = 0.995  # ... or teacher entropy above this fraction of [Sinkhorn floor, log K] ...
     collapse_patience: int = 3  # ... for this many steps in a row: collapse_warning
     cache_dir: str | None = None  # slice shard store (default MEDDINOV3_HOME/cache/pretrain-slices)
     parallel: str = "ddp"  # under torchrun: "ddp" (replicated model) or "fsdp" (sharded with FSDP2)
@@ -146,13 +159,18 @@ class PretrainConfig(JsonOptions):
         for key in ("steps", "batch_size", "global_size", "local_size", "checkpoint_every", "log_every",
                     "collapse_patience"):
             self.require_number(key, 1)
-        for key in ("seed", "warmup_steps", "teacher_temp_warmup_steps", "freeze_last_layer_steps", "n_local",
-                    "probe_every"):
+        for key in ("seed", "n_local", "probe_every"):
             self.require_number(key, 0)
+        for key in ("warmup_steps", "teacher_temp_warmup_steps", "freeze_last_layer_steps"):
+            self.require_number(key, 0, optional=True)
         self.require_number("micro_batch", 1, optional=True)
-        for key in ("lr", "min_lr", "weight_decay", "weight_decay_end", "momentum", "momentum_end", "grad_clip",
-                    "teacher_temp", "warmup_teacher_temp", "student_temp", "highres_factor"):
+        for key in ("grad_clip", "teacher_temp", "student_temp", "highres_factor", "layer_decay", "patch_embed_lr",
+                    "drop_path_rate"):
             self.require_number(key, 0, whole=False)
+        for key in ("lr", "min_lr", "weight_decay", "weight_decay_end", "momentum", "momentum_end",
+                    "warmup_teacher_temp"):
+            self.require_number(key, 0, whole=False, optional=True)
+        lr_scale(self.lr_scaling, 1)  # an unknown rule is refused here
         if self.stage not in (1, 2, 3):
             raise ValueError(f"stage must be 1, 2 or 3, got {self.stage}")
         if self.stage >= 2 and self.size is not None and not self.base and not self.gram_teacher:
@@ -161,6 +179,19 @@ class PretrainConfig(JsonOptions):
             raise ValueError(f"centering must be sinkhorn, centering or none, got {self.centering!r}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
+
+    def with_stage_defaults(self) -> PretrainConfig:
+        """These options with every unset (None) stage-dependent option at its DINOv3 default for this stage
+        (``recipe.STAGE_DEFAULTS``), the prototype count from the batch, and the stage's Gram weight."""
+        filled = {f.name: stage_value(self.stage, f.name, self.steps) for f in fields(self)
+                  if getattr(self, f.name) is None and stage_value(self.stage, f.name, self.steps) is not None}
+        head = dict(self.head)
+        if head.get("out_dim") is None:
+            head["out_dim"] = prototypes_for_batch(self.batch_size)
+        weights = dict(self.loss_weights)
+        if self.stage >= 2:
+            weights.setdefault("gram", stage_value(self.stage, "gram_weight", self.steps))
+        return replace(self, **filled, head=head, loss_weights=weights)
 
     def crop_sizes(self, patch: int) -> tuple[int, int]:
         f = self.highres_factor if self.stage == 3 else 1.0
@@ -247,30 +278,17 @@ def _index_complete(folder: Path) -> bool:
         not SliceIndex(folder).missing_shards()
 
 
-def make_optimizer(meta: SSLMetaArch) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for name, p in meta.student.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") or "token" in name else decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "name": "decay"},
-                              {"params": no_decay, "name": "no_decay", "weight_decay": 0.0}],
-                             lr=0.0, betas=(0.9, 0.999))
+def make_optimizer(meta: SSLMetaArch, cfg: PretrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the student with DINOv3's layer-wise lr decay and patch-embedding multiplier (the loop sets each
+    group's lr to the step's lr x its ``lr_multiplier``)."""
+    depth = len(meta.student["backbone"].vit.blocks)
+    groups = optimizer_groups(meta.student, depth, cfg.layer_decay, cfg.patch_embed_lr)
+    return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999))
 
 
 def amp_dtype(cfg: PretrainConfig, device: torch.device):
     mode = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[mode]
-
-
-def _select(batch: dict, masks: torch.Tensor, b: int, j0: int, j1: int, n_local: int):
-    """Rows of images j0:j1 from view-major global (2b, ...) / local (n b, ...) / masks (2b, N)."""
-    g = torch.cat([batch["global"][v * b + j0:v * b + j1] for v in range(2)])
-    m = torch.cat([masks[v * b + j0:v * b + j1] for v in range(2)])
-    loc = batch["local"]
-    if n_local:
-        loc = torch.cat([loc[v * b + j0:v * b + j1] for v in range(n_local)])
-    return g, loc, m
 
 
 def _all_reduce_grads(params: list, world: int) -> None:
@@ -407,8 +425,13 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
         raise PretrainError(GRAM_FROM_SCRATCH.format(stage=cfg.stage))
     if prev_state is not None:
         cfg = inherit_heads(cfg, prev_state.get("config", {}).get("head"), log)
+    cfg = cfg.with_stage_defaults()
+    warning = prototype_warning(int(cfg.head["out_dim"]), cfg.batch_size)
+    if warning:
+        log(f"WARNING: {warning}")
     head = HeadConfig(**cfg.head)
     meta = SSLMetaArch(mcfg, head, cfg.centering, cfg.student_temp, cfg.center_momentum, cfg.loss_weights)
+    uniform_drop_path(meta.student["backbone"], cfg.drop_path_rate)
     if base_sd is not None:
         meta.load_backbone_weights(base_sd)
     if prev_state is not None:
@@ -439,13 +462,10 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
     elif cfg.parallel == "fsdp":
         log("parallel=fsdp: a single process, nothing to shard")
     params = meta.trainable()
-    optimizer = make_optimizer(meta)
+    optimizer = make_optimizer(meta, cfg)
     total = int(cfg.steps)
-    lr_s = cosine_schedule(cfg.lr, cfg.min_lr, total, cfg.warmup_steps)
-    wd_s = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, total)
-    mom_s = cosine_schedule(cfg.momentum, cfg.momentum_end, total)
-    tt_s = cosine_schedule(cfg.teacher_temp, cfg.teacher_temp, total, cfg.teacher_temp_warmup_steps,
-                           start_warmup=cfg.warmup_teacher_temp)
+    sched = step_schedules(cfg)
+    lr_s, wd_s, mom_s, tt_s = (sched[k] for k in ("lr", "weight_decay", "momentum", "teacher_temp"))
     if cfg.batch_size % world:
         raise PretrainError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
     per_rank = cfg.batch_size // world
@@ -531,6 +551,14 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
         progress.event("started", run_dir=str(run_dir), stage=cfg.stage, total_steps=total, step=step,
                        resumed=bool(resume and step), device=str(device), world_size=world, base=base_info,
                        slices=len(index), global_size=g_size, local_size=l_size)
+
+    def halved(new_micro: int) -> None:
+        progress.event("oom", step=step, micro_batch=new_micro, accumulation=math.ceil(per_rank / new_micro))
+        log(f"out of memory: micro-batch halved to {new_micro} on every process (gradient accumulation and the "
+            "whole-step teacher targets keep the batch's semantics)")
+
+    run_step = MicroBatchStep(meta, per_rank, micro, cfg.n_local, dist_info, device,
+                              lambda: torch.autocast(device.type, dtype=adt, enabled=adt is not None), fsdp, halved)
     meta.train()
     if step == 0 and cfg.probe_every:
         run_probe()  # the starting point: the curve then shows what pretraining adds
@@ -545,32 +573,15 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         masks = masks.to(device)
         for g in optimizer.param_groups:
-            g["lr"] = float(lr_s[step])
+            g["lr"] = float(lr_s[step]) * g["lr_multiplier"]
             if g["name"] == "decay":
                 g["weight_decay"] = float(wd_s[step])
-        while True:
-            try:
-                optimizer.zero_grad(set_to_none=True)
-                stats_sum: dict = {}
-                parts = list(range(0, per_rank, micro))
-                for j0 in parts:
-                    j1 = min(per_rank, j0 + micro)
-                    g, loc, m = _select(batch, masks, per_rank, j0, j1, cfg.n_local)
-                    with torch.autocast(device.type, dtype=adt, enabled=adt is not None):
-                        loss, stats = meta.forward_losses(g, loc, m, float(tt_s[step]))
-                    (loss * ((j1 - j0) / per_rank)).backward()
-                    stats["loss"] = float(loss.detach())
-                    for k, v in stats.items():
-                        stats_sum[k] = stats_sum.get(k, 0.0) + v * (j1 - j0) / per_rank
-                break
-            except torch.cuda.OutOfMemoryError:
-                if micro <= 1:
-                    raise
-                optimizer.zero_grad(set_to_none=True)
-                torch.cuda.empty_cache()
-                micro = max(1, micro // 2)
-                progress.event("oom", step=step, micro_batch=micro, accumulation=math.ceil(per_rank / micro))
-                log(f"CUDA out of memory: micro-batch halved to {micro} (gradient accumulation keeps the batch)")
+        optimizer.zero_grad(set_to_none=True)
+        try:
+            stats_sum = run_step(batch, masks, float(tt_s[step]))
+        except OutOfMemoryStop as e:
+            raise PretrainError(str(e)) from None
+        micro = run_step.micro
         if dist_info.enabled and not fsdp:  # FSDP reduce-scatters the gradients in the backward
             _all_reduce_grads(params, world)
         if step < cfg.freeze_last_layer_steps:
