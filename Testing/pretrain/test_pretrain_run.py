@@ -141,6 +141,9 @@ def test_stage2_gram_and_stage3_highres_reduce_loss(stage1, liver):
     assert status["state"] == "finished"
     step = next(e for e in ev if e["event"] == "step")
     assert "gram" in step and step["gram"] >= 0
+    # stage 2 starts where DINOv3's Gram stage starts, not with stage 1's warm-ups
+    assert step["teacher_temp"] == pytest.approx(0.07) and step["momentum"] == pytest.approx(0.999)
+    assert json.loads((out2 / "config.json").read_text())["pretrain"]["loss_weights"]["gram"] == 2.0
     started = ev[0]
     assert started["base"]["kind"] == "pretrain-run"
     losses = _losses(out2)
@@ -157,7 +160,8 @@ def test_stage2_gram_and_stage3_highres_reduce_loss(stage1, liver):
     status, ev = _run(vol, out3, base=str(out2), stage=3, steps=5, size=None, lr=5e-4, highres_factor=1.5)
     assert status["state"] == "finished"
     assert ev[0]["global_size"] == 96 and ev[0]["local_size"] == 48
-    assert "gram" in next(e for e in ev if e["event"] == "step")
+    step = next(e for e in ev if e["event"] == "step")
+    assert "gram" in step and step["teacher_temp"] == pytest.approx(0.07) and step["momentum"] == pytest.approx(0.999)
     losses = _losses(out3)
     assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
 
