@@ -98,7 +98,7 @@ def liver(tmp_path_factory):
 def stage1(liver):
     root, _, vol = liver
     out = root / "stage1"
-    status, ev = _run(vol, out, steps=8, checkpoint_every=4, probe_every=4)
+    status, ev = _run(vol, out, steps=8, checkpoint_every=4, probe_every=4, keep_every=4)
     return out, status, ev
 
 
@@ -164,6 +164,36 @@ def test_stage2_gram_and_stage3_highres_reduce_loss(stage1, liver):
     assert "gram" in step and step["teacher_temp"] == pytest.approx(0.07) and step["momentum"] == pytest.approx(0.999)
     losses = _losses(out3)
     assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
+
+
+def test_gram_teacher_from_a_kept_snapshot_at_twice_the_resolution(stage1, liver):
+    """Stage 1 keeps checkpoints/step_NNNNNNN.pt; stage 2 takes its Gram teacher from such an earlier snapshot (not
+    from the teacher at the stage's start), sees clean crops at 2x the global size, and refreshes it from the EMA
+    teacher as configured."""
+    root, _, vol = liver
+    kept = stage1[0] / "checkpoints"
+    assert sorted(p.name for p in kept.glob("step_*.pt")) == ["step_0000004.pt", "step_0000008.pt"]
+    snapshot, latest = (torch.load(kept / name, weights_only=False) for name in ("step_0000004.pt", "latest.pt"))
+    assert snapshot["step"] == 4 and latest["step"] == 8
+    out = root / "stage2-snapshot"
+    status, _ = _run(vol, out, base=str(stage1[0]), stage=2, steps=2, size=None, gram_teacher=str(kept / "step_0000004.pt"))
+    assert status["state"] == "finished"
+    gram = {k[len("gram_teacher."):]: v for k, v in _meta(out)["meta"].items() if k.startswith("gram_teacher.")}
+    teacher_at = {k[len("teacher.backbone."):]: v for k, v in snapshot["meta"].items() if k.startswith("teacher.backbone.")}
+    assert gram.keys() == teacher_at.keys()
+    assert all(torch.equal(gram[k], teacher_at[k]) for k in gram)
+    assert any(not torch.equal(gram[k], latest["meta"]["teacher.backbone." + k]) for k in gram)
+    assert json.loads((out / "config.json").read_text())["resolved"]["gram_size"] == 128
+
+    refreshes = []
+
+    def count_refreshes(meta):
+        plain = meta.refresh_gram
+        meta.refresh_gram = lambda: (refreshes.append(1), plain())
+
+    _run(vol, root / "stage2-refresh", base=str(stage1[0]), stage=2, steps=3, size=None, gram_refresh_every=1,
+         gram_max_refreshes=2, hooks={"meta": count_refreshes})
+    assert len(refreshes) == 2
 
 
 def test_next_stage_takes_over_the_base_runs_heads(stage1, liver):

@@ -89,6 +89,49 @@ def base_error(base, error: Exception) -> PretrainError:
     return PretrainError(f"--base: {text}" if text.startswith(str(base)) else f"--base {base}: {text}")
 
 
+def gram_refresh_due(cfg: PretrainConfig, step: int) -> bool:
+    """Whether the Gram teacher takes the EMA teacher's weights after `step` (DINOv3: every 10k iterations, at
+    most 3 times in stage 2; never in stage 3). A function of the step alone, so a resumed run refreshes alike."""
+    every = cfg.gram_refresh_every or 0
+    return cfg.stage >= 2 and every > 0 and step % every == 0 and step // every <= (cfg.gram_max_refreshes or 0)
+
+
+def is_kept(cfg: PretrainConfig, step: int) -> bool:
+    return bool(cfg.keep_every) and step % cfg.keep_every == 0
+
+
+def keep_snapshot(latest: Path, step: int) -> Path:
+    """checkpoints/step_NNNNNNN.pt: the checkpoint just written, kept (a hard link where the file system allows:
+    latest.pt is replaced by renaming, so the link keeps this step's state at no cost in space)."""
+    import os
+    import shutil
+
+    kept = latest.with_name(f"step_{step:07d}.pt")
+    kept.unlink(missing_ok=True)
+    try:
+        os.link(latest, kept)
+    except OSError:
+        shutil.copyfile(latest, kept)
+    return kept
+
+
+def gram_teacher_weights(source: str) -> dict:
+    """Backbone weights for the Gram teacher from a pretraining checkpoint (a kept snapshot or latest.pt: its EMA
+    teacher), a pretraining run folder (its latest teacher) or any backbone ``load_backbone`` reads."""
+    from ..checkpoints import load_backbone
+
+    path = Path(source).expanduser()
+    checkpoint = _base_run_checkpoint(source) if path.is_dir() else path if path.is_file() else None
+    state = _read_state(checkpoint, other_ok=True) if checkpoint is not None else None
+    if state is not None:
+        prefix = "teacher.backbone."
+        return {k[len(prefix):]: v for k, v in state["meta"].items() if k.startswith(prefix)}
+    try:
+        return load_backbone(source)[1]
+    except Exception as e:  # noqa: BLE001 - any unusable Gram teacher is the user's to fix
+        raise PretrainError(f"gram_teacher {source}: {e}") from None
+
+
 @dataclass
 class PretrainConfig(JsonOptions):
     SECTION = "pretrain"  # key of these options in the run's config.json
@@ -141,7 +184,13 @@ class PretrainConfig(JsonOptions):
     # uniform and trainable prototypes would settle in that uniform fixed point
     freeze_last_layer_steps: int | None = None
     grad_checkpointing: bool = False
-    gram_teacher: str | None = None  # stage >= 2: Gram teacher weights; None = the teacher at stage start
+    # stage >= 2: the Gram teacher's weights: a kept snapshot (RUN/checkpoints/step_NNNNNNN.pt: its EMA teacher), a
+    # run folder (its latest teacher) or a backbone; None = the EMA teacher at the start of this stage
+    gram_teacher: str | None = None
+    gram_scale: float | None = None  # Gram teacher's clean crops at this x the global size (2 in stage 2, 1.5 in 3)
+    gram_refresh_every: int | None = None  # Gram teacher <- EMA teacher every N steps (10000 in stage 2; 0 never)
+    gram_max_refreshes: int | None = None  # ... at most this many times (3)
+    keep_every: int = 10000  # checkpoints/step_NNNNNNN.pt kept every N steps (0: only latest.pt), e.g. Gram teachers
     amp: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; "bf16", "none"
     device: str = "auto"
     checkpoint_every: int = 500
@@ -159,16 +208,17 @@ class PretrainConfig(JsonOptions):
         for key in ("steps", "batch_size", "global_size", "local_size", "checkpoint_every", "log_every",
                     "collapse_patience"):
             self.require_number(key, 1)
-        for key in ("seed", "n_local", "probe_every"):
+        for key in ("seed", "n_local", "probe_every", "keep_every"):
             self.require_number(key, 0)
-        for key in ("warmup_steps", "teacher_temp_warmup_steps", "freeze_last_layer_steps"):
+        for key in ("warmup_steps", "teacher_temp_warmup_steps", "freeze_last_layer_steps", "gram_refresh_every",
+                    "gram_max_refreshes"):
             self.require_number(key, 0, optional=True)
         self.require_number("micro_batch", 1, optional=True)
         for key in ("grad_clip", "teacher_temp", "student_temp", "highres_factor", "layer_decay", "patch_embed_lr",
                     "drop_path_rate"):
             self.require_number(key, 0, whole=False)
         for key in ("lr", "min_lr", "weight_decay", "weight_decay_end", "momentum", "momentum_end",
-                    "warmup_teacher_temp"):
+                    "warmup_teacher_temp", "gram_scale"):
             self.require_number(key, 0, whole=False, optional=True)
         lr_scale(self.lr_scaling, 1)  # an unknown rule is refused here
         if self.stage not in (1, 2, 3):
@@ -192,6 +242,12 @@ class PretrainConfig(JsonOptions):
         if self.stage >= 2:
             weights.setdefault("gram", stage_value(self.stage, "gram_weight", self.steps))
         return replace(self, **filled, head=head, loss_weights=weights)
+
+    def gram_crop_size(self, global_size: int, patch: int) -> int | None:
+        """Side of the Gram teacher's clean crops (a multiple of `patch`), None before stage 2."""
+        if self.stage < 2:
+            return None
+        return max(patch, int(round(global_size * self.gram_scale / patch)) * patch)
 
     def crop_sizes(self, patch: int) -> tuple[int, int]:
         f = self.highres_factor if self.stage == 3 else 1.0
@@ -442,11 +498,7 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
             detail = " ".join(str(e).split())[:300]
             raise PretrainError(f"--base {cfg.base}: its heads differ from this config's ({detail})") from None
     if cfg.stage >= 2:
-        gsd = None
-        if cfg.gram_teacher:
-            from ..checkpoints import load_backbone
-            _, gsd, _ = load_backbone(cfg.gram_teacher)
-        meta.enable_gram(gsd)
+        meta.enable_gram(gram_teacher_weights(cfg.gram_teacher) if cfg.gram_teacher else None)
     meta.student["backbone"].grad_checkpointing = cfg.grad_checkpointing
     if "meta" in hooks:
         hooks["meta"](meta)
@@ -473,8 +525,9 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
         raise PretrainError("each process needs at least 2 images per step (KoLeo and Sinkhorn compare images)")
     micro = min(cfg.micro_batch or per_rank, per_rank)
     g_size, l_size = cfg.crop_sizes(mcfg.patch_size)
+    gram_size = cfg.gram_crop_size(g_size, mcfg.patch_size)
     aug = MultiCropAugmentation(g_size, l_size, cfg.n_local, tuple(cfg.global_scale), tuple(cfg.local_scale),
-                                patch_size=mcfg.patch_size)
+                                patch_size=mcfg.patch_size, gram_size=gram_size)
     grid = (g_size // mcfg.patch_size, g_size // mcfg.patch_size)
     sampler = StepSampler(len(index), per_rank, cfg.seed, rank, world)
 
@@ -504,6 +557,7 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
             from ..train.loop import versions
             write_json(run_dir / "config.json", {"pretrain": cfg.to_dict(), "resolved": {
                 "model": mcfg.to_dict(), "base": base_info, "global_size": g_size, "local_size": l_size,
+                "gram_size": gram_size,
                 "mask_grid": list(grid), "total_steps": total, "per_rank_batch": per_rank, "world_size": world,
                 "device": str(device), "amp": str(adt).replace("torch.", "") if adt else "fp32",
                 "parallel": "fsdp" if fsdp else "ddp" if dist_info.enabled else "none",
@@ -526,6 +580,8 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
                      "config": cfg.to_dict()}
             with atomic_path(latest, suffix=".pt") as tmp:
                 torch.save(state, tmp)
+            if is_kept(cfg, step):
+                keep_snapshot(latest, step)
             from .export import export_backbone
             prefix = "teacher.backbone."
             export_backbone(run_dir / "backbone", {k[len(prefix):]: v for k, v in model_sd.items()
@@ -592,6 +648,9 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
         optimizer.step()
         meta.update_teacher(float(mom_s[step]))
         step += 1
+        if gram_refresh_due(cfg, step):
+            meta.refresh_gram()
+            log(f"Gram teacher refreshed from the EMA teacher at step {step}")
         n_img += cfg.batch_size
         for k, v in stats_sum.items():
             acc.setdefault(k, []).append(v)
@@ -627,7 +686,7 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
         if cfg.probe_every and step % cfg.probe_every == 0:
             run_probe()
         stop = D.any_true(stopper.requested, dist_info, device)
-        if step % cfg.checkpoint_every == 0 and step < total and not stop:
+        if (step % cfg.checkpoint_every == 0 or is_kept(cfg, step)) and step < total and not stop:
             checkpoint()
         if stop:
             state_name = "stopped"

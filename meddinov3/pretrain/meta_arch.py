@@ -175,13 +175,15 @@ class SSLMetaArch(nn.Module):
 
     # ------------------------------------------------------------------------------------------ losses
     def student_losses(self, global_crops: torch.Tensor, local_crops: torch.Tensor, masks: torch.Tensor,
-                       targets: StepTargets, share: float = 1.0) -> tuple[torch.Tensor, dict]:
+                       targets: StepTargets, share: float = 1.0,
+                       gram_crops: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """(loss to backpropagate, detached per-loss values) of the student on some images of the step.
 
         ``targets``: the teacher side of the same images (``StepTargets.images``). ``share``: their fraction of the
         step: per-image losses (DINO, iBOT, Gram) are scaled by it, so the micro-batches' gradients sum to the
         whole step's. KoLeo comes whole from ``targets`` when the step is split (``koleo_grad``), else from these
-        images. Loss weights as DINOv3: KoLeo counts once per global crop (x2).
+        images. Loss weights as DINOv3: KoLeo counts once per global crop (x2). ``gram_crops`` (2B, 1, S, S): the
+        Gram teacher's clean crops of the same regions (None: it sees the global crops).
         """
         s_glob = self.student["backbone"].forward_features(_to3(global_crops), masks=masks)
         s_cls = [s_glob["cls"]]
@@ -195,8 +197,7 @@ class SSLMetaArch(nn.Module):
         s_patch_logits = self.student["ibot_head"](s_glob["patch"][masks])
         losses["ibot"] = self.ibot_loss.forward_masked(s_patch_logits, targets.patch, masks)
         if self.gram_teacher is not None:
-            with torch.no_grad():
-                g_patch = self.gram_teacher.forward_features(_to3(global_crops))["patch"]
+            g_patch = self.gram_patches(global_crops if gram_crops is None else gram_crops, s_glob["patch"].shape[1])
             losses["gram"] = self.gram_loss(s_glob["patch"], g_patch)
         total = share * sum(self.weights[k] * v for k, v in losses.items())
         stats = {k: float(v.detach()) for k, v in losses.items()}
@@ -209,12 +210,30 @@ class SSLMetaArch(nn.Module):
             total = total + koleo_w * (s_glob["cls"].float() * targets.koleo_grad).sum()
         return total, stats
 
+    @torch.no_grad()
+    def gram_patches(self, crops: torch.Tensor, n_patches: int) -> torch.Tensor:
+        """Gram teacher patch features of ``crops`` (R, 1, S, S), resampled (bicubic, as DINOv3) to the student's
+        ``n_patches`` (a square grid) when its crops are larger: (R, n_patches, D)."""
+        patch = self.gram_teacher.forward_features(_to3(crops))["patch"]
+        if patch.shape[1] == n_patches:
+            return patch
+        side, side_s = math.isqrt(patch.shape[1]), math.isqrt(n_patches)
+        grid = patch.transpose(1, 2).reshape(patch.shape[0], -1, side, side)
+        grid = F.interpolate(grid.float(), size=(side_s, side_s), mode="bicubic", align_corners=False)
+        return grid.flatten(2).transpose(1, 2)
+
+    @torch.no_grad()
+    def refresh_gram(self) -> None:
+        """Gram teacher <- the EMA teacher's backbone now (DINOv3's periodic refresh); local shards under FSDP."""
+        for pg, pt in zip(self.gram_teacher.parameters(), self.teacher["backbone"].parameters()):
+            pg.copy_(pt)
+
     def forward_losses(self, global_crops: torch.Tensor, local_crops: torch.Tensor, masks: torch.Tensor,
-                       teacher_temp: float) -> tuple[torch.Tensor, dict]:
+                       teacher_temp: float, gram_crops: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """The whole step in one pass. global_crops (2B, 1, G, G) view-major, local_crops (nB, 1, L, L) or empty,
-        masks (2B, h*w) bool; (weighted total loss, statistics)."""
+        masks (2B, h*w) bool, gram_crops as ``student_losses``; (weighted total loss, statistics)."""
         targets = self.teacher_targets(global_crops, masks, teacher_temp)
-        total, stats = self.student_losses(global_crops, local_crops, masks, targets)
+        total, stats = self.student_losses(global_crops, local_crops, masks, targets, gram_crops=gram_crops)
         return total, {**targets.stats, **stats}
 
 

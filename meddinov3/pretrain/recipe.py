@@ -16,6 +16,7 @@ Epoch counts there become fractions of ``steps`` here.
 | last layer frozen          | 1 % of steps             | 0                        | 0                             |
 | Gram loss weight           | -                        | 2.0                      | 1.5                           |
 | Gram teacher refresh       | -                        | every 10k steps, 3 times | never                         |
+| Gram teacher crops         | -                        | 2x the global size       | 1.5x (768/1152 for 512/768)   |
 
 Every stage: lr scaled with the global batch by DINOv3's ``sqrt_wrt_1024`` rule (lr x 4 sqrt(batch / 1024): x1 at
 batch 64), layer-wise lr decay 0.9 and patch-embedding lr x0.2 (``optim.layerwise_decay``, ``patch_embed_lr_mult``),
@@ -36,11 +37,12 @@ STAGE_DEFAULTS = {
         "weight_decay": 0.04, "weight_decay_end": 0.4, "freeze_last_layer_steps": ("fraction", 0.01)},
     2: {"lr": 3e-5, "min_lr": 3e-5, "warmup_steps": 0, "warmup_teacher_temp": 0.07, "teacher_temp_warmup_steps": 0,
         "momentum": 0.999, "momentum_end": 0.999, "weight_decay": 0.04, "weight_decay_end": 0.04,
-        "freeze_last_layer_steps": 0, "gram_weight": 2.0, "gram_refresh_every": 10000, "gram_max_refreshes": 3},
+        "freeze_last_layer_steps": 0, "gram_weight": 2.0, "gram_scale": 2.0, "gram_refresh_every": 10000,
+        "gram_max_refreshes": 3},
     3: {"lr": 1.25e-5, "min_lr": 1.25e-5, "warmup_steps": ("fraction", 1 / 3), "warmup_teacher_temp": 0.07,
         "teacher_temp_warmup_steps": 0, "momentum": 0.999, "momentum_end": 0.999, "weight_decay": 0.04,
-        "weight_decay_end": 0.04, "freeze_last_layer_steps": 0, "gram_weight": 1.5, "gram_refresh_every": 0,
-        "gram_max_refreshes": 0},
+        "weight_decay_end": 0.04, "freeze_last_layer_steps": 0, "gram_weight": 1.5, "gram_scale": 1.5,
+        "gram_refresh_every": 0, "gram_max_refreshes": 0},
 }
 
 # DINOv3 keeps 32 prototypes per Sinkhorn row: 65,536 for its 2 x 1,024 global crops (ssl_default_config), 262,144 for

@@ -35,13 +35,14 @@ class OutOfMemoryStop(RuntimeError):
 
 
 def select_images(batch: dict, masks: torch.Tensor, b: int, j0: int, j1: int, n_local: int):
-    """Rows of images j0:j1 from view-major global (2b, ...) / local (n b, ...) / masks (2b, N)."""
-    g = torch.cat([batch["global"][v * b + j0:v * b + j1] for v in range(2)])
-    m = torch.cat([masks[v * b + j0:v * b + j1] for v in range(2)])
-    loc = batch["local"]
-    if n_local:
-        loc = torch.cat([loc[v * b + j0:v * b + j1] for v in range(n_local)])
-    return g, loc, m
+    """Rows of images j0:j1 from view-major global (2b, ...) / local (n b, ...) / masks (2b, N) / Gram-teacher crops
+    (2b, ..., or None when the batch has none)."""
+    def rows(x: torch.Tensor, views: int) -> torch.Tensor:
+        return torch.cat([x[v * b + j0:v * b + j1] for v in range(views)])
+
+    loc = rows(batch["local"], n_local) if n_local else batch["local"]
+    gram = rows(batch["gram"], 2) if "gram" in batch else None
+    return rows(batch["global"], 2), loc, rows(masks, 2), gram
 
 
 @dataclass
@@ -111,10 +112,10 @@ class MicroBatchStep:
             for j0 in range(0, self.per_rank, micro):
                 j1 = min(self.per_rank, j0 + micro)
                 share = (j1 - j0) / self.per_rank
-                g, loc, m = select_images(batch, masks, self.per_rank, j0, j1, self.n_local)
+                g, loc, m, gram = select_images(batch, masks, self.per_rank, j0, j1, self.n_local)
                 part = targets.images(self.per_rank, j0, j1) if split else targets
                 with self.autocast():
-                    loss, part_stats = self.meta.student_losses(g, loc, m, part, share)
+                    loss, part_stats = self.meta.student_losses(g, loc, m, part, share, gram)
                 loss.backward()
                 for k, v in part_stats.items():
                     stats[k] = stats.get(k, 0.0) + v * share
