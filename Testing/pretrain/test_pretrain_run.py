@@ -157,9 +157,13 @@ def test_stage2_gram_and_stage3_highres_reduce_loss(stage1, liver):
     assert sorted(p.name for p in (out2 / "slices").iterdir()) == ["index.json", "index.npy"]
 
     out3 = root / "stage3"
-    status, ev = _run(vol, out3, base=str(out2), stage=3, steps=5, size=None, lr=5e-4, highres_factor=1.5)
+    status, ev = _run(vol, out3, base=str(out2), stage=3, steps=5, size=None, lr=5e-4, highres_scale=0.125)
     assert status["state"] == "finished"
-    assert ev[0]["global_size"] == 96 and ev[0]["local_size"] == 48
+    # DINOv3's high-resolution mix (global 512/768, local 112..336, Gram 1.5x) scaled by 1/8, one pair per step
+    resolved = json.loads((out3 / "config.json").read_text())["resolved"]
+    assert resolved["resolutions"] == [[64, 16, 0.3, 96], [96, 16, 0.3, 144], [96, 24, 0.3, 144], [96, 32, 0.05, 144],
+                                       [96, 40, 0.05, 144]]
+    assert {e["global_size"] for e in ev if e["event"] == "step"} == {64, 96}
     step = next(e for e in ev if e["event"] == "step")
     assert "gram" in step and step["teacher_temp"] == pytest.approx(0.07) and step["momentum"] == pytest.approx(0.999)
     losses = _losses(out3)

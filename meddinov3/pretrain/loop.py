@@ -35,7 +35,7 @@ from .data import PretrainDataError, SliceIndex, StepSampler, build_slice_index,
 from .masking import sample_masks
 from .meta_arch import HeadConfig, SSLMetaArch
 from .parallel import full_state, load_optimizer, shard
-from .recipe import (entropy_floor, lr_scale, optimizer_groups, prototype_warning, prototypes_for_batch, stage_value, step_schedules,
+from .recipe import (HIGHRES_CROPS, entropy_floor, lr_scale, optimizer_groups, prototype_warning, prototypes_for_batch, stage_value, step_schedules,
                      uniform_drop_path)
 from .step import MicroBatchStep, OutOfMemoryStop
 
@@ -94,6 +94,15 @@ def gram_refresh_due(cfg: PretrainConfig, step: int) -> bool:
     most 3 times in stage 2; never in stage 3). A function of the step alone, so a resumed run refreshes alike."""
     every = cfg.gram_refresh_every or 0
     return cfg.stage >= 2 and every > 0 and step % every == 0 and step // every <= (cfg.gram_max_refreshes or 0)
+
+
+def step_resolution(resolutions: list, seed: int, step: int) -> int:
+    """Which of `resolutions` (global, local, probability) step `step` uses: drawn from (seed, step) alone, so every
+    process and a resumed run take the same (DINOv3 combines one loader per resolution by these ratios)."""
+    if len(resolutions) == 1:
+        return 0
+    p = np.array([r[2] for r in resolutions], dtype=np.float64)
+    return int(np.random.default_rng([seed, step, 7]).choice(len(resolutions), p=p / p.sum()))
 
 
 def is_kept(cfg: PretrainConfig, step: int) -> bool:
@@ -176,7 +185,10 @@ class PretrainConfig(JsonOptions):
     n_local: int = 8
     global_scale: list = field(default_factory=lambda: [0.32, 1.0])
     local_scale: list = field(default_factory=lambda: [0.05, 0.32])
-    highres_factor: float = 2.0  # stage 3 multiplies both crop sizes by this
+    # stage 3 draws one (global, local, probability) per step, DINOv3's high-resolution mix, sizes x highres_scale
+    # (e.g. 0.25 for a small run: global 128/192, local 28..84 rounded to the patch size)
+    highres_crops: list = field(default_factory=lambda: [list(c) for c in HIGHRES_CROPS])
+    highres_scale: float = 1.0
     mask_ratio: list = field(default_factory=lambda: [0.1, 0.5])
     mask_probability: float = 0.5
     grad_clip: float = 3.0
@@ -214,7 +226,7 @@ class PretrainConfig(JsonOptions):
                     "gram_max_refreshes"):
             self.require_number(key, 0, optional=True)
         self.require_number("micro_batch", 1, optional=True)
-        for key in ("grad_clip", "teacher_temp", "student_temp", "highres_factor", "layer_decay", "patch_embed_lr",
+        for key in ("grad_clip", "teacher_temp", "student_temp", "highres_scale", "layer_decay", "patch_embed_lr",
                     "drop_path_rate"):
             self.require_number(key, 0, whole=False)
         for key in ("lr", "min_lr", "weight_decay", "weight_decay_end", "momentum", "momentum_end",
@@ -249,9 +261,14 @@ class PretrainConfig(JsonOptions):
             return None
         return max(patch, int(round(global_size * self.gram_scale / patch)) * patch)
 
-    def crop_sizes(self, patch: int) -> tuple[int, int]:
-        f = self.highres_factor if self.stage == 3 else 1.0
-        return tuple(max(patch, int(round(s * f / patch)) * patch) for s in (self.global_size, self.local_size))
+    def resolutions(self, patch: int) -> list[tuple[int, int, float]]:
+        """(global size, local size, probability per step) of the crops: one pair before stage 3, DINOv3's
+        high-resolution mix (x ``highres_scale``, multiples of `patch`) in stage 3."""
+        if self.stage < 3:
+            return [(self.global_size, self.local_size, 1.0)]
+        side = lambda s: max(patch, int(round(s * self.highres_scale / patch)) * patch)  # noqa: E731
+        total = sum(float(c[2]) for c in self.highres_crops)
+        return [(side(g), side(l), float(p) / total) for g, l, p in self.highres_crops]
 
 
 # ----------------------------------------------------------------------------------------------- set-up
@@ -524,10 +541,12 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
     if per_rank < 2:
         raise PretrainError("each process needs at least 2 images per step (KoLeo and Sinkhorn compare images)")
     micro = min(cfg.micro_batch or per_rank, per_rank)
-    g_size, l_size = cfg.crop_sizes(mcfg.patch_size)
-    gram_size = cfg.gram_crop_size(g_size, mcfg.patch_size)
-    aug = MultiCropAugmentation(g_size, l_size, cfg.n_local, tuple(cfg.global_scale), tuple(cfg.local_scale),
-                                patch_size=mcfg.patch_size, gram_size=gram_size)
+    resolutions = cfg.resolutions(mcfg.patch_size)
+    augs = [MultiCropAugmentation(g, l, cfg.n_local, tuple(cfg.global_scale), tuple(cfg.local_scale),
+                                  patch_size=mcfg.patch_size, gram_size=cfg.gram_crop_size(g, mcfg.patch_size))
+            for g, l, _ in resolutions]
+    g_size, l_size, _ = resolutions[0]
+    gram_size = augs[0].gram_size
     grid = (g_size // mcfg.patch_size, g_size // mcfg.patch_size)
     sampler = StepSampler(len(index), per_rank, cfg.seed, rank, world)
 
@@ -557,7 +576,8 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
             from ..train.loop import versions
             write_json(run_dir / "config.json", {"pretrain": cfg.to_dict(), "resolved": {
                 "model": mcfg.to_dict(), "base": base_info, "global_size": g_size, "local_size": l_size,
-                "gram_size": gram_size,
+                "gram_size": gram_size, "resolutions": [[g, l, round(p, 4), augs[k].gram_size]
+                                                        for k, (g, l, p) in enumerate(resolutions)],
                 "mask_grid": list(grid), "total_steps": total, "per_rank_batch": per_rank, "world_size": world,
                 "device": str(device), "amp": str(adt).replace("torch.", "") if adt else "fp32",
                 "parallel": "fsdp" if fsdp else "ddp" if dist_info.enabled else "none",
@@ -606,7 +626,8 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
         status.update(state="running", step=step)
         progress.event("started", run_dir=str(run_dir), stage=cfg.stage, total_steps=total, step=step,
                        resumed=bool(resume and step), device=str(device), world_size=world, base=base_info,
-                       slices=len(index), global_size=g_size, local_size=l_size)
+                       slices=len(index), global_size=g_size, local_size=l_size,
+                       resolutions=[list(r[:2]) for r in resolutions])
 
     def halved(new_micro: int) -> None:
         progress.event("oom", step=step, micro_batch=new_micro, accumulation=math.ceil(per_rank / new_micro))
@@ -622,6 +643,8 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
     state_name = "finished"
     while step < total:
         idx = sampler.indices(step)
+        aug = augs[step_resolution(resolutions, cfg.seed, step)]
+        grid = (aug.global_size // mcfg.patch_size,) * 2
         batch = collate_crops([aug(index.slice(i), crop_generator(cfg.seed, step, rank, j))
                                for j, i in enumerate(idx)])
         masks = sample_masks(2 * per_rank, grid, tuple(cfg.mask_ratio), cfg.mask_probability,
@@ -671,6 +694,7 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
                    "weight_decay": float(wd_s[step - 1]), "momentum": float(mom_s[step - 1]),
                    "teacher_temp": float(tt_s[step - 1]), "grad_norm": float(grad_norm),
                    "images_per_s": round(n_img / max(now - t_last, 1e-9), 3), "micro_batch": micro,
+                   "global_size": aug.global_size,
                    "gpu_memory_gb": peak_gpu_memory_gb(device)}
             write_metrics(rec)
             if main:

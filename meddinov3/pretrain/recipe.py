@@ -45,6 +45,10 @@ STAGE_DEFAULTS = {
         "gram_refresh_every": 0, "gram_max_refreshes": 0},
 }
 
+# stage 3, DINOv3's high_res_adapt crops.{global_crops_size, local_crops_size, global_local_crop_pairs_ratios}: one
+# pair per step; its Gram crops (768 / 1152) are 1.5x the global size (``gram_scale`` 1.5)
+HIGHRES_CROPS = ((512, 112, 0.3), (768, 112, 0.3), (768, 168, 0.3), (768, 224, 0.05), (768, 336, 0.05))
+
 # DINOv3 keeps 32 prototypes per Sinkhorn row: 65,536 for its 2 x 1,024 global crops (ssl_default_config), 262,144 for
 # the 7B's 2 x 4,096. More per row puts a floor of log(K / rows) under every target's entropy (each prototype's mass
 # is rows / K, so no target can be sharper), and the targets of a small batch cannot tell images apart.
