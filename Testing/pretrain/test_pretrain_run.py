@@ -180,10 +180,12 @@ def test_gram_teacher_from_a_kept_snapshot_at_twice_the_resolution(stage1, liver
     snapshot, latest = (torch.load(kept / name, weights_only=False) for name in ("step_0000004.pt", "latest.pt"))
     assert snapshot["step"] == 4 and latest["step"] == 8
     out = root / "stage2-snapshot"
-    status, _ = _run(vol, out, base=str(stage1[0]), stage=2, steps=2, size=None, gram_teacher=str(kept / "step_0000004.pt"))
+    status, _ = _run(vol, out, base=str(stage1[0]), stage=2, steps=2, size=None,
+                     gram_teacher=str(kept / "step_0000004.pt"))
     assert status["state"] == "finished"
     gram = {k[len("gram_teacher."):]: v for k, v in _meta(out)["meta"].items() if k.startswith("gram_teacher.")}
-    teacher_at = {k[len("teacher.backbone."):]: v for k, v in snapshot["meta"].items() if k.startswith("teacher.backbone.")}
+    prefix = "teacher.backbone."
+    teacher_at = {k[len(prefix):]: v for k, v in snapshot["meta"].items() if k.startswith(prefix)}
     assert gram.keys() == teacher_at.keys()
     assert all(torch.equal(gram[k], teacher_at[k]) for k in gram)
     assert any(not torch.equal(gram[k], latest["meta"]["teacher.backbone." + k]) for k in gram)

@@ -35,8 +35,8 @@ from .data import PretrainDataError, SliceIndex, StepSampler, build_slice_index,
 from .masking import sample_masks
 from .meta_arch import HeadConfig, SSLMetaArch
 from .parallel import full_state, load_optimizer, shard
-from .recipe import (HIGHRES_CROPS, entropy_floor, lr_scale, optimizer_groups, prototype_warning, prototypes_for_batch, stage_value, step_schedules,
-                     uniform_drop_path)
+from .recipe import (HIGHRES_CROPS, entropy_floor, lr_scale, optimizer_groups, prototype_warning, prototypes_for_batch,
+                     stage_value, step_schedules, uniform_drop_path)
 from .step import MicroBatchStep, OutOfMemoryStop
 
 FORMAT = "meddinov3-pretrain-state"
@@ -192,7 +192,7 @@ class PretrainConfig(JsonOptions):
     mask_ratio: list = field(default_factory=lambda: [0.1, 0.5])
     mask_probability: float = 0.5
     grad_clip: float = 3.0
-    # the prototypes stay fixed this long (DINOv3: 1 % of the run in stage 1): early on the targets are near
+    # the prototypes stay fixed this long (stage 1: DINOv3's one epoch, 1250 steps): early on the targets are near
     # uniform and trainable prototypes would settle in that uniform fixed point
     freeze_last_layer_steps: int | None = None
     grad_checkpointing: bool = False

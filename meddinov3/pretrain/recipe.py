@@ -4,19 +4,23 @@ Sources (facebookresearch/dinov3, ``dinov3/configs``): stage 1 takes ``ssl_defau
 self-distillation, the values DINOv3 gives for ViT-B/L training); stage 2 takes ``train/dinov3_vit7b16_gram_anchor
 .yaml`` and stage 3 ``train/dinov3_vit7b16_high_res_adapt.yaml`` at the point where those stages start (DINOv3 runs
 its Gram stage as a continuation of the 1M-iteration run: its warm-ups are over, the last layer is no longer frozen).
-Epoch counts there become fractions of ``steps`` here.
+Epoch counts there become fractions of ``steps`` here, except the prototypes' freeze: one DINOv3 epoch, 1250 steps,
+however short the run (early targets are near uniform, and trainable prototypes would settle in that fixed point:
+``benchmarks/RESULTS.md`` shows it from scratch).
 
 | option                     | stage 1                  | stage 2 (Gram anchoring) | stage 3 (high resolution)     |
 |----------------------------|--------------------------|--------------------------|-------------------------------|
-| lr (base, before scaling)  | 1e-3, cosine to 1e-6     | 3e-5 constant            | 0 -> 1.25e-5 over 1/3, then constant |
-| warmup_steps               | 10 % of steps            | 0                        | 1/3 of steps (linear here; DINOv3: half cosine) |
+| lr (base, before scaling)  | 1e-3, cosine to 1e-6     | 3e-5 constant            | 0 -> 1.25e-5, then constant   |
+| warmup_steps               | 10 % of steps            | 0                        | 1/3 of steps (*)              |
 | teacher temperature        | 0.04 -> 0.07 over 30 %   | 0.07                     | 0.07                          |
 | teacher momentum           | 0.992 -> 1 (cosine)      | 0.999                    | 0.999                         |
 | weight decay               | 0.04 -> 0.4 (cosine)     | 0.04                     | 0.04                          |
-| last layer frozen          | 1 % of steps             | 0                        | 0                             |
+| last layer frozen          | 1250 steps (one epoch)   | 0                        | 0                             |
 | Gram loss weight           | -                        | 2.0                      | 1.5                           |
 | Gram teacher refresh       | -                        | every 10k steps, 3 times | never                         |
 | Gram teacher crops         | -                        | 2x the global size       | 1.5x (768/1152 for 512/768)   |
+
+(*) a linear warm-up here; DINOv3 raises the lr along a half cosine over its first 10 of 30 epochs.
 
 Every stage: lr scaled with the global batch by DINOv3's ``sqrt_wrt_1024`` rule (lr x 4 sqrt(batch / 1024): x1 at
 batch 64), layer-wise lr decay 0.9 and patch-embedding lr x0.2 (``optim.layerwise_decay``, ``patch_embed_lr_mult``),
@@ -34,7 +38,7 @@ import torch
 STAGE_DEFAULTS = {
     1: {"lr": 1e-3, "min_lr": 1e-6, "warmup_steps": ("fraction", 0.1), "warmup_teacher_temp": 0.04,
         "teacher_temp_warmup_steps": ("fraction", 0.3), "momentum": 0.992, "momentum_end": 1.0,
-        "weight_decay": 0.04, "weight_decay_end": 0.4, "freeze_last_layer_steps": ("fraction", 0.01)},
+        "weight_decay": 0.04, "weight_decay_end": 0.4, "freeze_last_layer_steps": 1250},
     2: {"lr": 3e-5, "min_lr": 3e-5, "warmup_steps": 0, "warmup_teacher_temp": 0.07, "teacher_temp_warmup_steps": 0,
         "momentum": 0.999, "momentum_end": 0.999, "weight_decay": 0.04, "weight_decay_end": 0.04,
         "freeze_last_layer_steps": 0, "gram_weight": 2.0, "gram_scale": 2.0, "gram_refresh_every": 10000,
