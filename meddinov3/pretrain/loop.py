@@ -158,7 +158,7 @@ class PretrainConfig(JsonOptions):
     micro_batch: int | None = None  # per-rank forward size (OOM back-off halves it)
     seed: int = 0
     # None: the stage's DINOv3 default (``recipe.STAGE_DEFAULTS``), resolved into config.json at the start
-    lr: float | None = None  # base lr at batch 1024 / 4 ... scaled by ``lr_scaling`` with batch_size
+    lr: float | None = None  # base lr, x ``recipe.lr_scale(lr_scaling, batch_size)`` (x1 at batch 64 by default)
     min_lr: float | None = None
     lr_scaling: str = "sqrt_wrt_1024"  # DINOv3's rule: lr x 4 sqrt(batch_size / 1024); "linear_wrt_256", "none"
     layer_decay: float = 0.9  # layer-wise lr decay (DINOv3 optim.layerwise_decay)

@@ -20,7 +20,6 @@ others) rather than hanging.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -132,7 +131,3 @@ class MicroBatchStep:
     def __call__(self, batch: dict, masks: torch.Tensor, teacher_temp: float) -> dict:
         """One step's forward and backward (gradients left in ``.grad``, not yet reduced over ranks)."""
         return self.student(batch, masks, self.targets(batch, masks, teacher_temp))
-
-    @property
-    def accumulation(self) -> int:
-        return math.ceil(self.per_rank / self.micro)
