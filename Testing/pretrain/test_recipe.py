@@ -37,13 +37,14 @@ def test_stages_2_and_3_do_not_rerun_stage_1s_schedules():
     sched = step_schedules(s2)
     assert sched["lr"][0] == pytest.approx(3e-5) and sched["lr"][-1] == pytest.approx(3e-5)
     assert sched["teacher_temp"] == pytest.approx([0.07] * 300) and sched["momentum"] == pytest.approx([0.999] * 300)
-    assert s2.freeze_last_layer_steps == 0 and s2.loss_weights["gram"] == 2.0
+    assert s2.freeze_last_layer_steps == 0 and s2.loss_weights["gram"] == 2.0 and s2.local_loss_weight == 0.5
     s3 = _resolved(stage=3, base="x")
     sched = step_schedules(s3)
     assert sched["lr"][0] == 0.0 and sched["lr"][100] == pytest.approx(1.25e-5)
     assert sched["lr"][-1] == pytest.approx(1.25e-5)
     assert sched["teacher_temp"][0] == pytest.approx(0.07) and sched["momentum"][0] == pytest.approx(0.999)
-    assert s3.freeze_last_layer_steps == 0 and s3.loss_weights["gram"] == 1.5
+    assert s3.freeze_last_layer_steps == 0 and s3.loss_weights["gram"] == 1.5 and s3.local_loss_weight == 0.5
+    assert _resolved(stage=1).local_loss_weight == 1.0
     # what the user sets wins
     mine = _resolved(stage=2, base="x", lr=1e-4, momentum=0.99, loss_weights={"dino": 1.0, "gram": 0.5})
     assert step_schedules(mine)["lr"][0] == pytest.approx(1e-4) and mine.momentum == 0.99
@@ -134,3 +135,22 @@ def test_gram_products_stay_fp32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under = GramLoss()(student, teacher)
     assert under.dtype == torch.float32 and torch.allclose(under, ref, rtol=1e-5), (float(under), float(ref))
+
+
+def test_dino_local_crop_pairs_weighted_as_dinov3():
+    """DINOv3: global_scale * mean(global pairs) + local_scale * w * mean(local pairs), scales = share of pairs."""
+    from meddinov3.pretrain.losses import DINOLoss
+
+    torch.manual_seed(0)
+    students = [torch.randn(4, 16) for _ in range(2 + 3)]
+    teachers = [torch.softmax(torch.randn(4, 16), -1) for _ in range(2)]
+    loss = DINOLoss(16)
+
+    def ce(s, t):
+        return float(-(t * torch.log_softmax(s / 0.1, -1)).sum(-1).mean())
+
+    global_pairs = [ce(students[i], teachers[1 - i]) for i in range(2)]
+    local_pairs = [ce(students[i], t) for i in range(2, 5) for t in teachers]
+    expected = (sum(global_pairs) + 0.5 * sum(local_pairs)) / 8
+    assert float(loss(students, teachers, local_weight=0.5)) == pytest.approx(expected, rel=1e-5)
+    assert float(loss(students, teachers)) == pytest.approx((sum(global_pairs) + sum(local_pairs)) / 8, rel=1e-5)

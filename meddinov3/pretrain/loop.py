@@ -178,6 +178,8 @@ class PretrainConfig(JsonOptions):
     # out_dim None: 32 prototypes per Sinkhorn row (``recipe.prototypes_for_batch``)
     head: dict = field(default_factory=lambda: {"out_dim": None, "hidden_dim": 2048, "bottleneck_dim": 256,
                                                 "nlayers": 3})
+    # DINO pairs of local crops count this much (None: DINOv3's 1 in stage 1, 0.5 in stages 2 and 3)
+    local_loss_weight: float | None = None
     # KoLeo counts once per global crop (x2, as DINOv3); "gram" absent: the stage's default (2 / 1.5)
     loss_weights: dict = field(default_factory=lambda: {"dino": 1.0, "ibot": 1.0, "koleo": 0.1})
     global_size: int = 224
@@ -230,7 +232,7 @@ class PretrainConfig(JsonOptions):
                     "drop_path_rate"):
             self.require_number(key, 0, whole=False)
         for key in ("lr", "min_lr", "weight_decay", "weight_decay_end", "momentum", "momentum_end",
-                    "warmup_teacher_temp", "gram_scale"):
+                    "warmup_teacher_temp", "gram_scale", "local_loss_weight"):
             self.require_number(key, 0, whole=False, optional=True)
         lr_scale(self.lr_scaling, 1)  # an unknown rule is refused here
         if self.stage not in (1, 2, 3):
@@ -503,7 +505,8 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
     if warning:
         log(f"WARNING: {warning}")
     head = HeadConfig(**cfg.head)
-    meta = SSLMetaArch(mcfg, head, cfg.centering, cfg.student_temp, cfg.center_momentum, cfg.loss_weights)
+    meta = SSLMetaArch(mcfg, head, cfg.centering, cfg.student_temp, cfg.center_momentum, cfg.loss_weights,
+                       local_weight=cfg.local_loss_weight)
     uniform_drop_path(meta.student["backbone"], cfg.drop_path_rate)
     if base_sd is not None:
         meta.load_backbone_weights(base_sd)

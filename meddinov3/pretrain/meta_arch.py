@@ -45,8 +45,9 @@ def _to3(x: torch.Tensor) -> torch.Tensor:
 class SSLMetaArch(nn.Module):
     def __init__(self, mcfg: ModelConfig, head: HeadConfig, centering: str = "sinkhorn",
                  student_temp: float = 0.1, center_momentum: float = 0.9,
-                 loss_weights: dict | None = None, gram: bool = False) -> None:
+                 loss_weights: dict | None = None, gram: bool = False, local_weight: float = 1.0) -> None:
         super().__init__()
+        self.local_weight = local_weight  # DINO pairs of a local student crop count this much (DINOv3: 0.5 later)
         if centering not in ("sinkhorn", "centering", "none"):
             raise ValueError(f"centering must be 'sinkhorn', 'centering' or 'none', got {centering!r}")
         self.centering = centering
@@ -193,7 +194,8 @@ class SSLMetaArch(nn.Module):
             s_cls.append(s_loc["cls"])
             n_local = local_crops.shape[0] // (global_crops.shape[0] // 2)
         cls_logits = self.student["dino_head"](torch.cat(s_cls))
-        losses = {"dino": self.dino_loss(list(cls_logits.chunk(2 + n_local)), list(targets.cls.chunk(2)))}
+        losses = {"dino": self.dino_loss(list(cls_logits.chunk(2 + n_local)), list(targets.cls.chunk(2)),
+                                         local_weight=self.local_weight)}
         s_patch_logits = self.student["ibot_head"](s_glob["patch"][masks])
         losses["ibot"] = self.ibot_loss.forward_masked(s_patch_logits, targets.patch, masks)
         if self.gram_teacher is not None:

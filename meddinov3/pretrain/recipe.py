@@ -16,11 +16,13 @@ however short the run (early targets are near uniform, and trainable prototypes 
 | teacher momentum           | 0.992 -> 1 (cosine)      | 0.999                    | 0.999                         |
 | weight decay               | 0.04 -> 0.4 (cosine)     | 0.04                     | 0.04                          |
 | last layer frozen          | 1250 steps (one epoch)   | 0                        | 0                             |
+| DINO local-crop weight     | 1                        | 0.5 (**)                 | 0.5                           |
 | Gram loss weight           | -                        | 2.0                      | 1.5                           |
 | Gram teacher refresh       | -                        | every 10k steps, 3 times | never                         |
 | Gram teacher crops         | -                        | 2x the global size       | 1.5x (768/1152 for 512/768)   |
 
 (*) a linear warm-up here; DINOv3 raises the lr along a half cosine over its first 10 of 30 epochs.
+(**) DINOv3 lowers it from 1 along a half cosine over the stage's first 1000 iterations; constant here.
 
 Every stage: lr scaled with the global batch by DINOv3's ``sqrt_wrt_1024`` rule (lr x 4 sqrt(batch / 1024): x1 at
 batch 64), layer-wise lr decay 0.9 and patch-embedding lr x0.2 (``optim.layerwise_decay``, ``patch_embed_lr_mult``),
@@ -38,14 +40,15 @@ import torch
 STAGE_DEFAULTS = {
     1: {"lr": 1e-3, "min_lr": 1e-6, "warmup_steps": ("fraction", 0.1), "warmup_teacher_temp": 0.04,
         "teacher_temp_warmup_steps": ("fraction", 0.3), "momentum": 0.992, "momentum_end": 1.0,
-        "weight_decay": 0.04, "weight_decay_end": 0.4, "freeze_last_layer_steps": 1250},
+        "weight_decay": 0.04, "weight_decay_end": 0.4, "freeze_last_layer_steps": 1250, "local_loss_weight": 1.0},
     2: {"lr": 3e-5, "min_lr": 3e-5, "warmup_steps": 0, "warmup_teacher_temp": 0.07, "teacher_temp_warmup_steps": 0,
         "momentum": 0.999, "momentum_end": 0.999, "weight_decay": 0.04, "weight_decay_end": 0.04,
-        "freeze_last_layer_steps": 0, "gram_weight": 2.0, "gram_scale": 2.0, "gram_refresh_every": 10000,
-        "gram_max_refreshes": 3},
+        "freeze_last_layer_steps": 0, "local_loss_weight": 0.5, "gram_weight": 2.0, "gram_scale": 2.0,
+        "gram_refresh_every": 10000, "gram_max_refreshes": 3},
     3: {"lr": 1.25e-5, "min_lr": 1.25e-5, "warmup_steps": ("fraction", 1 / 3), "warmup_teacher_temp": 0.07,
         "teacher_temp_warmup_steps": 0, "momentum": 0.999, "momentum_end": 0.999, "weight_decay": 0.04,
-        "weight_decay_end": 0.04, "freeze_last_layer_steps": 0, "gram_weight": 1.5, "gram_scale": 1.5,
+        "weight_decay_end": 0.04, "freeze_last_layer_steps": 0, "local_loss_weight": 0.5, "gram_weight": 1.5,
+        "gram_scale": 1.5,
         "gram_refresh_every": 0, "gram_max_refreshes": 0},
 }
 
