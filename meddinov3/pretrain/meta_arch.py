@@ -2,8 +2,11 @@
 
 ``SSLMetaArch.forward_losses(global, local, masks, teacher_temp)`` returns the weighted total loss (to
 backpropagate through the student) and detached statistics (per-loss values, teacher entropies, teacher
-feature spread) that the loop logs and the collapse detector reads. ``update_teacher(m)`` is the EMA step.
-The teacher and the Gram teacher never receive gradients.
+feature spread) that the loop logs and the collapse detector reads. It is the two halves a micro-batched step
+(``step.MicroBatchStep``) runs apart: ``teacher_targets`` (``teacher_logits`` + ``targets_from_logits``) once over
+the whole step, then ``student_losses`` per micro-batch on its slice (``StepTargets.images``), with KoLeo's
+whole-step gradient from ``koleo_gradient``. ``update_teacher(m)`` is the EMA step, ``refresh_gram`` the Gram
+teacher's refresh. The teacher and the Gram teacher never receive gradients.
 """
 
 from __future__ import annotations
