@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from meddinov3.pretrain.crops import (
     MultiCropAugmentation, collate_crops, gaussian_blur, normalize_hu, random_resized_crop,
@@ -157,3 +158,21 @@ def test_sample_masks_ratios_probability_and_determinism():
     assert torch.equal(masks, again) and not torch.equal(masks, other)
     assert sample_masks(4, grid, mask_probability=0.0, generator=0).sum() == 0
     assert (sample_masks(4, grid, mask_probability=1.0, generator=0).sum(1) > 0).all()
+
+
+def test_gram_teacher_crops_are_the_global_regions_clean_at_twice_the_size():
+    """DINOv3's Gram-teacher crop: the same region and flip as each global crop, at gram_size, without intensity
+    jitter or blur (the global crop alone is jittered)."""
+    img = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 96, 96)).astype(np.float32))
+    img = gaussian_blur(img, 2.0)  # smooth: resampling paths then agree closely
+    aug = MultiCropAugmentation(32, 16, n_local=1, patch_size=8, gram_size=64, jitter_p=0.0, blur_p=(0.0, 0.0, 0.0))
+    out = aug(img, torch.Generator().manual_seed(3))
+    assert [tuple(c.shape) for c in out["gram_crops"]] == [(1, 64, 64)] * 2
+    for glob, gram in zip(out["global_crops"], out["gram_crops"]):
+        down = F.interpolate(gram[None], size=(32, 32), mode="bilinear", antialias=True, align_corners=False)[0]
+        assert torch.allclose(down, glob, atol=1e-4)
+    jittered = MultiCropAugmentation(32, 16, n_local=1, patch_size=8, gram_size=64, jitter_p=1.0, contrast=0.5)
+    out2 = jittered(img, torch.Generator().manual_seed(3))
+    assert torch.equal(out2["gram_crops"][0], out["gram_crops"][0])  # same draws, clean whatever the jitter
+    batch = collate_crops([out, out2])
+    assert batch["gram"].shape == (4, 1, 64, 64) and torch.equal(batch["gram"][1], out2["gram_crops"][0])

@@ -27,9 +27,12 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY = {"size": "tiny", "model": {"depth": 2, "patch_size": 8},
         "head": {"out_dim": 256, "hidden_dim": 64, "bottleneck_dim": 32, "nlayers": 3},
         "global_size": 64, "local_size": 32, "n_local": 2, "batch_size": 4, "lr": 1e-3, "warmup_steps": 2,
-        "teacher_temp_warmup_steps": 4, "log_every": 1, "seed": 0}
+        "teacher_temp_warmup_steps": 4, "log_every": 1, "seed": 0,
+        # what these few-step runs were tuned for: unscaled lr, no stochastic depth, prototypes frozen throughout
+        "lr_scaling": "none", "drop_path_rate": 0.0, "freeze_last_layer_steps": 1250}
 SETS = ['model={"depth": 2, "patch_size": 8}', 'head={"out_dim": 256, "hidden_dim": 64, "bottleneck_dim": 32}',
-        "global_size=64", "local_size=32", "n_local=2", "lr=1e-3", "warmup_steps=2", "log_every=1", "probe_every=0"]
+        "global_size=64", "local_size=32", "n_local=2", "lr=1e-3", "warmup_steps=2", "log_every=1", "probe_every=0",
+        'lr_scaling="none"', "drop_path_rate=0.0", "freeze_last_layer_steps=1250"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -95,7 +98,7 @@ def liver(tmp_path_factory):
 def stage1(liver):
     root, _, vol = liver
     out = root / "stage1"
-    status, ev = _run(vol, out, steps=8, checkpoint_every=4, probe_every=4)
+    status, ev = _run(vol, out, steps=8, checkpoint_every=4, probe_every=4, keep_every=4)
     return out, status, ev
 
 
@@ -138,6 +141,9 @@ def test_stage2_gram_and_stage3_highres_reduce_loss(stage1, liver):
     assert status["state"] == "finished"
     step = next(e for e in ev if e["event"] == "step")
     assert "gram" in step and step["gram"] >= 0
+    # stage 2 starts where DINOv3's Gram stage starts, not with stage 1's warm-ups
+    assert step["teacher_temp"] == pytest.approx(0.07) and step["momentum"] == pytest.approx(0.999)
+    assert json.loads((out2 / "config.json").read_text())["pretrain"]["loss_weights"]["gram"] == 2.0
     started = ev[0]
     assert started["base"]["kind"] == "pretrain-run"
     losses = _losses(out2)
@@ -151,12 +157,49 @@ def test_stage2_gram_and_stage3_highres_reduce_loss(stage1, liver):
     assert sorted(p.name for p in (out2 / "slices").iterdir()) == ["index.json", "index.npy"]
 
     out3 = root / "stage3"
-    status, ev = _run(vol, out3, base=str(out2), stage=3, steps=5, size=None, lr=5e-4, highres_factor=1.5)
+    status, ev = _run(vol, out3, base=str(out2), stage=3, steps=5, size=None, lr=5e-4, highres_scale=0.125)
     assert status["state"] == "finished"
-    assert ev[0]["global_size"] == 96 and ev[0]["local_size"] == 48
-    assert "gram" in next(e for e in ev if e["event"] == "step")
+    # DINOv3's high-resolution mix (global 512/768, local 112..336, Gram 1.5x) scaled by 1/8, one pair per step
+    resolved = json.loads((out3 / "config.json").read_text())["resolved"]
+    assert resolved["resolutions"] == [[64, 16, 0.3, 96], [96, 16, 0.3, 144], [96, 24, 0.3, 144], [96, 32, 0.05, 144],
+                                       [96, 40, 0.05, 144]]
+    assert {e["global_size"] for e in ev if e["event"] == "step"} == {64, 96}
+    step = next(e for e in ev if e["event"] == "step")
+    assert "gram" in step and step["teacher_temp"] == pytest.approx(0.07) and step["momentum"] == pytest.approx(0.999)
     losses = _losses(out3)
     assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
+
+
+def test_gram_teacher_from_a_kept_snapshot_at_twice_the_resolution(stage1, liver):
+    """Stage 1 keeps checkpoints/step_NNNNNNN.pt; stage 2 takes its Gram teacher from such an earlier snapshot (not
+    from the teacher at the stage's start), sees clean crops at 2x the global size, and refreshes it from the EMA
+    teacher as configured."""
+    root, _, vol = liver
+    kept = stage1[0] / "checkpoints"
+    assert sorted(p.name for p in kept.glob("step_*.pt")) == ["step_0000004.pt", "step_0000008.pt"]
+    snapshot, latest = (torch.load(kept / name, weights_only=False) for name in ("step_0000004.pt", "latest.pt"))
+    assert snapshot["step"] == 4 and latest["step"] == 8
+    out = root / "stage2-snapshot"
+    status, _ = _run(vol, out, base=str(stage1[0]), stage=2, steps=2, size=None,
+                     gram_teacher=str(kept / "step_0000004.pt"))
+    assert status["state"] == "finished"
+    gram = {k[len("gram_teacher."):]: v for k, v in _meta(out)["meta"].items() if k.startswith("gram_teacher.")}
+    prefix = "teacher.backbone."
+    teacher_at = {k[len(prefix):]: v for k, v in snapshot["meta"].items() if k.startswith(prefix)}
+    assert gram.keys() == teacher_at.keys()
+    assert all(torch.equal(gram[k], teacher_at[k]) for k in gram)
+    assert any(not torch.equal(gram[k], latest["meta"]["teacher.backbone." + k]) for k in gram)
+    assert json.loads((out / "config.json").read_text())["resolved"]["gram_size"] == 128
+
+    refreshes = []
+
+    def count_refreshes(meta):
+        plain = meta.refresh_gram
+        meta.refresh_gram = lambda: (refreshes.append(1), plain())
+
+    _run(vol, root / "stage2-refresh", base=str(stage1[0]), stage=2, steps=3, size=None, gram_refresh_every=1,
+         gram_max_refreshes=2, hooks={"meta": count_refreshes})
+    assert len(refreshes) == 2
 
 
 def test_next_stage_takes_over_the_base_runs_heads(stage1, liver):

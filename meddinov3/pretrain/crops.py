@@ -81,6 +81,13 @@ def random_resized_crop(
                          align_corners=False, antialias=True)[0]
 
 
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(C, H, W) -> (C, size, size), bilinear with antialiasing; the tensor itself when already that size."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+
+
 def gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of a (C, H, W) tensor, reflect padding, kernel radius ceil(3 sigma)."""
     radius = max(1, int(math.ceil(3.0 * sigma)))
@@ -120,6 +127,7 @@ class MultiCropAugmentation:
         blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5),
         blur_sigma: tuple[float, float] = (0.1, 2.0),
         patch_size: int = 16,
+        gram_size: int | None = None,
     ) -> None:
         for name, size in (("global_size", global_size), ("local_size", local_size)):
             if size <= 0 or size % patch_size:
@@ -131,12 +139,23 @@ class MultiCropAugmentation:
         self.flip_p, self.jitter_p = flip_p, jitter_p
         self.brightness, self.contrast = brightness, contrast
         self.blur_p, self.blur_sigma = blur_p, blur_sigma
+        self.gram_size = gram_size
 
     def _view(self, img: torch.Tensor, size: int, scale: tuple[float, float], blur_p: float,
-              g: torch.Generator | None) -> torch.Tensor:
-        x = random_resized_crop(img, size, scale, self.ratio, g)
-        if _coin(g, self.flip_p):
+              g: torch.Generator | None, clean: list | None = None) -> torch.Tensor:
+        """One crop; with ``clean`` (a list) the same region and flip at ``gram_size`` without intensity jitter or
+        blur is appended to it (DINOv3's Gram-teacher crop: cropped once at the larger size, resized to each)."""
+        if clean is None:
+            x = random_resized_crop(img, size, scale, self.ratio, g)
+        else:
+            big = random_resized_crop(img, max(size, self.gram_size), scale, self.ratio, g)
+            x = _resize(big, size)
+        flip = _coin(g, self.flip_p)
+        if flip:
             x = x.flip(-1)
+        if clean is not None:
+            gram = _resize(big, self.gram_size)
+            clean.append((gram.flip(-1) if flip else gram).contiguous())
         if _coin(g, self.jitter_p):
             c = _uniform(g, 1.0 - self.contrast, 1.0 + self.contrast)
             b = _uniform(g, -self.brightness, self.brightness)
@@ -154,15 +173,21 @@ class MultiCropAugmentation:
             raise ValueError(f"expected a (1, H, W) slice, got {tuple(slice_tensor.shape)}")
         img = slice_tensor.float()
         g = generator
-        global_crops = [self._view(img, self.global_size, self.global_scale, self.blur_p[i], g) for i in range(2)]
+        clean = [] if self.gram_size else None
+        global_crops = [self._view(img, self.global_size, self.global_scale, self.blur_p[i], g, clean)
+                        for i in range(2)]
         local_crops = [self._view(img, self.local_size, self.local_scale, self.blur_p[2], g)
                        for _ in range(self.n_local)]
-        return {"global_crops": global_crops, "local_crops": local_crops}
+        out = {"global_crops": global_crops, "local_crops": local_crops}
+        if clean is not None:
+            out["gram_crops"] = clean
+        return out
 
 
 def collate_crops(samples: list[dict[str, list[torch.Tensor]]]) -> dict[str, torch.Tensor]:
     """Stack per-image crops view-major: ``global`` (2B, C, G, G) = [view 0 of every image,
-    then view 1], ``local`` (nB, C, L, L) likewise (so chunk(2) / chunk(n) gives one view).
+    then view 1], ``local`` (nB, C, L, L) likewise (so chunk(2) / chunk(n) gives one view), and ``gram``
+    (2B, C, S, S) like ``global`` when the samples carry Gram-teacher crops.
     With no local crops, ``local`` is an empty (0, C, 0, 0) tensor."""
     if not samples:
         raise ValueError("collate_crops needs at least one sample")
@@ -173,4 +198,7 @@ def collate_crops(samples: list[dict[str, list[torch.Tensor]]]) -> dict[str, tor
         loc = torch.stack([s["local_crops"][v] for v in range(n_local) for s in samples])
     else:
         loc = glob.new_empty((0, glob.shape[1], 0, 0))
-    return {"global": glob, "local": loc}
+    out = {"global": glob, "local": loc}
+    if "gram_crops" in samples[0]:
+        out["gram"] = torch.stack([s["gram_crops"][v] for v in range(n_global) for s in samples])
+    return out

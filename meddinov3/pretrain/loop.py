@@ -18,7 +18,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,9 @@ from .data import PretrainDataError, SliceIndex, StepSampler, build_slice_index,
 from .masking import sample_masks
 from .meta_arch import HeadConfig, SSLMetaArch
 from .parallel import full_state, load_optimizer, shard
-from .schedules import cosine_schedule
+from .recipe import (HIGHRES_CROPS, entropy_floor, lr_scale, optimizer_groups, prototype_warning, prototypes_for_batch,
+                     stage_value, step_schedules, uniform_drop_path)
+from .step import MicroBatchStep, OutOfMemoryStop
 
 FORMAT = "meddinov3-pretrain-state"
 OFFICIAL_BASE = "meddinov3-vitb16-ct3m"
@@ -47,13 +49,17 @@ def collapse_check(stats: dict, state: dict, cfg: PretrainConfig, step: int) -> 
 
     Three signatures: a constant CLS (spread numerically zero, or below collapse_std after falling to a tenth of its
     best: random init starts near-constant, so a low spread alone is no alarm); one prototype for everything
-    (usage entropy below collapse_usage); uniform targets (per-sample teacher entropy above collapse_uniform x
-    log K once the prototypes train, i.e. after the lr warm-up and freeze_last_layer_steps), the fixed point in
-    which the student learns nothing from the DINO term.
+    (usage entropy below collapse_usage); uniform targets (per-sample teacher entropy above collapse_uniform of the
+    way from Sinkhorn's floor log(K / 2B) to log K, once the prototypes train, i.e. after the lr warm-up and
+    freeze_last_layer_steps), the fixed point in which the student learns nothing from the DINO term. Measured from
+    the floor, because equal mass per prototype keeps every target's entropy above it whatever the features
+    (``recipe.entropy_floor``): with many prototypes per image, a fraction of log K alone could not tell.
     """
     spread, usage, entropy = stats["teacher_feature_std"], stats["prototype_usage"], stats["teacher_entropy"]
     state["max_std"] = max(state.get("max_std", 0.0), spread)
-    uniform_limit = cfg.collapse_uniform * math.log(int(cfg.head.get("out_dim", 65536)))
+    k = int(cfg.head["out_dim"])
+    floor = entropy_floor(k, cfg.batch_size) if cfg.centering == "sinkhorn" else 0.0
+    uniform_limit = floor + cfg.collapse_uniform * (math.log(k) - floor)
     free = step > max(cfg.warmup_steps, cfg.freeze_last_layer_steps)
     why = []
     if spread < 1e-6 or (spread < cfg.collapse_std and spread < 0.1 * state["max_std"]):
@@ -83,6 +89,58 @@ def base_error(base, error: Exception) -> PretrainError:
     return PretrainError(f"--base: {text}" if text.startswith(str(base)) else f"--base {base}: {text}")
 
 
+def gram_refresh_due(cfg: PretrainConfig, step: int) -> bool:
+    """Whether the Gram teacher takes the EMA teacher's weights after `step` (DINOv3: every 10k iterations, at
+    most 3 times in stage 2; never in stage 3). A function of the step alone, so a resumed run refreshes alike."""
+    every = cfg.gram_refresh_every or 0
+    return cfg.stage >= 2 and every > 0 and step % every == 0 and step // every <= (cfg.gram_max_refreshes or 0)
+
+
+def step_resolution(resolutions: list, seed: int, step: int) -> int:
+    """Which of `resolutions` (global, local, probability) step `step` uses: drawn from (seed, step) alone, so every
+    process and a resumed run take the same (DINOv3 combines one loader per resolution by these ratios)."""
+    if len(resolutions) == 1:
+        return 0
+    p = np.array([r[2] for r in resolutions], dtype=np.float64)
+    return int(np.random.default_rng([seed, step, 7]).choice(len(resolutions), p=p / p.sum()))
+
+
+def is_kept(cfg: PretrainConfig, step: int) -> bool:
+    return bool(cfg.keep_every) and step % cfg.keep_every == 0
+
+
+def keep_snapshot(latest: Path, step: int) -> Path:
+    """checkpoints/step_NNNNNNN.pt: the checkpoint just written, kept (a hard link where the file system allows:
+    latest.pt is replaced by renaming, so the link keeps this step's state at no cost in space)."""
+    import os
+    import shutil
+
+    kept = latest.with_name(f"step_{step:07d}.pt")
+    kept.unlink(missing_ok=True)
+    try:
+        os.link(latest, kept)
+    except OSError:
+        shutil.copyfile(latest, kept)
+    return kept
+
+
+def gram_teacher_weights(source: str) -> dict:
+    """Backbone weights for the Gram teacher from a pretraining checkpoint (a kept snapshot or latest.pt: its EMA
+    teacher), a pretraining run folder (its latest teacher) or any backbone ``load_backbone`` reads."""
+    from ..checkpoints import load_backbone
+
+    path = Path(source).expanduser()
+    checkpoint = _base_run_checkpoint(source) if path.is_dir() else path if path.is_file() else None
+    state = _read_state(checkpoint, other_ok=True) if checkpoint is not None else None
+    if state is not None:
+        prefix = "teacher.backbone."
+        return {k[len(prefix):]: v for k, v in state["meta"].items() if k.startswith(prefix)}
+    try:
+        return load_backbone(source)[1]
+    except Exception as e:  # noqa: BLE001 - any unusable Gram teacher is the user's to fix
+        raise PretrainError(f"gram_teacher {source}: {e}") from None
+
+
 @dataclass
 class PretrainConfig(JsonOptions):
     SECTION = "pretrain"  # key of these options in the run's config.json
@@ -99,36 +157,54 @@ class PretrainConfig(JsonOptions):
     batch_size: int = 64  # images per step, all ranks together
     micro_batch: int | None = None  # per-rank forward size (OOM back-off halves it)
     seed: int = 0
-    lr: float = 5e-4
-    min_lr: float = 1e-6
-    warmup_steps: int = 1000
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.2
-    momentum: float = 0.992
-    momentum_end: float = 1.0
+    # None: the stage's DINOv3 default (``recipe.STAGE_DEFAULTS``), resolved into config.json at the start
+    lr: float | None = None  # base lr, x ``recipe.lr_scale(lr_scaling, batch_size)`` (x1 at batch 64 by default)
+    min_lr: float | None = None
+    lr_scaling: str = "sqrt_wrt_1024"  # DINOv3's rule: lr x 4 sqrt(batch_size / 1024); "linear_wrt_256", "none"
+    layer_decay: float = 0.9  # layer-wise lr decay (DINOv3 optim.layerwise_decay)
+    patch_embed_lr: float = 0.2  # lr multiplier of the patch embedding (DINOv3 optim.patch_embed_lr_mult)
+    drop_path_rate: float = 0.3  # student stochastic depth, every block (DINOv3 student.drop_path_rate)
+    warmup_steps: int | None = None
+    weight_decay: float | None = None
+    weight_decay_end: float | None = None
+    momentum: float | None = None
+    momentum_end: float | None = None
     teacher_temp: float = 0.07
-    warmup_teacher_temp: float = 0.04
-    teacher_temp_warmup_steps: int = 3000
+    warmup_teacher_temp: float | None = None
+    teacher_temp_warmup_steps: int | None = None
     student_temp: float = 0.1
     centering: str = "sinkhorn"  # or "centering" (DINO centre + sharpen), "none"
     center_momentum: float = 0.9
-    head: dict = field(default_factory=lambda: {"out_dim": 65536, "hidden_dim": 2048, "bottleneck_dim": 256,
+    # out_dim None: 32 prototypes per Sinkhorn row (``recipe.prototypes_for_batch``)
+    head: dict = field(default_factory=lambda: {"out_dim": None, "hidden_dim": 2048, "bottleneck_dim": 256,
                                                 "nlayers": 3})
-    loss_weights: dict = field(default_factory=lambda: {"dino": 1.0, "ibot": 1.0, "koleo": 0.1, "gram": 1.0})
+    # DINO pairs of local crops count this much (None: DINOv3's 1 in stage 1, 0.5 in stages 2 and 3)
+    local_loss_weight: float | None = None
+    # KoLeo counts once per global crop (x2, as DINOv3); "gram" absent: the stage's default (2 / 1.5)
+    loss_weights: dict = field(default_factory=lambda: {"dino": 1.0, "ibot": 1.0, "koleo": 0.1})
     global_size: int = 224
     local_size: int = 96
     n_local: int = 8
     global_scale: list = field(default_factory=lambda: [0.32, 1.0])
     local_scale: list = field(default_factory=lambda: [0.05, 0.32])
-    highres_factor: float = 2.0  # stage 3 multiplies both crop sizes by this
+    # stage 3 draws one (global, local, probability) per step, DINOv3's high-resolution mix, sizes x highres_scale
+    # (e.g. 0.25 for a small run: global 128/192, local 28..84 rounded to the patch size)
+    highres_crops: list = field(default_factory=lambda: [list(c) for c in HIGHRES_CROPS])
+    highres_scale: float = 1.0
     mask_ratio: list = field(default_factory=lambda: [0.1, 0.5])
     mask_probability: float = 0.5
     grad_clip: float = 3.0
-    # the prototypes stay fixed this long (DINOv2: one epoch of 1250 steps): early on the targets are near uniform
-    # and trainable prototypes would settle in that uniform fixed point
-    freeze_last_layer_steps: int = 1250
+    # the prototypes stay fixed this long (stage 1: DINOv3's one epoch, 1250 steps): early on the targets are near
+    # uniform and trainable prototypes would settle in that uniform fixed point
+    freeze_last_layer_steps: int | None = None
     grad_checkpointing: bool = False
-    gram_teacher: str | None = None  # stage >= 2: Gram teacher weights; None = the teacher at stage start
+    # stage >= 2: the Gram teacher's weights: a kept snapshot (RUN/checkpoints/step_NNNNNNN.pt: its EMA teacher), a
+    # run folder (its latest teacher) or a backbone; None = the EMA teacher at the start of this stage
+    gram_teacher: str | None = None
+    gram_scale: float | None = None  # Gram teacher's clean crops at this x the global size (2 in stage 2, 1.5 in 3)
+    gram_refresh_every: int | None = None  # Gram teacher <- EMA teacher every N steps (10000 in stage 2; 0 never)
+    gram_max_refreshes: int | None = None  # ... at most this many times (3)
+    keep_every: int = 10000  # checkpoints/step_NNNNNNN.pt kept every N steps (0: only latest.pt), e.g. Gram teachers
     amp: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; "bf16", "none"
     device: str = "auto"
     checkpoint_every: int = 500
@@ -137,7 +213,7 @@ class PretrainConfig(JsonOptions):
     probe_size: int = 128  # px at 1 mm, at least 8 patches a side
     collapse_std: float = 0.02  # teacher CLS feature spread below this ...
     collapse_usage: float = 0.02  # ... or prototype-usage entropy (fraction of log K) below this ...
-    collapse_uniform: float = 0.995  # ... or per-sample teacher entropy above this fraction of log K ...
+    collapse_uniform: float = 0.995  # ... or teacher entropy above this fraction of [Sinkhorn floor, log K] ...
     collapse_patience: int = 3  # ... for this many steps in a row: collapse_warning
     cache_dir: str | None = None  # slice shard store (default MEDDINOV3_HOME/cache/pretrain-slices)
     parallel: str = "ddp"  # under torchrun: "ddp" (replicated model) or "fsdp" (sharded with FSDP2)
@@ -146,13 +222,19 @@ class PretrainConfig(JsonOptions):
         for key in ("steps", "batch_size", "global_size", "local_size", "checkpoint_every", "log_every",
                     "collapse_patience"):
             self.require_number(key, 1)
-        for key in ("seed", "warmup_steps", "teacher_temp_warmup_steps", "freeze_last_layer_steps", "n_local",
-                    "probe_every"):
+        for key in ("seed", "n_local", "probe_every", "keep_every"):
             self.require_number(key, 0)
+        for key in ("warmup_steps", "teacher_temp_warmup_steps", "freeze_last_layer_steps", "gram_refresh_every",
+                    "gram_max_refreshes"):
+            self.require_number(key, 0, optional=True)
         self.require_number("micro_batch", 1, optional=True)
-        for key in ("lr", "min_lr", "weight_decay", "weight_decay_end", "momentum", "momentum_end", "grad_clip",
-                    "teacher_temp", "warmup_teacher_temp", "student_temp", "highres_factor"):
+        for key in ("grad_clip", "teacher_temp", "student_temp", "highres_scale", "layer_decay", "patch_embed_lr",
+                    "drop_path_rate"):
             self.require_number(key, 0, whole=False)
+        for key in ("lr", "min_lr", "weight_decay", "weight_decay_end", "momentum", "momentum_end",
+                    "warmup_teacher_temp", "gram_scale", "local_loss_weight"):
+            self.require_number(key, 0, whole=False, optional=True)
+        lr_scale(self.lr_scaling, 1)  # an unknown rule is refused here
         if self.stage not in (1, 2, 3):
             raise ValueError(f"stage must be 1, 2 or 3, got {self.stage}")
         if self.stage >= 2 and self.size is not None and not self.base and not self.gram_teacher:
@@ -162,9 +244,33 @@ class PretrainConfig(JsonOptions):
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
 
-    def crop_sizes(self, patch: int) -> tuple[int, int]:
-        f = self.highres_factor if self.stage == 3 else 1.0
-        return tuple(max(patch, int(round(s * f / patch)) * patch) for s in (self.global_size, self.local_size))
+    def with_stage_defaults(self) -> PretrainConfig:
+        """These options with every unset (None) stage-dependent option at its DINOv3 default for this stage
+        (``recipe.STAGE_DEFAULTS``), the prototype count from the batch, and the stage's Gram weight."""
+        filled = {f.name: stage_value(self.stage, f.name, self.steps) for f in fields(self)
+                  if getattr(self, f.name) is None and stage_value(self.stage, f.name, self.steps) is not None}
+        head = dict(self.head)
+        if head.get("out_dim") is None:
+            head["out_dim"] = prototypes_for_batch(self.batch_size)
+        weights = dict(self.loss_weights)
+        if self.stage >= 2:
+            weights.setdefault("gram", stage_value(self.stage, "gram_weight", self.steps))
+        return replace(self, **filled, head=head, loss_weights=weights)
+
+    def gram_crop_size(self, global_size: int, patch: int) -> int | None:
+        """Side of the Gram teacher's clean crops (a multiple of `patch`), None before stage 2."""
+        if self.stage < 2:
+            return None
+        return max(patch, int(round(global_size * self.gram_scale / patch)) * patch)
+
+    def resolutions(self, patch: int) -> list[tuple[int, int, float]]:
+        """(global size, local size, probability per step) of the crops: one pair before stage 3, DINOv3's
+        high-resolution mix (x ``highres_scale``, multiples of `patch`) in stage 3."""
+        if self.stage < 3:
+            return [(self.global_size, self.local_size, 1.0)]
+        side = lambda s: max(patch, int(round(s * self.highres_scale / patch)) * patch)  # noqa: E731
+        total = sum(float(c[2]) for c in self.highres_crops)
+        return [(side(g), side(l), float(p) / total) for g, l, p in self.highres_crops]
 
 
 # ----------------------------------------------------------------------------------------------- set-up
@@ -247,30 +353,17 @@ def _index_complete(folder: Path) -> bool:
         not SliceIndex(folder).missing_shards()
 
 
-def make_optimizer(meta: SSLMetaArch) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for name, p in meta.student.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") or "token" in name else decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "name": "decay"},
-                              {"params": no_decay, "name": "no_decay", "weight_decay": 0.0}],
-                             lr=0.0, betas=(0.9, 0.999))
+def make_optimizer(meta: SSLMetaArch, cfg: PretrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the student with DINOv3's layer-wise lr decay and patch-embedding multiplier (the loop sets each
+    group's lr to the step's lr x its ``lr_multiplier``)."""
+    depth = len(meta.student["backbone"].vit.blocks)
+    groups = optimizer_groups(meta.student, depth, cfg.layer_decay, cfg.patch_embed_lr)
+    return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999))
 
 
 def amp_dtype(cfg: PretrainConfig, device: torch.device):
     mode = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[mode]
-
-
-def _select(batch: dict, masks: torch.Tensor, b: int, j0: int, j1: int, n_local: int):
-    """Rows of images j0:j1 from view-major global (2b, ...) / local (n b, ...) / masks (2b, N)."""
-    g = torch.cat([batch["global"][v * b + j0:v * b + j1] for v in range(2)])
-    m = torch.cat([masks[v * b + j0:v * b + j1] for v in range(2)])
-    loc = batch["local"]
-    if n_local:
-        loc = torch.cat([loc[v * b + j0:v * b + j1] for v in range(n_local)])
-    return g, loc, m
 
 
 def _all_reduce_grads(params: list, world: int) -> None:
@@ -407,8 +500,14 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
         raise PretrainError(GRAM_FROM_SCRATCH.format(stage=cfg.stage))
     if prev_state is not None:
         cfg = inherit_heads(cfg, prev_state.get("config", {}).get("head"), log)
+    cfg = cfg.with_stage_defaults()
+    warning = prototype_warning(int(cfg.head["out_dim"]), cfg.batch_size)
+    if warning:
+        log(f"WARNING: {warning}")
     head = HeadConfig(**cfg.head)
-    meta = SSLMetaArch(mcfg, head, cfg.centering, cfg.student_temp, cfg.center_momentum, cfg.loss_weights)
+    meta = SSLMetaArch(mcfg, head, cfg.centering, cfg.student_temp, cfg.center_momentum, cfg.loss_weights,
+                       local_weight=cfg.local_loss_weight)
+    uniform_drop_path(meta.student["backbone"], cfg.drop_path_rate)
     if base_sd is not None:
         meta.load_backbone_weights(base_sd)
     if prev_state is not None:
@@ -419,11 +518,7 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
             detail = " ".join(str(e).split())[:300]
             raise PretrainError(f"--base {cfg.base}: its heads differ from this config's ({detail})") from None
     if cfg.stage >= 2:
-        gsd = None
-        if cfg.gram_teacher:
-            from ..checkpoints import load_backbone
-            _, gsd, _ = load_backbone(cfg.gram_teacher)
-        meta.enable_gram(gsd)
+        meta.enable_gram(gram_teacher_weights(cfg.gram_teacher) if cfg.gram_teacher else None)
     meta.student["backbone"].grad_checkpointing = cfg.grad_checkpointing
     if "meta" in hooks:
         hooks["meta"](meta)
@@ -439,22 +534,22 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
     elif cfg.parallel == "fsdp":
         log("parallel=fsdp: a single process, nothing to shard")
     params = meta.trainable()
-    optimizer = make_optimizer(meta)
+    optimizer = make_optimizer(meta, cfg)
     total = int(cfg.steps)
-    lr_s = cosine_schedule(cfg.lr, cfg.min_lr, total, cfg.warmup_steps)
-    wd_s = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, total)
-    mom_s = cosine_schedule(cfg.momentum, cfg.momentum_end, total)
-    tt_s = cosine_schedule(cfg.teacher_temp, cfg.teacher_temp, total, cfg.teacher_temp_warmup_steps,
-                           start_warmup=cfg.warmup_teacher_temp)
+    sched = step_schedules(cfg)
+    lr_s, wd_s, mom_s, tt_s = (sched[k] for k in ("lr", "weight_decay", "momentum", "teacher_temp"))
     if cfg.batch_size % world:
         raise PretrainError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
     per_rank = cfg.batch_size // world
     if per_rank < 2:
         raise PretrainError("each process needs at least 2 images per step (KoLeo and Sinkhorn compare images)")
     micro = min(cfg.micro_batch or per_rank, per_rank)
-    g_size, l_size = cfg.crop_sizes(mcfg.patch_size)
-    aug = MultiCropAugmentation(g_size, l_size, cfg.n_local, tuple(cfg.global_scale), tuple(cfg.local_scale),
-                                patch_size=mcfg.patch_size)
+    resolutions = cfg.resolutions(mcfg.patch_size)
+    augs = [MultiCropAugmentation(g, l, cfg.n_local, tuple(cfg.global_scale), tuple(cfg.local_scale),
+                                  patch_size=mcfg.patch_size, gram_size=cfg.gram_crop_size(g, mcfg.patch_size))
+            for g, l, _ in resolutions]
+    g_size, l_size, _ = resolutions[0]
+    gram_size = augs[0].gram_size
     grid = (g_size // mcfg.patch_size, g_size // mcfg.patch_size)
     sampler = StepSampler(len(index), per_rank, cfg.seed, rank, world)
 
@@ -484,6 +579,8 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
             from ..train.loop import versions
             write_json(run_dir / "config.json", {"pretrain": cfg.to_dict(), "resolved": {
                 "model": mcfg.to_dict(), "base": base_info, "global_size": g_size, "local_size": l_size,
+                "gram_size": gram_size, "resolutions": [[g, l, round(p, 4), augs[k].gram_size]
+                                                        for k, (g, l, p) in enumerate(resolutions)],
                 "mask_grid": list(grid), "total_steps": total, "per_rank_batch": per_rank, "world_size": world,
                 "device": str(device), "amp": str(adt).replace("torch.", "") if adt else "fp32",
                 "parallel": "fsdp" if fsdp else "ddp" if dist_info.enabled else "none",
@@ -506,6 +603,8 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
                      "config": cfg.to_dict()}
             with atomic_path(latest, suffix=".pt") as tmp:
                 torch.save(state, tmp)
+            if is_kept(cfg, step):
+                keep_snapshot(latest, step)
             from .export import export_backbone
             prefix = "teacher.backbone."
             export_backbone(run_dir / "backbone", {k[len(prefix):]: v for k, v in model_sd.items()
@@ -530,7 +629,16 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
         status.update(state="running", step=step)
         progress.event("started", run_dir=str(run_dir), stage=cfg.stage, total_steps=total, step=step,
                        resumed=bool(resume and step), device=str(device), world_size=world, base=base_info,
-                       slices=len(index), global_size=g_size, local_size=l_size)
+                       slices=len(index), global_size=g_size, local_size=l_size,
+                       resolutions=[list(r[:2]) for r in resolutions])
+
+    def halved(new_micro: int) -> None:
+        progress.event("oom", step=step, micro_batch=new_micro, accumulation=math.ceil(per_rank / new_micro))
+        log(f"out of memory: micro-batch halved to {new_micro} on every process (gradient accumulation and the "
+            "whole-step teacher targets keep the batch's semantics)")
+
+    run_step = MicroBatchStep(meta, per_rank, micro, cfg.n_local, dist_info, device,
+                              lambda: torch.autocast(device.type, dtype=adt, enabled=adt is not None), fsdp, halved)
     meta.train()
     if step == 0 and cfg.probe_every:
         run_probe()  # the starting point: the curve then shows what pretraining adds
@@ -538,6 +646,8 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
     state_name = "finished"
     while step < total:
         idx = sampler.indices(step)
+        aug = augs[step_resolution(resolutions, cfg.seed, step)]
+        grid = (aug.global_size // mcfg.patch_size,) * 2
         batch = collate_crops([aug(index.slice(i), crop_generator(cfg.seed, step, rank, j))
                                for j, i in enumerate(idx)])
         masks = sample_masks(2 * per_rank, grid, tuple(cfg.mask_ratio), cfg.mask_probability,
@@ -545,32 +655,15 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         masks = masks.to(device)
         for g in optimizer.param_groups:
-            g["lr"] = float(lr_s[step])
+            g["lr"] = float(lr_s[step]) * g["lr_multiplier"]
             if g["name"] == "decay":
                 g["weight_decay"] = float(wd_s[step])
-        while True:
-            try:
-                optimizer.zero_grad(set_to_none=True)
-                stats_sum: dict = {}
-                parts = list(range(0, per_rank, micro))
-                for j0 in parts:
-                    j1 = min(per_rank, j0 + micro)
-                    g, loc, m = _select(batch, masks, per_rank, j0, j1, cfg.n_local)
-                    with torch.autocast(device.type, dtype=adt, enabled=adt is not None):
-                        loss, stats = meta.forward_losses(g, loc, m, float(tt_s[step]))
-                    (loss * ((j1 - j0) / per_rank)).backward()
-                    stats["loss"] = float(loss.detach())
-                    for k, v in stats.items():
-                        stats_sum[k] = stats_sum.get(k, 0.0) + v * (j1 - j0) / per_rank
-                break
-            except torch.cuda.OutOfMemoryError:
-                if micro <= 1:
-                    raise
-                optimizer.zero_grad(set_to_none=True)
-                torch.cuda.empty_cache()
-                micro = max(1, micro // 2)
-                progress.event("oom", step=step, micro_batch=micro, accumulation=math.ceil(per_rank / micro))
-                log(f"CUDA out of memory: micro-batch halved to {micro} (gradient accumulation keeps the batch)")
+        optimizer.zero_grad(set_to_none=True)
+        try:
+            stats_sum = run_step(batch, masks, float(tt_s[step]))
+        except OutOfMemoryStop as e:
+            raise PretrainError(str(e)) from None
+        micro = run_step.micro
         if dist_info.enabled and not fsdp:  # FSDP reduce-scatters the gradients in the backward
             _all_reduce_grads(params, world)
         if step < cfg.freeze_last_layer_steps:
@@ -581,6 +674,9 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
         optimizer.step()
         meta.update_teacher(float(mom_s[step]))
         step += 1
+        if gram_refresh_due(cfg, step):
+            meta.refresh_gram()
+            log(f"Gram teacher refreshed from the EMA teacher at step {step}")
         n_img += cfg.batch_size
         for k, v in stats_sum.items():
             acc.setdefault(k, []).append(v)
@@ -601,6 +697,7 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
                    "weight_decay": float(wd_s[step - 1]), "momentum": float(mom_s[step - 1]),
                    "teacher_temp": float(tt_s[step - 1]), "grad_norm": float(grad_norm),
                    "images_per_s": round(n_img / max(now - t_last, 1e-9), 3), "micro_batch": micro,
+                   "global_size": aug.global_size,
                    "gpu_memory_gb": peak_gpu_memory_gb(device)}
             write_metrics(rec)
             if main:
@@ -616,7 +713,7 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
         if cfg.probe_every and step % cfg.probe_every == 0:
             run_probe()
         stop = D.any_true(stopper.requested, dist_info, device)
-        if step % cfg.checkpoint_every == 0 and step < total and not stop:
+        if (step % cfg.checkpoint_every == 0 or is_kept(cfg, step)) and step < total and not stop:
             checkpoint()
         if stop:
             state_name = "stopped"

@@ -127,21 +127,26 @@ class DINOLoss(TeacherCentering):
         self,
         student_logits_list: Sequence[torch.Tensor],
         teacher_probs_list: Sequence[torch.Tensor],
+        local_weight: float = 1.0,
     ) -> torch.Tensor:
         """Mean cross-entropy over all (student crop, teacher global crop) pairs of different views.
 
         ``student_logits_list``: one (B, K) tensor per student crop; its first entries must be the
         global crops, in the same order as ``teacher_probs_list`` (one (B, K) tensor per teacher
         global crop). A student crop ``i`` is not paired with teacher crop ``i`` (same view).
+        ``local_weight``: the pairs of local student crops count this much (DINOv3's
+        ``local_loss_weight``, 0.5 in its Gram and high-resolution stages); the sum is still divided
+        by the number of pairs, as DINOv3 scales its global and local terms.
         """
         total = student_logits_list[0].new_zeros((), dtype=torch.float32)
         n_pairs = 0
         for i, s in enumerate(student_logits_list):
             log_p = F.log_softmax(s.float() / self.student_temp, dim=-1)
+            weight = 1.0 if i < len(teacher_probs_list) else local_weight
             for j, t in enumerate(teacher_probs_list):
                 if i == j:
                     continue
-                total = total - (t.float() * log_p).sum(dim=-1).mean()
+                total = total - weight * (t.float() * log_p).sum(dim=-1).mean()
                 n_pairs += 1
         if n_pairs == 0:
             raise ValueError("DINOLoss needs at least one (student crop, other teacher view) pair")

@@ -58,13 +58,18 @@ class GramLoss(nn.Module):
         teacher_feats: torch.Tensor,
         img_level: bool | None = None,
     ) -> torch.Tensor:
-        """Student / teacher patch features (B, N, D) -> scalar MSE; the teacher is detached."""
+        """Student / teacher patch features (B, N, D) -> scalar MSE; the teacher is detached.
+
+        The Gram products run in fp32 even under autocast (as DINOv3's, outside its bf16 policy): similarities
+        of nearby patches differ in the third decimal, below bf16's resolution near 1.
+        """
         img_level = self.img_level if img_level is None else img_level
-        s = self._prep(student_feats, img_level)
-        with torch.no_grad():
-            t = self._prep(teacher_feats.detach(), img_level)
-            gram_t = t @ t.transpose(-1, -2)
-        gram_s = s @ s.transpose(-1, -2)
+        with torch.autocast(student_feats.device.type, enabled=False):
+            s = self._prep(student_feats, img_level)
+            with torch.no_grad():
+                t = self._prep(teacher_feats.detach(), img_level)
+                gram_t = t @ t.transpose(-1, -2)
+            gram_s = s @ s.transpose(-1, -2)
         if self.remove_neg:
             gram_s = gram_s.clamp_min(0.0)
             gram_t = gram_t.clamp_min(0.0)

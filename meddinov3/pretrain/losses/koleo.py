@@ -24,7 +24,11 @@ class KoLeoLoss(nn.Module):
             raise ValueError(f"KoLeoLoss expects (B, D) features, got {tuple(features.shape)}")
         if features.shape[0] < 2:  # no neighbour: nothing to spread
             return features.sum() * 0.0
-        x = F.normalize(features.float(), dim=-1, eps=self.eps)
+        with torch.autocast(features.device.type, enabled=False):  # fp32 distances, as DINOv3
+            return self._loss(features.float())
+
+    def _loss(self, features: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(features, dim=-1, eps=self.eps)
         with torch.no_grad():
             # On the unit sphere the nearest neighbour is the one with the largest dot product.
             dots = x @ x.t()
