@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from meddinov3.config import model_config
+from meddinov3.model.backbone import set_drop_path
 from meddinov3.pretrain.loop import PretrainConfig, collapse_check, make_optimizer
 from meddinov3.pretrain.losses import sinkhorn_knopp
 from meddinov3.pretrain.meta_arch import HeadConfig, SSLMetaArch
 from meddinov3.pretrain.recipe import (entropy_floor, lr_scale, prototype_warning, prototypes_for_batch,
-                                       step_schedules, uniform_drop_path)
+                                       step_schedules)
 
 
 def _resolved(**over) -> PretrainConfig:
@@ -83,7 +84,7 @@ def test_layerwise_lr_decay_and_patch_embedding_multiplier():
 
 def test_uniform_drop_path_in_every_student_block_only_in_training():
     meta = _tiny_meta(depth=3)
-    uniform_drop_path(meta.student["backbone"], 0.3)
+    set_drop_path(meta.student["backbone"].vit, 0.3)
     rates = [blk.drop_path1.drop_prob for blk in meta.student["backbone"].vit.blocks]
     assert rates == [0.3, 0.3, 0.3]
     meta.train()

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from ..config import JsonOptions
 from ..files import atomic_path, write_json
+from ..model.backbone import set_drop_path
 from ..progress import Progress, RunStatus, StopRequest, peak_gpu_memory_gb, report_failure
 from ..train import distributed as D
 from ..train.checkpoint import rng_states, set_rng_states
@@ -36,7 +37,7 @@ from .masking import sample_masks
 from .meta_arch import HeadConfig, SSLMetaArch
 from .parallel import full_state, load_optimizer, shard
 from .recipe import (HIGHRES_CROPS, entropy_floor, lr_scale, optimizer_groups, prototype_warning, prototypes_for_batch,
-                     stage_value, step_schedules, uniform_drop_path)
+                     stage_value, step_schedules)
 from .step import MicroBatchStep, OutOfMemoryStop
 
 FORMAT = "meddinov3-pretrain-state"
@@ -507,7 +508,7 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
     head = HeadConfig(**cfg.head)
     meta = SSLMetaArch(mcfg, head, cfg.centering, cfg.student_temp, cfg.center_momentum, cfg.loss_weights,
                        local_weight=cfg.local_loss_weight)
-    uniform_drop_path(meta.student["backbone"], cfg.drop_path_rate)
+    set_drop_path(meta.student["backbone"].vit, cfg.drop_path_rate)
     if base_sd is not None:
         meta.load_backbone_weights(base_sd)
     if prev_state is not None:

@@ -153,13 +153,3 @@ def step_schedules(cfg, world_batch: int | None = None) -> dict:
             "momentum": cosine_schedule(cfg.momentum, cfg.momentum_end, total),
             "teacher_temp": cosine_schedule(cfg.teacher_temp, cfg.teacher_temp, total, cfg.teacher_temp_warmup_steps,
                                             start_warmup=cfg.warmup_teacher_temp)}
-
-
-def uniform_drop_path(backbone: torch.nn.Module, rate: float) -> None:
-    """Stochastic depth at the same `rate` in every block of a DINOv3 backbone, as DINOv3 trains (timm's
-    ``drop_path_rate`` ramps linearly from 0 at the first block instead). Only active in train mode."""
-    from timm.layers import DropPath
-
-    for blk in backbone.vit.blocks:
-        blk.drop_path1 = DropPath(rate) if rate > 0 else torch.nn.Identity()
-        blk.drop_path2 = DropPath(rate) if rate > 0 else torch.nn.Identity()
