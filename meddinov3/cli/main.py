@@ -7,7 +7,7 @@ import importlib
 import os
 import sys
 
-VERBS = ("segment", "train", "pretrain", "convert", "info", "models", "demo")
+VERBS = ("segment", "complete", "train", "pretrain", "convert", "info", "models", "demo")
 
 
 class CommandError(Exception):

@@ -74,7 +74,8 @@ def backbone_features(volume: np.ndarray, spacing: tuple[float, float, float], m
     size = tuple(-(-n // p) * p for n in size)
     maps = []
     for i in range(0, volume.shape[0], batch_size):
-        x = torch.from_numpy(np.asarray(volume[i:i + batch_size], dtype=np.float32))[:, None].to(device)
+        # a copy: the normaliser clamps in place, and `volume` may be the caller's image memory
+        x = torch.from_numpy(np.array(volume[i:i + batch_size], dtype=np.float32))[:, None].to(device)
         x = resize(normalize(x), size).expand(-1, cfg.in_chans, -1, -1)
         feats = torch.cat(net.feature_maps(x, cfg.feature_blocks), 1)
         maps.append(feats.float().cpu())

@@ -45,6 +45,8 @@ class ShapePrior:
         `exclude` (leave-one-out: what the prior would say there had that slice not been painted)."""
         keep = self.slices != exclude if exclude is not None else np.ones(len(self.slices), bool)
         idx = np.flatnonzero(keep)
+        if len(idx) == 0:  # a single painted slice, left out: as if seen from its neighbour
+            return np.maximum(self.sdf[0] - self.slice_mm, -CLIP_MM)
         zs = self.slices[idx]
         below, above = idx[zs <= z], idx[zs >= z]
         if len(below) and len(above):
