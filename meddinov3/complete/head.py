@@ -16,17 +16,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+PRIOR_LOGIT = 4.0  # logit of a label where its prior input (tanh of the signed distance) is 1
+
 
 class CompletionHead(nn.Module):
-    """(N, in_features) -> (N, classes) logits: two hidden layers."""
+    """(N, in_features) -> (N, classes) logits: the shape prior's own vote plus a learnt correction.
 
-    def __init__(self, in_features: int, classes: int, hidden: int = 64):
+    `prior_columns`: the input columns holding each label's prior (tanh of the signed distance, in class order 1..).
+    The prior enters the logits directly (PRIOR_LOGIT * prior for each label, 0 for background) and the correction's
+    last layer starts at zero: before any training step the head *is* the interpolation, so a short time budget
+    can only move it from there, never start from noise.
+    """
+
+    def __init__(self, in_features: int, classes: int, prior_columns: slice, hidden: int = 64):
         super().__init__()
+        self.prior_columns = prior_columns
         self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
                                  nn.Linear(hidden, classes))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        prior = PRIOR_LOGIT * x[:, self.prior_columns]
+        return self.net(x) + F.pad(prior, (1, 0))
 
 
 def balanced_weights(targets: torch.Tensor, classes: int) -> torch.Tensor:

@@ -77,6 +77,11 @@ class SliceInputs:
                                     painted, spacing)
 
     @property
+    def prior_columns(self) -> slice:
+        """Where the prior's channels are (the head adds them to its logits)."""
+        return slice(len(self.image), len(self.image) + len(self.prior.values))
+
+    @property
     def channels(self) -> int:
         return len(self.image) + len(self.prior.values) + (0 if self.features is None else self.features.shape[1])
 
@@ -162,7 +167,7 @@ def complete_image(image: sitk.Image, sparse: sitk.Image, model: str | os.PathLi
     to_index = np.zeros(int(max(painted.values)) + 1, dtype=np.int64)
     to_index[painted.values] = np.arange(1, len(painted.values) + 1)
     train_y = torch.from_numpy(to_index[lab_c[painted.slices, r0:r1, c0:c1]].ravel()).to(dev)
-    head = CompletionHead(inputs.channels, 1 + len(painted.values)).to(dev)
+    head = CompletionHead(inputs.channels, 1 + len(painted.values), inputs.prior_columns).to(dev)
     fit = fit_head(head, train_x, train_y, time_budget_s, max_steps, cancel=cancel, progress=progress, seed=seed)
 
     z_lo = 0 if extrapolate else min(r[0] for r in painted.ranges.values())
