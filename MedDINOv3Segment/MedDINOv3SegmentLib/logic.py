@@ -101,7 +101,7 @@ class SegmentTask:
             self._handleEvent(event)
         if code == 0:
             try:
-                self.result = self._logic._loadResult(self.outputPath, self.inputVolumeNode, self.outputSegmentationNode)
+                self.result = self._loadResult()
                 self._finish("succeeded")
             except MedDINOv3SegmentError as e:
                 self._finish("failed", e)
@@ -117,6 +117,10 @@ class SegmentTask:
                 logging.info("MedDINOv3 segment process output:\n%s", stderr)
             self._finish("failed", MedDINOv3SegmentError(message))
         return False
+
+    def _loadResult(self):
+        """Put the child's result into the scene (subclasses: other results, e.g. completed segments)."""
+        return self._logic._loadResult(self.outputPath, self.inputVolumeNode, self.outputSegmentationNode)
 
     def _removedNodeMessage(self) -> str | None:
         if self.inputVolumeNode.GetScene() is None:
