@@ -26,11 +26,17 @@ class CompletionHead(nn.Module):
     The prior enters the logits directly (PRIOR_LOGIT * prior for each label, 0 for background) and the correction's
     last layer starts at zero: before any training step the head *is* the interpolation, so a short time budget
     can only move it from there, never start from noise.
+
+    The correction is scaled by the slice's distance to its nearest painted slice (`distance_column`) over
+    `reference` (same unit: the typical distance in the leave-one-out training): the interpolation's error grows with that
+    distance, and a slice next to a painted one, closer than any training example, needs little correction.
     """
 
-    def __init__(self, in_features: int, classes: int, prior_columns: slice, hidden: int = 64):
+    def __init__(self, in_features: int, classes: int, prior_columns: slice, distance_column: int,
+                 reference: float, hidden: int = 64):
         super().__init__()
-        self.prior_columns = prior_columns
+        self.prior_columns, self.distance_column = prior_columns, distance_column
+        self.reference = float(max(reference, 1e-4))
         self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
                                  nn.Linear(hidden, classes))
         nn.init.zeros_(self.net[-1].weight)
@@ -38,7 +44,8 @@ class CompletionHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         prior = PRIOR_LOGIT * x[:, self.prior_columns]
-        return self.net(x) + F.pad(prior, (1, 0))
+        scale = (x[:, self.distance_column:self.distance_column + 1] / self.reference).clamp(max=1.0)
+        return scale * self.net(x) + F.pad(prior, (1, 0))
 
 
 def balanced_weights(targets: torch.Tensor, classes: int) -> torch.Tensor:

@@ -82,13 +82,19 @@ class SliceInputs:
         return slice(len(self.image), len(self.image) + len(self.prior.values))
 
     @property
+    def distance_column(self) -> int:
+        """Where the slice's distance (cm: an input of order 1) to its nearest painted slice is."""
+        return len(self.image) + len(self.prior.values)
+
+    @property
     def channels(self) -> int:
-        return len(self.image) + len(self.prior.values) + (0 if self.features is None else self.features.shape[1])
+        return len(self.image) + len(self.prior.values) + 1 + (0 if self.features is None else self.features.shape[1])
 
     def __call__(self, z: int, exclude: int | None = None) -> torch.Tensor:
         """(rows * columns of the box, channels) float32."""
         (r0, r1), (c0, c1) = self.box
-        chans = [self.image[:, z], np.tanh(self.prior.at(z, exclude)[:, r0:r1, c0:c1] / PRIOR_SCALE_MM)]
+        distance = np.full((1, r1 - r0, c1 - c0), self.prior.distance(z, exclude) / 10, np.float32)  # cm
+        chans = [self.image[:, z], np.tanh(self.prior.at(z, exclude)[:, r0:r1, c0:c1] / PRIOR_SCALE_MM), distance]
         x = torch.from_numpy(np.concatenate(chans).astype(np.float32))
         if self.features is not None:
             f = torch.from_numpy(self.features[z].astype(np.float32))[None]
@@ -167,7 +173,9 @@ def complete_image(image: sitk.Image, sparse: sitk.Image, model: str | os.PathLi
     to_index = np.zeros(int(max(painted.values)) + 1, dtype=np.int64)
     to_index[painted.values] = np.arange(1, len(painted.values) + 1)
     train_y = torch.from_numpy(to_index[lab_c[painted.slices, r0:r1, c0:c1]].ravel()).to(dev)
-    head = CompletionHead(inputs.channels, 1 + len(painted.values), inputs.prior_columns).to(dev)
+    reference_cm = float(np.median([prior.distance(int(z), exclude=int(z)) for z in painted.slices])) / 10
+    head = CompletionHead(inputs.channels, 1 + len(painted.values), inputs.prior_columns, inputs.distance_column,
+                          reference_cm).to(dev)
     fit = fit_head(head, train_x, train_y, time_budget_s, max_steps, cancel=cancel, progress=progress, seed=seed)
 
     z_lo = 0 if extrapolate else min(r[0] for r in painted.ranges.values())

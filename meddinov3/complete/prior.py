@@ -58,6 +58,11 @@ class ShapePrior:
         shrink = abs(z - self.slices[nearest]) * self.slice_mm
         return np.maximum(self.sdf[nearest] - shrink, -CLIP_MM)
 
+    def distance(self, z: int, exclude: int | None = None) -> float:
+        """mm from slice `z` to the nearest painted slice other than `exclude` (one slice when there is none)."""
+        others = self.slices[self.slices != exclude] if exclude is not None else self.slices
+        return float(np.abs(others - z).min()) * self.slice_mm if len(others) else self.slice_mm
+
     def labels_at(self, z: int) -> np.ndarray:
         """(rows, columns) label values the interpolation alone gives at slice `z` (0 where every distance < 0)."""
         sdf = self.at(z)
