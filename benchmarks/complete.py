@@ -8,6 +8,7 @@ Then the time and peak memory of the CLI on the whole 128^3 case (first run, rep
 
     pip install itk-morphologicalcontourinterpolation==2.1.2   # the `benchmark` extra
     python benchmarks/complete.py --budget 10 --ks 5,10,20,30
+    python benchmarks/complete.py --budget 10 --no-accuracy --no-timing --loop tumour:20:5   # correction loop PNG
 """
 
 from __future__ import annotations
@@ -102,17 +103,70 @@ def timing(ct: sitk.Image, labels: np.ndarray, budget: float) -> list[dict]:
     return rows
 
 
+def worst_slice(pred: np.ndarray, truth: np.ndarray, candidates: np.ndarray) -> int:
+    """The candidate slice with the most wrong voxels (what an annotator would correct first)."""
+    errors = (pred[candidates] != truth[candidates]).reshape(len(candidates), -1).sum(1)
+    return int(candidates[int(errors.argmax())])
+
+
+def correction_loop(ct: sitk.Image, labels: np.ndarray, structure: str, k: int, rounds: int, budget: float,
+                    png: Path) -> list[dict]:
+    """After each Complete (and, separately, each interpolation) the worst unpainted slice gets its truth painted;
+    Dice on the unpainted slices against the number of painted slices, for both, plotted to `png`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    truth = STRUCTURES[structure](labels)
+    curves = {"complete": [], "itk": []}
+    for method in curves:
+        painted = set(painted_slices(truth, k).tolist())
+        for _ in range(rounds + 1):
+            done = np.array(sorted(painted))
+            sparse = np.zeros(truth.shape, np.uint8)
+            sparse[done] = truth[done]
+            if method == "itk":
+                pred = itk_interpolation(sparse) != 0
+            else:
+                ref = sitk.GetImageFromArray(sparse)
+                ref.CopyInformation(ct)
+                pred = sitk.GetArrayFromImage(complete_image(ct, ref, model="scratch", time_budget_s=budget).labels) != 0
+            others = np.setdiff1d(np.arange(len(truth)), done)
+            row = {"method": method, "structure": structure, "painted": len(done),
+                   "dice": round(dice(pred[others], truth[others]), 3)}
+            print(json.dumps(row), flush=True)
+            curves[method].append(row)
+            painted.add(worst_slice(pred, truth, others))
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for method, label in (("complete", "Complete (scratch)"), ("itk", "ITK interpolation (Fill between slices)")):
+        ax.plot([r["painted"] for r in curves[method]], [r["dice"] for r in curves[method]], "o-", label=label)
+    ax.set_xlabel("painted slices")
+    ax.set_ylabel(f"Dice on unpainted slices ({structure})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    return curves["complete"] + curves["itk"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ks", default="5,10,20,30")
     parser.add_argument("--budget", type=float, default=20.0, help="--time-budget of each Complete (s)")
     parser.add_argument("--no-timing", action="store_true")
+    parser.add_argument("--no-accuracy", action="store_true")
+    parser.add_argument("--loop", metavar="STRUCTURE:K:ROUNDS", help="correction loop, e.g. tumour:20:5")
+    parser.add_argument("--loop-png", default="benchmarks/complete_loop.png")
     args = parser.parse_args()
     ct, lab = load_liver_ct()
     labels = sitk.GetArrayFromImage(lab)
     print(json.dumps({"load_average": os.getloadavg(), "cpus": os.cpu_count(),
                       "torch_threads": __import__("torch").get_num_threads()}), flush=True)
-    accuracy(ct, labels, [int(k) for k in args.ks.split(",")], args.budget)
+    if not args.no_accuracy:
+        accuracy(ct, labels, [int(k) for k in args.ks.split(",")], args.budget)
+    if args.loop:
+        structure, k, rounds = args.loop.split(":")
+        correction_loop(ct, labels, structure, int(k), int(rounds), args.budget, Path(args.loop_png))
     if not args.no_timing:
         timing(ct, labels, args.budget)
     print(json.dumps({"load_average": os.getloadavg()}), flush=True)
