@@ -192,3 +192,14 @@ def test_existing_output_needs_overwrite(liver_crop, tmp_path, capsys):
     out.write_bytes(b"mine")
     assert main(["complete", str(img), "--labels", str(lab), "-o", str(out), "--model", "scratch"]) == 2
     assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == b"mine"
+
+
+def test_default_model_is_scratch_when_the_official_backbone_is_not_here(tmp_path, monkeypatch):
+    """No official backbone offline (empty model store and Hugging Face cache): scratch, and the reason is given."""
+    from meddinov3.complete.features import OFFICIAL_BACKBONE, choose_model
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    ref, note = choose_model(None)
+    assert ref is None and "scratch" in note and OFFICIAL_BACKBONE in note
+    assert choose_model("scratch")[0] is None and choose_model("some/package")[0] == "some/package"

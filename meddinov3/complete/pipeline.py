@@ -133,8 +133,8 @@ def _allowed(painted: PaintedSlices, zs, extrapolate: bool) -> torch.Tensor:
     return allowed
 
 
-def complete_image(image: sitk.Image, sparse: sitk.Image, model: str | os.PathLike | None = "scratch",
-                   device: str | torch.device = "cpu", time_budget_s: float = DEFAULT_TIME_BUDGET_S,
+def complete_image(image: sitk.Image, sparse: sitk.Image, model: str | os.PathLike | None = None,
+                   device: str | torch.device = "auto", time_budget_s: float = DEFAULT_TIME_BUDGET_S,
                    extrapolate: bool = False, classes: list | None = None, progress=None, cancel=None,
                    use_cache: bool = True, max_steps: int = MAX_STEPS, seed: int = 0, source: str = "<image>",
                    labels_source: str = "<labels>") -> CompletionResult:
