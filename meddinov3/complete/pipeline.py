@@ -1,9 +1,9 @@
-"""`complete_image` / `complete_file`: a few painted slices -> the whole structure, on the image's exact grid.
+"""`complete_image`: a few painted slices -> the whole structure, on the image's exact grid.
 
-Per run: the shape prior (signed distances interpolated between painted slices), per-slice inputs (image, its two
-neighbours, the prior and optional backbone features) on the painted region's box, a small head fitted on the
-painted slices within the time budget, its probabilities on the unpainted slices, each label kept to its own painted
-slice range (unless `extrapolate`), painted slices copied voxel for voxel.
+Per run: the shape prior (signed distances interpolated between painted slices), per-voxel inputs (3D image
+features, the prior, the distance to the nearest painted slice, optional backbone features) on the painted region's
+box, a small head fitted on the painted slices within the time budget, its probabilities on the unpainted slices,
+each label kept to its own painted slice range (unless `extrapolate`), painted slices copied voxel for voxel.
 """
 
 from __future__ import annotations
@@ -180,19 +180,21 @@ def complete_image(image: sitk.Image, sparse: sitk.Image, model: str | os.PathLi
 
     z_lo = 0 if extrapolate else min(r[0] for r in painted.ranges.values())
     z_hi = lab_c.shape[0] - 1 if extrapolate else max(r[1] for r in painted.ranges.values())
-    todo = [z for z in range(z_lo, z_hi + 1) if z not in set(painted.slices.tolist())]
+    done = set(painted.slices.tolist())
+    todo = [z for z in range(z_lo, z_hi + 1) if z not in done]
     out = np.zeros(lab.shape, dtype=lab.dtype)
     out_c = orient.to_canonical(out)  # a view: writing it writes `out`
     out_c[painted.slices] = lab_c[painted.slices]
+    allowed = _allowed(painted, todo, extrapolate)
+    values = torch.tensor([0] + painted.values)
+    doubt = torch.zeros(len(todo))
+    for i, z in enumerate(todo):  # one slice at a time: probabilities never exist for the whole volume
+        probs = predict(head, inputs(z).to(dev)).cpu().T.reshape(-1, r1 - r0, c1 - c0) * allowed[i, :, None, None]
+        best = probs.max(0)
+        out_c[z, r0:r1, c0:c1] = values[best.indices].numpy().astype(lab.dtype)
+        doubt[i] = (1 - best.values).sum()  # how many voxels the head is unsure about
     least = None
     if todo:
-        h, w = r1 - r0, c1 - c0
-        probs = torch.stack([predict(head, inputs(z).to(dev)).cpu().T.reshape(-1, h, w) for z in todo])
-        probs = probs * _allowed(painted, todo, extrapolate)[:, :, None, None]
-        best = probs.max(1)
-        values = torch.tensor([0] + painted.values)[probs.argmax(1)].numpy().astype(lab.dtype)
-        out_c[todo, r0:r1, c0:c1] = values
-        doubt = (1 - best.values).sum((1, 2))  # per slice: how many voxels the head is unsure about
         z = todo[int(doubt.argmax())]
         least = {"slice": int(z), "point": _slice_centre(image, orient, z, lab_c.shape)}
     labels = array_to_image(out, image)
