@@ -65,7 +65,7 @@ def accuracy(ct: sitk.Image, labels: np.ndarray, ks: list[int], budget: float) -
             ref = sitk.GetImageFromArray(sparse)
             ref.CopyInformation(ct)
             t0 = time.perf_counter()
-            result = complete_image(ct, ref, model="scratch", time_budget_s=budget)
+            result = complete_image(ct, ref, model="scratch", time_budget_s=budget, use_cache=False)  # each from scratch
             seconds = time.perf_counter() - t0
             ours = sitk.GetArrayFromImage(result.labels) != 0
             row = {"structure": name, "k": k, "painted": int(len(painted)),
@@ -112,7 +112,8 @@ def worst_slice(pred: np.ndarray, truth: np.ndarray, candidates: np.ndarray) -> 
 def correction_loop(ct: sitk.Image, labels: np.ndarray, structure: str, k: int, rounds: int, budget: float,
                     png: Path) -> list[dict]:
     """After each Complete (and, separately, each interpolation) the worst unpainted slice gets its truth painted;
-    Dice on the unpainted slices against the number of painted slices, for both, plotted to `png`."""
+    Dice on the unpainted slices against the number of painted slices, for both, plotted to `png`. Each Complete
+    after the first continues from the last head (half the budget), as in Slicer."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -158,6 +159,8 @@ def main() -> None:
     parser.add_argument("--loop", metavar="STRUCTURE:K:ROUNDS", help="correction loop, e.g. tumour:20:5")
     parser.add_argument("--loop-png", default="benchmarks/complete_loop.png")
     args = parser.parse_args()
+    # a fresh store: the head cache (a repeat on the same volume continues from the last head) starts empty
+    os.environ["MEDDINOV3_HOME"] = tempfile.mkdtemp(prefix="meddinov3-bench-")
     ct, lab = load_liver_ct()
     labels = sitk.GetArrayFromImage(lab)
     print(json.dumps({"load_average": os.getloadavg(), "cpus": os.cpu_count(),

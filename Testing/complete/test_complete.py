@@ -203,3 +203,21 @@ def test_default_model_is_scratch_when_the_official_backbone_is_not_here(tmp_pat
     ref, note = choose_model(None)
     assert ref is None and "scratch" in note and OFFICIAL_BACKBONE in note
     assert choose_model("scratch")[0] is None and choose_model("some/package")[0] == "some/package"
+
+
+def test_repeat_after_a_correction_starts_from_the_last_head(liver_crop):
+    """Complete, paint one more slice (a correction), Complete again: the second fit continues from the cached head
+    with half the budget; painted slices, the corrected one included, are kept."""
+    ct, truth_img, sparse_img = liver_crop
+    first = complete_image(ct, sparse_img, model="scratch", time_budget_s=2)
+    sparse, truth = sitk.GetArrayFromImage(sparse_img), sitk.GetArrayFromImage(truth_img)
+    sparse[first.least_confident["slice"]] = truth[first.least_confident["slice"]]
+    corrected = sitk.GetImageFromArray(sparse)
+    corrected.CopyInformation(sparse_img)
+    second = complete_image(ct, corrected, model="scratch", time_budget_s=2)
+    assert not first.stats["fit"]["warm_start"] and second.stats["fit"]["warm_start"]
+    assert second.stats["fit"]["seconds"] <= 1.5
+    out = sitk.GetArrayFromImage(second.labels)
+    painted = np.flatnonzero(sparse.reshape(len(sparse), -1).any(1))
+    assert np.array_equal(out[painted], sparse[painted])
+    assert not complete_image(ct, corrected, model="scratch", time_budget_s=1, use_cache=False).stats["fit"]["warm_start"]

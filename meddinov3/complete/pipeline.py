@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from ..checkpoints import CheckpointError, safe_torch_load
 from ..checkpoints.package import ClassInfo
 from ..volumes import Orientation, array_to_image, validate_image
 from .head import CompletionHead, fit_head, predict
@@ -28,6 +29,17 @@ MARGIN_MM = 20.0  # the head runs on the painted region's in-plane box grown by 
 DEFAULT_TIME_BUDGET_S = 20.0
 MAX_STEPS = 600
 PRIOR_SCALE_MM = 5.0  # prior input = tanh(signed distance / 5 mm)
+WARM_BUDGET_FRACTION = 0.5  # a repeat on the same volume and labels starts from the last head: half the budget
+
+
+def _warm_start(head: CompletionHead, path) -> bool:
+    """Load the head fitted by the last run on this volume with these labels (after corrections, Complete again):
+    True when it was there and fits."""
+    try:
+        head.load_state_dict(safe_torch_load(path))
+        return True
+    except (OSError, RuntimeError, ValueError, EOFError, CheckpointError):
+        return False
 
 
 @dataclass
@@ -143,13 +155,15 @@ def complete_image(image: sitk.Image, sparse: sitk.Image, model: str | os.PathLi
     `sparse`: label map; a slice (along S-I, as the engine slices) with any non-zero voxel is painted and all its
     voxels are truth. `model`: "scratch", a backbone / model package reference (its backbone's features are used),
     or None: the official backbone when on this machine, else scratch (`stats["model"]` says which).
-    `time_budget_s`: the head's training time. `classes`: ClassInfo names/colours to keep (e.g. a .seg.nrrd's).
+    `time_budget_s`: the head's training time (half of it when a head fitted on this volume with the same labels is
+    in the cache, `use_cache`: it continues from there). `classes`: ClassInfo names/colours to keep (e.g. a .seg.nrrd's).
     `cancel`: callable returning True to stop (-> engine.Cancelled). Raises InputError on bad input.
     The result's labels: painted slices as given, unpainted slices completed, each label only within its own
     first..last painted slice unless `extrapolate`.
     """
     from ..engine import resolve_device
-    from .features import cached_features, choose_model
+    from ..files import atomic_path
+    from .features import cache_dir, cached_features, choose_model, volume_key
 
     t0 = time.perf_counter()
     model_ref, model_note = choose_model(model)
@@ -176,7 +190,14 @@ def complete_image(image: sitk.Image, sparse: sitk.Image, model: str | os.PathLi
     reference_cm = float(np.median([prior.distance(int(z), exclude=int(z)) for z in painted.slices])) / 10
     head = CompletionHead(inputs.channels, 1 + len(painted.values), inputs.prior_columns, inputs.distance_column,
                           reference_cm).to(dev)
-    fit = fit_head(head, train_x, train_y, time_budget_s, max_steps, cancel=cancel, progress=progress, seed=seed)
+    head_path = cache_dir() / f"head-{volume_key(np.asarray(vol_c), model_note, str(painted.values), str(inputs.channels))}.pt"
+    warm = use_cache and _warm_start(head, head_path)
+    budget = time_budget_s * (WARM_BUDGET_FRACTION if warm else 1.0)
+    fit = fit_head(head, train_x, train_y, budget, max_steps, cancel=cancel, progress=progress, seed=seed)
+    fit["warm_start"] = warm
+    if use_cache:
+        with atomic_path(head_path, suffix=".pt") as tmp:
+            torch.save(head.state_dict(), tmp)
 
     z_lo = 0 if extrapolate else min(r[0] for r in painted.ranges.values())
     z_hi = lab_c.shape[0] - 1 if extrapolate else max(r[1] for r in painted.ranges.values())
