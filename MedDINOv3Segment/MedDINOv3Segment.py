@@ -75,6 +75,7 @@ class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._task = None
         self._timer = None
+        self._complete = None  # the Complete-from-painted-slices section
         self._modelReferences: dict[str, str] = {}
         self._deviceValues: dict[str, str] = {}
         self._dependencies = None
@@ -115,11 +116,19 @@ class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentEditorButton.clicked.connect(self.onSegmentEditor)
         self.ui.nextUnsureSliceButton.clicked.connect(self.onNextUnsureSlice)
         self.ui.progressBar.setVisible(False)
+        from MedDINOv3SegmentLib.completeSection import CompleteSection
+
+        self._complete = CompleteSection(self.layout, self.logic,
+                                         lambda: self._deviceValues.get(self._parameterNode.device, "auto"),
+                                         self._dependencies.ensure)
+        self.layout.addStretch(1)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        if self._complete is not None:
+            self._complete.cancel()
         if self._timer is not None:
             self._timer.stop()
         self._disconnectParameterNode()  # before removeObservers(): removing its observer again only warns
@@ -135,6 +144,8 @@ class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event) -> None:
         if self._task is not None:
             self._task.cancel()
+        if self._complete is not None:
+            self._complete.cancel()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:

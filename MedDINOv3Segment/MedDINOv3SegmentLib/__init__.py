@@ -6,6 +6,8 @@
 - `models`: the models offered (manifest, imported, trained, nnU-Net folders; listed without torch), import and
   register.
 - `logic`: MedDINOv3SegmentLogic and SegmentTask (needs `slicer`; imported lazily here).
+- `complete`: *Complete from painted slices* (chosen segments -> `meddinov3 complete` child -> segments replaced in one
+  undo step); `completeSection`: its panel section (Qt).
 - `dependencies`: Python packages both modules need in Slicer's Python (Resources/slicer-requirements.txt), what is
   missing or too old, installing it, and the panel section with the Install button (no torch import).
 """

@@ -114,7 +114,7 @@ class SegmentTask:
             self._handleEvent(event)
         if code == 0:
             try:
-                self.result = self._logic._loadResult(self.outputPath, self.inputVolumeNode, self.outputSegmentationNode)
+                self.result = self._loadResult()
                 self._loadExtras()
                 self._finish("succeeded")
             except MedDINOv3SegmentError as e:
@@ -131,6 +131,10 @@ class SegmentTask:
                 logging.info("MedDINOv3 segment process output:\n%s", stderr)
             self._finish("failed", MedDINOv3SegmentError(message))
         return False
+
+    def _loadResult(self):
+        """Put the child's result into the scene (subclasses: other results, e.g. completed segments)."""
+        return self._logic._loadResult(self.outputPath, self.inputVolumeNode, self.outputSegmentationNode)
 
     def _loadExtras(self) -> None:
         """Statistics table, and the uncertainty volume and unsure slices when the run made them."""

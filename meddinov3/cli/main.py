@@ -7,7 +7,7 @@ import importlib
 import os
 import sys
 
-VERBS = ("segment", "train", "evaluate", "pretrain", "convert", "info", "models", "demo")
+VERBS = ("segment", "complete", "train", "evaluate", "pretrain", "convert", "info", "models", "demo")
 
 
 class CommandError(Exception):

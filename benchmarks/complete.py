@@ -1,0 +1,179 @@
+"""Few-shot completion benchmark on the offline LiTS case (128^3 CT at 1 mm): `meddinov3 complete` vs ITK's
+morphological contour interpolation (Slicer's Fill between slices) on the same painted slices.
+
+For each structure (liver = labels >= 1, the whole organ; tumour = label 2) and k: every k-th axial slice of the
+structure's extent is painted (binary truth on those slices); Dice is measured on every slice not painted. Columns:
+ITK interpolation, our signed-distance prior alone (the head's shape input), and Complete (`--model scratch`).
+Then the time and peak memory of the CLI on the whole 128^3 case (first run, repeat run: each a fresh process).
+
+    pip install itk-morphologicalcontourinterpolation==2.1.2   # the `benchmark` extra
+    python benchmarks/complete.py --budget 10 --ks 5,10,20,30
+    python benchmarks/complete.py --budget 10 --no-accuracy --no-timing --loop tumour:20:5   # correction loop PNG
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from meddinov3.complete import complete_image
+from meddinov3.complete.prior import ShapePrior
+from meddinov3.phantom import load_liver_ct
+
+STRUCTURES = {"liver": lambda a: a >= 1, "tumour": lambda a: a == 2}
+
+
+def painted_slices(mask: np.ndarray, k: int) -> np.ndarray:
+    extent = np.flatnonzero(mask.reshape(len(mask), -1).any(1))
+    return np.arange(extent[0], extent[-1] + 1, k)
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    return 2 * float((pred & truth).sum()) / max(1, int(pred.sum() + truth.sum()))
+
+
+def itk_interpolation(sparse: np.ndarray) -> np.ndarray:
+    """ITK MorphologicalContourInterpolator along the slice axis (numpy axis 0 = ITK axis 2), as Fill between slices."""
+    import itk
+
+    image = itk.image_from_array(sparse.astype(np.uint8))
+    out = itk.morphological_contour_interpolator(image, axis=2, use_distance_transform=True)
+    return itk.array_from_image(out)
+
+
+def accuracy(ct: sitk.Image, labels: np.ndarray, ks: list[int], budget: float) -> list[dict]:
+    rows = []
+    for name, select in STRUCTURES.items():
+        truth = select(labels)
+        for k in ks:
+            painted = painted_slices(truth, k)
+            sparse = np.zeros(truth.shape, np.uint8)
+            sparse[painted] = truth[painted]
+            others = np.setdiff1d(np.arange(len(truth)), painted)
+            itk_out = itk_interpolation(sparse) != 0
+            prior = ShapePrior(sparse, painted[sparse[painted].reshape(len(painted), -1).any(1)], [1], (1.0,) * 3)
+            prior_out = np.stack([prior.labels_at(z) for z in range(len(truth))]) != 0
+            ref = sitk.GetImageFromArray(sparse)
+            ref.CopyInformation(ct)
+            t0 = time.perf_counter()
+            result = complete_image(ct, ref, model="scratch", time_budget_s=budget, use_cache=False)  # each from scratch
+            seconds = time.perf_counter() - t0
+            ours = sitk.GetArrayFromImage(result.labels) != 0
+            row = {"structure": name, "k": k, "painted": int(len(painted)),
+                   "itk": round(dice(itk_out[others], truth[others]), 3),
+                   "prior": round(dice(prior_out[others], truth[others]), 3),
+                   "complete": round(dice(ours[others], truth[others]), 3), "seconds": round(seconds, 1),
+                   "steps": result.stats["fit"]["steps"]}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def timing(ct: sitk.Image, labels: np.ndarray, budget: float) -> list[dict]:
+    """CLI on the whole case (liver + tumour painted every 10th slice), twice, each a fresh process."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        sparse = np.zeros(labels.shape, np.uint8)
+        sparse[::10] = labels[::10]
+        ref = sitk.GetImageFromArray(sparse)
+        ref.CopyInformation(ct)
+        img, lab = Path(tmp) / "ct.nii.gz", Path(tmp) / "sparse.nii.gz"
+        sitk.WriteImage(ct, str(img))
+        sitk.WriteImage(ref, str(lab))
+        for run in ("first", "repeat"):
+            out = Path(tmp) / f"{run}.seg.nrrd"
+            code = ("import resource, sys, time; from meddinov3.cli.main import main; t = time.perf_counter(); "
+                    f"rc = main(['complete', {str(img)!r}, '--labels', {str(lab)!r}, '-o', {str(out)!r}, "
+                    f"'--model', 'scratch', '--device', 'cpu', '--time-budget', '{budget}']); "
+                    "print(round(time.perf_counter() - t, 1), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            seconds, rss_kb = res.stdout.split()[-2:]
+            row = {"run": run, "seconds": float(seconds), "peak_rss_mb": round(int(rss_kb) / 1024)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def worst_slice(pred: np.ndarray, truth: np.ndarray, candidates: np.ndarray) -> int:
+    """The candidate slice with the most wrong voxels (what an annotator would correct first)."""
+    errors = (pred[candidates] != truth[candidates]).reshape(len(candidates), -1).sum(1)
+    return int(candidates[int(errors.argmax())])
+
+
+def correction_loop(ct: sitk.Image, labels: np.ndarray, structure: str, k: int, rounds: int, budget: float,
+                    png: Path) -> list[dict]:
+    """After each Complete (and, separately, each interpolation) the worst unpainted slice gets its truth painted;
+    Dice on the unpainted slices against the number of painted slices, for both, plotted to `png`. Each Complete
+    after the first continues from the last head (half the budget), as in Slicer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    truth = STRUCTURES[structure](labels)
+    curves = {"complete": [], "itk": []}
+    for method in curves:
+        painted = set(painted_slices(truth, k).tolist())
+        for _ in range(rounds + 1):
+            done = np.array(sorted(painted))
+            sparse = np.zeros(truth.shape, np.uint8)
+            sparse[done] = truth[done]
+            if method == "itk":
+                pred = itk_interpolation(sparse) != 0
+            else:
+                ref = sitk.GetImageFromArray(sparse)
+                ref.CopyInformation(ct)
+                pred = sitk.GetArrayFromImage(complete_image(ct, ref, model="scratch", time_budget_s=budget).labels) != 0
+            others = np.setdiff1d(np.arange(len(truth)), done)
+            row = {"method": method, "structure": structure, "painted": len(done),
+                   "dice": round(dice(pred[others], truth[others]), 3)}
+            print(json.dumps(row), flush=True)
+            curves[method].append(row)
+            painted.add(worst_slice(pred, truth, others))
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for method, label in (("complete", "Complete (scratch)"), ("itk", "ITK interpolation (Fill between slices)")):
+        ax.plot([r["painted"] for r in curves[method]], [r["dice"] for r in curves[method]], "o-", label=label)
+    ax.set_xlabel("painted slices")
+    ax.set_ylabel(f"Dice on unpainted slices ({structure})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    return curves["complete"] + curves["itk"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ks", default="5,10,20,30")
+    parser.add_argument("--budget", type=float, default=20.0, help="--time-budget of each Complete (s)")
+    parser.add_argument("--no-timing", action="store_true")
+    parser.add_argument("--no-accuracy", action="store_true")
+    parser.add_argument("--loop", metavar="STRUCTURE:K:ROUNDS", help="correction loop, e.g. tumour:20:5")
+    parser.add_argument("--loop-png", default="benchmarks/complete_loop.png")
+    args = parser.parse_args()
+    # a fresh store: the head cache (a repeat on the same volume continues from the last head) starts empty
+    os.environ["MEDDINOV3_HOME"] = tempfile.mkdtemp(prefix="meddinov3-bench-")
+    ct, lab = load_liver_ct()
+    labels = sitk.GetArrayFromImage(lab)
+    print(json.dumps({"load_average": os.getloadavg(), "cpus": os.cpu_count(),
+                      "torch_threads": __import__("torch").get_num_threads()}), flush=True)
+    if not args.no_accuracy:
+        accuracy(ct, labels, [int(k) for k in args.ks.split(",")], args.budget)
+    if args.loop:
+        structure, k, rounds = args.loop.split(":")
+        correction_loop(ct, labels, structure, int(k), int(rounds), args.budget, Path(args.loop_png))
+    if not args.no_timing:
+        timing(ct, labels, args.budget)
+    print(json.dumps({"load_average": os.getloadavg()}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Backbone features of every slice, computed once per volume and cached on disk.
+
+Multi-scale patch tokens (the model's feature blocks, concatenated) of each canonical slice, reduced by PCA to a
+few channels and kept at token resolution as float16 (a 512x512x300 CT at 16 px patches: ~20 MB), so a repeat run
+on the same volume (after corrections) skips the backbone entirely.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..resources import user_dir
+
+OFFICIAL_BACKBONE = "meddinov3-vitb16-ct3m"
+FEATURE_CHANNELS = 16
+
+
+def choose_model(model: str | os.PathLike | None) -> tuple[str | None, str]:
+    """(backbone reference or None for scratch, a sentence saying which was chosen and why).
+
+    `None`: the official backbone when it is on this machine (no download), else scratch."""
+    if model not in (None, "", "auto"):
+        if str(model) == "scratch":
+            return None, "model: scratch (a small network fitted on the painted slices, no backbone)"
+        return str(model), f"model: backbone of {model}"
+    from ..checkpoints import CheckpointError
+    from ..checkpoints.loader import resolve
+
+    try:
+        path = resolve(OFFICIAL_BACKBONE, offline=True)
+    except CheckpointError:
+        return None, (f"model: scratch (the official backbone {OFFICIAL_BACKBONE} is not on this machine; "
+                      f"`meddinov3 models download {OFFICIAL_BACKBONE}` or pass --model)")
+    return str(path), f"model: official backbone {OFFICIAL_BACKBONE}"
+
+
+def volume_key(volume: np.ndarray, *parts: str) -> str:
+    """Content hash of a volume (and of `parts`, e.g. the model path): the cache key of its features."""
+    h = hashlib.sha256()
+    h.update(str((volume.shape, volume.dtype.str)).encode())
+    h.update(np.ascontiguousarray(volume).tobytes())
+    for p in parts:
+        h.update(p.encode())
+    return h.hexdigest()[:32]
+
+
+def cache_dir() -> Path:
+    path = user_dir() / "cache" / "complete"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@torch.no_grad()
+def backbone_features(volume: np.ndarray, spacing: tuple[float, float, float], model_ref: str, device: torch.device,
+                      progress=None, batch_size: int = 8) -> np.ndarray:
+    """(S, FEATURE_CHANNELS, h, w) float16 PCA-reduced token maps of a canonical volume (S, P, L), h x w tokens."""
+    from ..checkpoints.loader import load_backbone
+    from ..checkpoints.convert import load_strict
+    from ..engine.preprocess import make_normalizer, resampled_shape, resize, target_spacing
+    from ..model.backbone import DINOv3Backbone
+
+    cfg, state, spec = load_backbone(model_ref, offline=True)
+    net = DINOv3Backbone(cfg)
+    load_strict(net, state, str(model_ref))
+    net = net.to(device).eval()
+    normalize = make_normalizer(spec.normalization, volume)
+    size = resampled_shape(volume.shape[1:], spacing[1:], target_spacing(spec, spacing[1:]))
+    p = cfg.patch_size
+    size = tuple(-(-n // p) * p for n in size)
+    maps = []
+    for i in range(0, volume.shape[0], batch_size):
+        # a copy: the normaliser clamps in place, and `volume` may be the caller's image memory
+        x = torch.from_numpy(np.array(volume[i:i + batch_size], dtype=np.float32))[:, None].to(device)
+        x = resize(normalize(x), size).expand(-1, cfg.in_chans, -1, -1)
+        feats = torch.cat(net.feature_maps(x, cfg.feature_blocks), 1)
+        maps.append(feats.float().cpu())
+        if progress is not None:
+            progress.update(min(i + batch_size, volume.shape[0]), volume.shape[0], stage="features")
+    feats = torch.cat(maps)  # (S, C, h, w)
+    S, C, h, w = feats.shape
+    flat = feats.permute(0, 2, 3, 1).reshape(-1, C)
+    mean = flat.mean(0, keepdim=True)
+    _, _, v = torch.pca_lowrank(flat - mean, q=min(FEATURE_CHANNELS, C), center=False)
+    reduced = (flat - mean) @ v
+    reduced = reduced / reduced.std(0, keepdim=True).clamp_min(1e-6)
+    return reduced.reshape(S, h, w, -1).permute(0, 3, 1, 2).contiguous().half().numpy()
+
+
+def cached_features(volume: np.ndarray, spacing, model_ref: str, device: torch.device, progress=None,
+                    use_cache: bool = True) -> tuple[np.ndarray, bool]:
+    """`backbone_features`, from the cache when this volume met this model before; (features, came from cache)."""
+    stamp = str(Path(model_ref).stat().st_mtime_ns) if Path(model_ref).exists() else ""
+    path = cache_dir() / f"features-{volume_key(volume, str(model_ref), stamp, str(spacing))}.npy"
+    if use_cache and path.exists():
+        try:
+            return np.load(path), True
+        except (OSError, ValueError):
+            pass  # a damaged cache file is recomputed and replaced
+    feats = backbone_features(volume, spacing, model_ref, device, progress)
+    if use_cache:
+        from ..files import atomic_path
+
+        with atomic_path(path, suffix=".npy") as tmp:
+            np.save(tmp, feats)
+    return feats, False

@@ -1,0 +1,235 @@
+"""`complete_image`: a few painted slices -> the whole structure, on the image's exact grid.
+
+Per run: the shape prior (signed distances interpolated between painted slices), per-voxel inputs (3D image
+features, the prior, the distance to the nearest painted slice, optional backbone features) on the painted region's
+box, a small head fitted on the painted slices within the time budget, its probabilities on the unpainted slices,
+each label kept to its own painted slice range (unless `extrapolate`), painted slices copied voxel for voxel.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from ..checkpoints import CheckpointError, safe_torch_load
+from ..checkpoints.package import ClassInfo
+from ..volumes import Orientation, array_to_image, validate_image
+from .head import CompletionHead, fit_head, predict
+from .prior import ShapePrior
+from .sparse import PaintedSlices, label_array, painted_slices
+
+MARGIN_MM = 20.0  # the head runs on the painted region's in-plane box grown by this much
+DEFAULT_TIME_BUDGET_S = 20.0
+MAX_STEPS = 600
+PRIOR_SCALE_MM = 5.0  # prior input = tanh(signed distance / 5 mm)
+WARM_BUDGET_FRACTION = 0.5  # a repeat on the same volume and labels starts from the last head: half the budget
+
+
+def _warm_start(head: CompletionHead, path) -> bool:
+    """Load the head fitted by the last run on this volume with these labels (after corrections, Complete again):
+    True when it was there and fits."""
+    try:
+        head.load_state_dict(safe_torch_load(path))
+        return True
+    except (OSError, RuntimeError, ValueError, EOFError, CheckpointError):
+        return False
+
+
+@dataclass
+class CompletionResult:
+    labels: sitk.Image  # on exactly the input's grid
+    classes: list  # ClassInfo: background and every label value, names/colours as given
+    least_confident: dict | None  # {"slice": canonical index, "point": LPS mm of the slice's centre}; None: nothing filled
+    stats: dict = field(default_factory=dict)
+
+
+def _robust_scale(volume: np.ndarray) -> tuple[float, float]:
+    sample = volume[:: max(1, volume.shape[0] // 32)]
+    lo, hi = np.percentile(sample, [0.5, 99.5])
+    return float(lo), float(max(hi - lo, 1e-6))
+
+
+def _foreground_window(volume: np.ndarray, labels: np.ndarray, slices) -> tuple[float, float]:
+    """Median and spread of the painted structures' intensities: the head gets a channel windowed on them."""
+    values = volume[slices][labels[slices] != 0]
+    return float(np.median(values)), float(max(np.percentile(values, 95) - np.percentile(values, 5), 1e-6))
+
+
+def image_features(volume: np.ndarray, labels: np.ndarray, painted: PaintedSlices, spacing) -> np.ndarray:
+    """(7, S, P, L) float32 features of a canonical (sub-)volume: intensity robust-scaled, windowed on the painted
+    structures, smoothed at 1, 2, 4 mm, gradient magnitude at 1 and 3 mm (3D: neighbouring slices count)."""
+    lo, span = _robust_scale(volume)
+    center, width = _foreground_window(volume, labels, painted.slices)
+    scaled = (volume.astype(np.float32) - lo) / span
+    windowed = np.clip((volume.astype(np.float32) - center) / width, -3, 3)
+
+    def sig(mm: float) -> list[float]:  # sigma in voxels along (S, P, L)
+        return [mm / s for s in spacing]
+
+    feats = [scaled, windowed] + [ndimage.gaussian_filter(windowed, sig(mm)) for mm in (1.0, 2.0, 4.0)]
+    feats += [ndimage.gaussian_gradient_magnitude(scaled, sig(mm)) for mm in (1.0, 3.0)]
+    return np.stack(feats).astype(np.float32)
+
+
+class SliceInputs:
+    """Per-voxel inputs of one canonical slice on the box: image features, the prior per label (tanh of the signed
+    distance / 5 mm) and optional backbone features (token maps upsampled to the slice)."""
+
+    def __init__(self, volume, labels, painted: PaintedSlices, prior: ShapePrior, box, spacing, features=None):
+        (r0, r1), (c0, c1) = box
+        self.prior, self.box, self.features, self.full = prior, box, features, volume.shape[1:]
+        self.image = image_features(np.asarray(volume[:, r0:r1, c0:c1]), np.asarray(labels[:, r0:r1, c0:c1]),
+                                    painted, spacing)
+
+    @property
+    def prior_columns(self) -> slice:
+        """Where the prior's channels are (the head adds them to its logits)."""
+        return slice(len(self.image), len(self.image) + len(self.prior.values))
+
+    @property
+    def distance_column(self) -> int:
+        """Where the slice's distance (cm: an input of order 1) to its nearest painted slice is."""
+        return len(self.image) + len(self.prior.values)
+
+    @property
+    def channels(self) -> int:
+        return len(self.image) + len(self.prior.values) + 1 + (0 if self.features is None else self.features.shape[1])
+
+    def __call__(self, z: int, exclude: int | None = None) -> torch.Tensor:
+        """(rows * columns of the box, channels) float32."""
+        (r0, r1), (c0, c1) = self.box
+        distance = np.full((1, r1 - r0, c1 - c0), self.prior.distance(z, exclude) / 10, np.float32)  # cm
+        chans = [self.image[:, z], np.tanh(self.prior.at(z, exclude)[:, r0:r1, c0:c1] / PRIOR_SCALE_MM), distance]
+        x = torch.from_numpy(np.concatenate(chans).astype(np.float32))
+        if self.features is not None:
+            f = torch.from_numpy(self.features[z].astype(np.float32))[None]
+            f = F.interpolate(f, size=self.full, mode="bilinear", align_corners=False)[0, :, r0:r1, c0:c1]
+            x = torch.cat([x, f])
+        return x.reshape(len(x), -1).T
+
+
+def _box(labels: np.ndarray, slices, spacing, whole: bool) -> tuple[tuple[int, int], tuple[int, int]]:
+    """In-plane (rows, columns) box of everything painted, grown by MARGIN_MM; the whole plane when `whole`."""
+    H, W = labels.shape[1:]
+    if whole:
+        return (0, H), (0, W)
+    fg = (labels[slices] != 0).any(axis=0)
+    rows, cols = np.flatnonzero(fg.any(axis=1)), np.flatnonzero(fg.any(axis=0))
+    mr, mc = (int(np.ceil(MARGIN_MM / s)) for s in spacing[1:])
+    return (max(0, rows[0] - mr), min(H, rows[-1] + 1 + mr)), (max(0, cols[0] - mc), min(W, cols[-1] + 1 + mc))
+
+
+def _classes(values: list[int], given: list | None) -> list:
+    """Background + every painted value, with the given names/colours (all given classes kept)."""
+    by_value = {c.value: c for c in (given or [])}
+    by_value.setdefault(0, ClassInfo(0, "background"))
+    for v in values:
+        by_value.setdefault(v, ClassInfo(v, f"label_{v}"))
+    return [by_value[v] for v in sorted(by_value)]
+
+
+def _allowed(painted: PaintedSlices, zs, extrapolate: bool) -> torch.Tensor:
+    """(slices, classes) mask: background always, a label only between its first and last painted slice."""
+    allowed = torch.ones(len(zs), 1 + len(painted.values), dtype=torch.bool)
+    if not extrapolate:
+        for c, v in enumerate(painted.values, start=1):
+            lo, hi = painted.ranges[v]
+            allowed[:, c] = torch.tensor([lo <= z <= hi for z in zs])
+    return allowed
+
+
+def complete_image(image: sitk.Image, sparse: sitk.Image, model: str | os.PathLike | None = None,
+                   device: str | torch.device = "auto", time_budget_s: float = DEFAULT_TIME_BUDGET_S,
+                   extrapolate: bool = False, classes: list | None = None, progress=None, cancel=None,
+                   use_cache: bool = True, max_steps: int = MAX_STEPS, seed: int = 0, source: str = "<image>",
+                   labels_source: str = "<labels>") -> CompletionResult:
+    """Complete the structures painted on a few slices of `image` (SimpleITK images, same grid).
+
+    `sparse`: label map; a slice (along S-I, as the engine slices) with any non-zero voxel is painted and all its
+    voxels are truth. `model`: "scratch", a backbone / model package reference (its backbone's features are used),
+    or None: the official backbone when on this machine, else scratch (`stats["model"]` says which).
+    `time_budget_s`: the head's training time (half of it when a head fitted on this volume with the same labels is
+    in the cache, `use_cache`: it continues from there). `classes`: ClassInfo names/colours to keep (e.g. a .seg.nrrd's).
+    `cancel`: callable returning True to stop (-> engine.Cancelled). Raises InputError on bad input.
+    The result's labels: painted slices as given, unpainted slices completed, each label only within its own
+    first..last painted slice unless `extrapolate`.
+    """
+    from ..engine import resolve_device
+    from ..files import atomic_path
+    from .features import cache_dir, cached_features, choose_model, volume_key
+
+    t0 = time.perf_counter()
+    model_ref, model_note = choose_model(model)
+    validate_image(image, source, modality=None)
+    lab = label_array(sparse, image, labels_source)
+    orient = Orientation.of(image)
+    vol_c = orient.to_canonical(sitk.GetArrayViewFromImage(image))
+    lab_c = orient.to_canonical(lab)
+    spacing = orient.canonical_spacing(image.GetSpacing())
+    painted = painted_slices(lab_c, extrapolate, labels_source)
+    torch.manual_seed(seed)
+    dev = resolve_device(device)
+    features, from_cache = None, False
+    if model_ref is not None:
+        features, from_cache = cached_features(np.asarray(vol_c), spacing, model_ref, dev, progress, use_cache)
+    prior = ShapePrior(lab_c, painted.slices, painted.values, spacing)
+    box = _box(lab_c, painted.slices, spacing, whole=extrapolate)
+    inputs = SliceInputs(vol_c, lab_c, painted, prior, box, spacing, features)
+    (r0, r1), (c0, c1) = box
+    train_x = torch.cat([inputs(int(z), exclude=int(z)) for z in painted.slices]).to(dev)
+    to_index = np.zeros(int(max(painted.values)) + 1, dtype=np.int64)
+    to_index[painted.values] = np.arange(1, len(painted.values) + 1)
+    train_y = torch.from_numpy(to_index[lab_c[painted.slices, r0:r1, c0:c1]].ravel()).to(dev)
+    reference_cm = float(np.median([prior.distance(int(z), exclude=int(z)) for z in painted.slices])) / 10
+    head = CompletionHead(inputs.channels, 1 + len(painted.values), inputs.prior_columns, inputs.distance_column,
+                          reference_cm).to(dev)
+    head_path = cache_dir() / f"head-{volume_key(np.asarray(vol_c), model_note, str(painted.values), str(inputs.channels))}.pt"
+    warm = use_cache and _warm_start(head, head_path)
+    budget = time_budget_s * (WARM_BUDGET_FRACTION if warm else 1.0)
+    fit = fit_head(head, train_x, train_y, budget, max_steps, cancel=cancel, progress=progress, seed=seed)
+    fit["warm_start"] = warm
+    if use_cache:
+        with atomic_path(head_path, suffix=".pt") as tmp:
+            torch.save(head.state_dict(), tmp)
+
+    z_lo = 0 if extrapolate else min(r[0] for r in painted.ranges.values())
+    z_hi = lab_c.shape[0] - 1 if extrapolate else max(r[1] for r in painted.ranges.values())
+    done = set(painted.slices.tolist())
+    todo = [z for z in range(z_lo, z_hi + 1) if z not in done]
+    out = np.zeros(lab.shape, dtype=lab.dtype)
+    out_c = orient.to_canonical(out)  # a view: writing it writes `out`
+    out_c[painted.slices] = lab_c[painted.slices]
+    allowed = _allowed(painted, todo, extrapolate)
+    values = torch.tensor([0] + painted.values)
+    doubt = torch.zeros(len(todo))
+    for i, z in enumerate(todo):  # one slice at a time: probabilities never exist for the whole volume
+        probs = predict(head, inputs(z).to(dev)).cpu().T.reshape(-1, r1 - r0, c1 - c0) * allowed[i, :, None, None]
+        best = probs.max(0)
+        out_c[z, r0:r1, c0:c1] = values[best.indices].numpy().astype(lab.dtype)
+        doubt[i] = (1 - best.values).sum()  # how many voxels the head is unsure about
+    least = None
+    if todo:
+        z = todo[int(doubt.argmax())]
+        least = {"slice": int(z), "point": _slice_centre(image, orient, z, lab_c.shape)}
+    labels = array_to_image(out, image)
+    stats = {"model": model_note, "device": str(dev), "painted_slices": [int(s) for s in painted.slices],
+             "completed_slices": len(todo), "box": [list(map(int, b)) for b in box], "fit": fit,
+             "features_cached": from_cache, "seconds": round(time.perf_counter() - t0, 2)}
+    return CompletionResult(labels, _classes(painted.values, classes), least, stats)
+
+
+def _slice_centre(image: sitk.Image, orient: Orientation, z: int, shape) -> list[float]:
+    """LPS point (mm) at the centre of canonical slice `z`: where a viewer jumps to show that slice."""
+    canonical = (z, shape[1] // 2, shape[2] // 2)
+    index = [0, 0, 0]
+    for n, c in enumerate(canonical):  # canonical axis n is patient axis 2 - n, held by sitk axis perm[2 - n]
+        axis = orient.perm[2 - n]
+        index[axis] = image.GetSize()[axis] - 1 - c if orient.flip[2 - n] else c
+    return [float(v) for v in image.TransformIndexToPhysicalPoint([int(v) for v in index])]
