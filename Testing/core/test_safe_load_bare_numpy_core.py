@@ -3,7 +3,8 @@
 Slicer 5.8 embeds numpy 1.26.4; importing torch there leaves `numpy._core` as an empty package, so code that reaches
 `np._core.multiarray` raises AttributeError and every `.pth` load fails. numpy 1.26 cannot be installed next to
 this machine's Python 3.11 + numpy 2, so a child process recreates that state on numpy 2: after torch is imported,
-`numpy._core` is replaced by an empty module (attribute and `sys.modules` entry), then real files are loaded.
+`numpy._core` is replaced by an empty module (attribute and `sys.modules` entry), then real files are loaded. scipy
+is imported before: on numpy 2 its lazy imports go through the real `numpy._core` (on numpy 1.26 they never do).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ CHILD = r"""
 import json, sys, types
 import numpy as np
 import torch
+import scipy.ndimage
 from meddinov3.checkpoints import load_model, safe_torch_load
 
 bare = types.ModuleType("numpy._core")  # what importing torch leaves behind with numpy 1.26: no multiarray
