@@ -29,16 +29,15 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..complete import complete_image, read_sparse
     from ..complete.pipeline import DEFAULT_TIME_BUDGET_S
-    from ..engine import Cancelled
     from ..engine.outputs import check_not_input, check_output, input_files, write_labels
     from ..progress import Progress
     from ..volumes import InputError, read_image
-    from .main import CommandError, device_option
+    from .main import CommandError, device_option, failure_reported
 
     progress = Progress(json_lines=args.json_progress, desc="complete")
     started = time.perf_counter()
     budget = DEFAULT_TIME_BUDGET_S if args.time_budget is None else args.time_budget
-    try:
+    with failure_reported(progress):
         if not budget > 0:
             raise CommandError(f"--time-budget must be a positive number of seconds, got {args.time_budget}")
         try:
@@ -68,10 +67,3 @@ def run(args) -> int:
                   f"{len(result.stats['painted_slices'])} painted ({seconds:.1f} s)", file=sys.stderr)
         progress.event("done", seconds=seconds)
         return 0
-    except Cancelled as e:
-        progress.event("failed", message=str(e))
-        raise CommandError(str(e)) from None
-    except Exception as e:
-        progress.close()
-        progress.event("failed", message=str(e))
-        raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -12,6 +13,23 @@ VERBS = ("segment", "complete", "train", "evaluate", "pretrain", "convert", "inf
 
 class CommandError(Exception):
     """A problem the user can fix; printed as one line, exit code 2."""
+
+
+@contextlib.contextmanager
+def failure_reported(progress):
+    """Make a failure the last event of a command's progress (`progress.Progress`), as the Slicer modules read it: a
+    cancel (SIGTERM from the module's Cancel) becomes one error line; any other error propagates after the event."""
+    from ..engine import Cancelled
+
+    try:
+        yield
+    except Cancelled as e:
+        progress.event("failed", message=str(e))
+        raise CommandError(str(e)) from None
+    except Exception as e:
+        progress.close()
+        progress.event("failed", message=str(e))
+        raise
 
 
 def device_option(value: str):

@@ -150,16 +150,16 @@ def _file_name(path: Path) -> bool:
 
 
 def run(args) -> int:
-    from ..engine import Cancelled, segment_file
+    from ..engine import segment_file
     from ..engine.outputs import check_not_input, check_output, check_writable, input_files
     from ..progress import Progress
     from ..volumes import InputError, list_inputs
-    from .main import CommandError, device_option
+    from .main import CommandError, device_option, failure_reported
 
     under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     progress = Progress(json_lines=args.json_progress, desc="segment", enabled=int(os.environ.get("RANK", "0")) == 0)
     started = time.perf_counter()
-    try:
+    with failure_reported(progress):
         folds, batch, roi = _parse(args)
         orientation = _orientation(args.training_orientation)
         try:
@@ -229,13 +229,6 @@ def run(args) -> int:
         progress.close()
         progress.event("done", seconds=round(time.perf_counter() - started, 2), count=1)
         return 0
-    except Cancelled as e:
-        progress.event("failed", message=str(e))
-        raise CommandError(str(e)) from None
-    except Exception as e:
-        progress.close()
-        progress.event("failed", message=str(e))
-        raise
 
 
 def _join(device: str):
