@@ -202,21 +202,28 @@ class MicroBatchChoice:
         return asdict(self)
 
 
-def measure_image_cost(run: Callable[[int], None], device: torch.device, sizes: tuple[int, int] = (1, 2)
+def measure_image_cost(run: Callable[[int], None], device: torch.device, sizes: tuple[int, int] = (1, 4)
                        ) -> tuple[int, int] | None:
     """(bytes per image, fixed bytes) of one forward and backward, from its peak growth at two micro-batch sizes;
     None where memory cannot be measured. `run(k)` does the forward and backward of k images (gradients already
-    allocated, so they are not counted)."""
+    allocated, so they are not counted). The cost per image is the larger of the slope between the two sizes and
+    the whole growth at the larger size per image: on a CPU the first, small probe can reuse memory the allocator
+    still holds, which makes the slope alone too low (measured: half the true cost)."""
     k1, k2 = sizes
     d1 = peak_growth(lambda: run(k1), device)
-    if d1 is not None and k1 == k2:  # one size only: all of the growth is the images' (an overestimate)
-        return int(d1 / k1), 0
-    d2 = peak_growth(lambda: run(k2), device)
-    if d1 is None or d2 is None:
+    if d1 is not None:  # the larger probe must fit too: at most what fits at the first probe's cost per image
+        k2 = max(k1, min(k2, int(device_budget(device).bytes / SAFETY // max(1, d1 / k1))))
+    try:
+        d2 = None if d1 is None or k1 == k2 else peak_growth(lambda: run(k2), device)
+    except torch.OutOfMemoryError:  # (CUDA) the larger probe did not fit after all
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        d2 = None
+    if d1 is None:
         return None
-    per_image = (d2 - d1) / (k2 - k1)
-    if per_image <= 0.05 * d1 / k1:  # growth hidden by cached memory: take all of it as per-image cost
-        per_image = d1 / k1
+    if d2 is None:  # one size only: all of its growth is the images' (an overestimate)
+        return int(d1 / k1), 0
+    per_image = max((d2 - d1) / (k2 - k1), d2 / k2)
     return int(per_image), int(max(0, d1 - k1 * per_image))
 
 
@@ -234,8 +241,14 @@ def choose_micro_batch(per_rank: int, run: Callable[[int], None], device: torch.
     if configured:
         m = min(int(configured), per_rank)
         return MicroBatchChoice(m, accumulation(m), f"micro_batch {configured} set in the configuration")
-    sizes = (min_micro, min(per_rank, 2 * min_micro))
-    cost = measure_image_cost(run, device, sizes)
+    sizes = (min_micro, min(per_rank, 4 * min_micro))
+    try:
+        cost = measure_image_cost(run, device, sizes)
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "allocate memory" not in str(e):
+            raise  # only a failed allocation (on a CPU: a RuntimeError saying so) means "does not fit"
+        raise BatchDoesNotFit(f"{what} cannot fit on {device}: {min_micro} image(s) ran out of memory in a forward "
+                              "and backward; use a smaller model, crop or image size, or free memory") from None
     if device.type == "cpu":
         release_host_memory()
     elif device.type == "cuda":
