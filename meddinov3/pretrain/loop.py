@@ -280,6 +280,7 @@ def fit_micro_batch(meta: SSLMetaArch, params: list, optimizer, cfg: PretrainCon
     with the largest iBOT masks (the masked patches go through the heads: the costliest case)."""
     g_size, l_size, grid = sizes
     n_mask = int(max(cfg.mask_ratio) * grid[0] * grid[1])
+    meta.train()  # the student as in a step (the teacher stays in eval mode)
 
     def forward_backward(k: int) -> None:
         g = torch.zeros(2 * k, 1, g_size, g_size, device=device)
