@@ -21,8 +21,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import math
-import os
-import resource
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -109,6 +107,10 @@ def _cgroup_room() -> int | None:
 
 def _rlimit_room() -> tuple[int, str] | None:
     """Bytes left under RLIMIT_AS (virtual size) or RLIMIT_DATA (private writable memory), the tighter one."""
+    try:
+        import resource  # POSIX only (not on Windows)
+    except ImportError:
+        return None
     rooms = []
     for name, used_key in (("RLIMIT_AS", "VmSize"), ("RLIMIT_DATA", "VmData")):
         soft, _ = resource.getrlimit(getattr(resource, name))

@@ -17,7 +17,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from meddinov3.memory import GIB, BatchDoesNotFit, choose_micro_batch, measure_image_cost
+from meddinov3.memory import BatchDoesNotFit, choose_micro_batch, measure_image_cost
 
 REPO = Path(__file__).resolve().parents[2]
 MIB = 2**20
