@@ -1,13 +1,13 @@
 """How much memory a job may still take, and how many images fit in one forward and backward (the micro-batch).
 
 Why: on a CPU, running out of host memory is not an exception a loop can catch: the kernel's OOM killer ends the
-process without a word. So `train` and `pretrain` measure what one image costs on two small probe micro-batches
+process without a word. So `train` and `pretrain` measure what one image costs on two small probe micro-batches (1 and up to 4 images)
 before their first step, and choose the micro-batch from what the device has left; gradient accumulation keeps the
 configured batch, so results do not depend on the machine. A batch that cannot fit even one image at a time is a
 one-line `BatchDoesNotFit` error before any step.
 
 Rules (also in the README):
-- host (CPU jobs, and MPS, whose memory is the host's): the least of MemAvailable minus a reserve for the OS and the
+- host (CPU jobs; segment on MPS, whose memory is the host's): the least of MemAvailable minus a reserve for the OS and the
   programs beside us, Slicer included (max(1 GiB, 10 % of the machine's memory)), the room under this process's
   cgroup memory limit, and the room under its RLIMIT_AS / RLIMIT_DATA;
 - CUDA: the free memory (plus what PyTorch holds cached) minus max(1 GiB, 10 % of the card).
