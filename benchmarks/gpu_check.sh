@@ -17,7 +17,7 @@ step() {  # step SECONDS TITLE COMMAND...
 }
 : > "$OUT"
 "$PY" -c "import torch, timm; print(torch.__version__, timm.__version__, torch.cuda.get_device_name())" | tee -a "$OUT"
-step 60 "engine: ViT-B 512 px, 300 slices, default auto batch (4 GiB VRAM budget)" \
+step 60 "engine: ViT-B 512 px, 300 slices, default auto batch (80 % of free VRAM - 1 GiB, at most 64)" \
   "$PY" benchmarks/segment.py --size base --device cuda
 step 120 "engine: same, --compile (warm-up compiles; the timed run must not recompile)" \
   "$PY" benchmarks/segment.py --size base --device cuda --compile

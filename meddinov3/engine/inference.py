@@ -53,27 +53,42 @@ def mirror_variants(axes: tuple[int, ...], tta: bool) -> list[tuple[int, ...]]:
     return [tuple(c) for r in range(len(dims) + 1) for c in itertools.combinations(dims, r)]
 
 
-DEFAULT_VRAM_BUDGET_GB = 4.0  # the issue's bound for a default ViT-B run; MEDDINOV3_MAX_VRAM_GB raises it
+MAX_AUTO_BATCH = 64  # items per forward on a GPU: beyond this no card runs faster
+MPS_BATCH = 8
+VRAM_FREE_FRACTION = 0.8  # of the free VRAM the automatic batch may fill ...
+VRAM_RESERVE_GB = 1.0  # ... less this, kept for Slicer's rendering and other programs
+
+
+def item_bytes(cfg, tile: tuple[int, int], dtype_bytes: int) -> int:
+    """Peak memory of one item (slice or tile) in a forward, the largest decoder activations dominating: ~ pixels x
+    the last decoder width x `dtype_bytes` x 6 temporaries, plus float32 logits and their stitched copies, plus 64 MiB
+    of backbone activations (measured: 0.6 GiB per 512 px ViT-B slice in bf16 on an H100; this gives 0.67 GiB)."""
+    pixels = tile[0] * tile[1]
+    return pixels * (cfg.embed_dim // 4 * dtype_bytes * 6 + cfg.num_classes * 4 * 4) + 64 * 2**20
 
 
 def auto_batch_size(device: torch.device, cfg, tile: tuple[int, int]) -> int:
-    """Items (slices or tiles) per forward: from free memory on CUDA, a fixed modest number elsewhere."""
+    """Items (slices or tiles) per forward, from the memory the device has left (the networks already on it).
+
+    CUDA: what fits in 80 % of the free VRAM (plus PyTorch's cache) minus 1 GiB kept for Slicer's rendering and
+    other programs, at most 64; `MEDDINOV3_MAX_VRAM_GB` caps the whole run (weights included) lower or higher.
+    CPU and MPS (whose memory is the host's): what fits in the host's budget (`memory.host_budget`: free memory less
+    a reserve for the OS and Slicer), at most 4 on a CPU (larger batches are no faster there) and 8 on MPS.
+    """
+    from ..memory import host_budget
+
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached by PyTorch
-        pixels = tile[0] * tile[1]
-        # bf16 decoder activations dominate: ~ pixels * embed_dim/4 channels * 2 bytes, x6 for temporaries,
-        # plus float32 logits and their stitched copies.
-        per_item = pixels * (cfg.embed_dim // 4 * 2 * 6 + cfg.num_classes * 4 * 4) + 64 * 2**20
-        # Stay within a VRAM budget (default 4 GiB, so small GPUs and shared GPUs work) unless raised.
-        budget = float(os.environ.get("MEDDINOV3_MAX_VRAM_GB", DEFAULT_VRAM_BUDGET_GB)) * 2**30
-        weights = 4 * (cfg.embed_dim ** 2 * 12 * cfg.depth + sum(a * b * 4 for a, b in zip(
-            cfg.decoder_channels[:-1], cfg.decoder_channels[1:])))
-        usable = min(free * 0.6, budget - weights - 512 * 2**20)
-        return int(max(1, min(64, usable // per_item)))
-    if device.type == "mps":
-        return 8
-    return CPU_BATCH
+        usable = VRAM_FREE_FRACTION * free - VRAM_RESERVE_GB * 2**30
+        budget = os.environ.get("MEDDINOV3_MAX_VRAM_GB")
+        if budget:
+            weights = 4 * (cfg.embed_dim ** 2 * 12 * cfg.depth + sum(a * b * 4 for a, b in zip(
+                cfg.decoder_channels[:-1], cfg.decoder_channels[1:])))
+            usable = min(free * 0.9, float(budget) * 2**30 - weights - 512 * 2**20)
+        return int(max(1, min(MAX_AUTO_BATCH, usable // item_bytes(cfg, tile, 2))))
+    cap = MPS_BATCH if device.type == "mps" else CPU_BATCH
+    return int(max(1, min(cap, host_budget().bytes // item_bytes(cfg, tile, 4))))
 
 
 _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

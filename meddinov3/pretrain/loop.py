@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from ..config import JsonOptions
 from ..files import atomic_path, write_json
+from ..memory import BatchDoesNotFit, MicroBatchChoice, size_micro_batch
 from ..model.backbone import set_drop_path
 from ..progress import Progress, RunStatus, StopRequest, peak_gpu_memory_gb, report_failure
 from ..train import distributed as D
@@ -367,6 +368,33 @@ def amp_dtype(cfg: PretrainConfig, device: torch.device):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[mode]
 
 
+def fit_micro_batch(meta: SSLMetaArch, params: list, optimizer, cfg: PretrainConfig, per_rank: int, sizes: tuple,
+                    device: torch.device, dist_info, log) -> MicroBatchChoice:
+    """The micro-batch that fits this device (memory.size_micro_batch), measured on images of the run's crop sizes
+    with the largest iBOT masks (the masked patches go through the heads: the costliest case)."""
+    g_size, l_size, grid = sizes
+    n_mask = int(max(cfg.mask_ratio) * grid[0] * grid[1])
+    meta.train()  # the student as in a step (the teacher stays in eval mode)
+
+    def forward_backward(k: int) -> None:
+        g = torch.zeros(2 * k, 1, g_size, g_size, device=device)
+        loc = torch.zeros(cfg.n_local * k, 1, l_size, l_size, device=device) if cfg.n_local else g.new_empty(0)
+        masks = torch.zeros(2 * k, grid[0] * grid[1], dtype=torch.bool, device=device)
+        masks[:, :n_mask] = True
+        with torch.autocast(device.type, dtype=amp_dtype(cfg, device), enabled=amp_dtype(cfg, device) is not None):
+            loss, _ = meta.forward_losses(g, loc, masks, cfg.teacher_temp)
+        loss.backward()
+
+    try:
+        fit = size_micro_batch(meta, params, optimizer, forward_backward, per_rank, device, cfg.micro_batch,
+                               f"batch_size {cfg.batch_size}", grad_copies=2 if dist_info.enabled else 0,
+                               gather=lambda obj: D.all_gather_object(obj, dist_info))
+    except BatchDoesNotFit as e:
+        raise PretrainError(str(e)) from None
+    log(f"micro-batch {fit.micro_batch} x {fit.accumulation} accumulation: {fit.reason}")
+    return fit
+
+
 def _all_reduce_grads(params: list, world: int) -> None:
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -569,9 +597,12 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
         step, micro, collapse = int(resumed["step"]), min(int(resumed["micro_batch"]), micro), resumed["collapse"]
         resumed = None  # free the whole-model copy
         log(f"resumed from {latest} at step {step}")
+    fit = fit_micro_batch(meta, params, optimizer, cfg, per_rank, (g_size, l_size, grid), device, dist_info, log)
+    micro = min(micro, fit.micro_batch)
     metrics_path = run_dir / "metrics.jsonl"
     name = cfg.name or run_dir.name
     if main:
+        status.update(batch=fit.to_dict())
         if resume:
             from ..train.curves import read_metrics
             kept = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= step]
@@ -585,7 +616,7 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
                 "mask_grid": list(grid), "total_steps": total, "per_rank_batch": per_rank, "world_size": world,
                 "device": str(device), "amp": str(adt).replace("torch.", "") if adt else "fp32",
                 "parallel": "fsdp" if fsdp else "ddp" if dist_info.enabled else "none",
-                "gram_anchoring": cfg.stage >= 2, "data": index.summary(),
+                "gram_anchoring": cfg.stage >= 2, "data": index.summary(), "batch": fit.to_dict(),
                 "probe": "liver CT ridge probe" if probe else None}, "versions": versions()})
 
     stopper = StopRequest().install()

@@ -28,6 +28,7 @@ from ..data.prefetch import Prefetcher
 from ..data.sampler import PatchSampler
 from ..config import JsonOptions
 from ..files import atomic_path, write_json
+from ..memory import BatchDoesNotFit, MicroBatchChoice, size_micro_batch
 from ..progress import (Progress, RunFolderError, RunStatus, StopRequest, absolute_path, absolute_paths, is_finished,
                         open_run, peak_gpu_memory_gb, report_failure)
 from . import distributed as D
@@ -295,6 +296,29 @@ def forward_loss(model, criterion, adt, device_type: str, compile: bool = False)
     return torch.compile(run, dynamic=False) if compile else run
 
 
+def fit_micro_batch(model, net, optimizer, criterion, adt, patch, per_rank: int, cfg: TrainConfig,
+                    device: torch.device, dist_info, log) -> MicroBatchChoice:
+    """The micro-batch that fits this device (memory.size_micro_batch), measured on patches of the run's size
+    through the uncompiled forward (a compiled one would compile for each probe size; it needs less memory)."""
+    run = forward_loss(model, criterion, adt, device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=adt == torch.float16)
+
+    def forward_backward(k: int) -> None:
+        x = torch.zeros(k, 1, *patch, device=device)
+        y = torch.zeros(k, *patch, dtype=torch.long, device=device)
+        scaler.scale(run(x, y)).backward()
+
+    params = [p for p in net.parameters() if p.requires_grad]
+    try:
+        fit = size_micro_batch(net, params, optimizer, forward_backward, per_rank, device, cfg.micro_batch,
+                               f"batch_size {cfg.batch_size}", grad_copies=1 if dist_info.enabled else 0,
+                               gather=lambda obj: D.all_gather_object(obj, dist_info))
+    except BatchDoesNotFit as e:
+        raise TrainError(str(e)) from None
+    log(f"micro-batch {fit.micro_batch} x {fit.accumulation} accumulation: {fit.reason}")
+    return fit
+
+
 def versions() -> dict:
     import timm
 
@@ -500,8 +524,15 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
         step, best = int(state["step"]), state["best"]
         micro = min(state.get("micro_batch", micro), micro)
         log(f"resumed from {latest} at step {step}")
+    model = net
+    if dist_info.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(net, device_ids=[device] if device.type == "cuda" else None)
+    fit = fit_micro_batch(model, net, optimizer, criterion, adt, patch, per_rank, cfg, device, dist_info, log)
+    micro = min(micro, fit.micro_batch)
     metrics_path = run_dir / "metrics.jsonl"
     if main:
+        status.update(batch=fit.to_dict())
         if resume:  # drop records past the checkpoint (they will be produced again)
             from .curves import read_metrics
             kept = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= step]
@@ -512,7 +543,7 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
             "total_steps": total, "batch_size": batch_size, "per_rank_batch": per_rank, "world_size": world,
             "device": str(device),
             "amp": str(adt).replace("torch.", "") if adt else "fp32", "frozen_parameters": n_frozen,
-            "augment": aug_cfg.to_dict(), "base": base_info, "training_cases": train_names,
+            "augment": aug_cfg.to_dict(), "base": base_info, "batch": fit.to_dict(), "training_cases": train_names,
             "validation_cases": val_names}, "data": ds.summary(), "versions": versions()}
         if not resume:
             write_json(run_dir / "config.json", full)
@@ -522,11 +553,6 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
     spec = make_spec(cfg, mcfg, ds, cache, patch, postprocessing, {"base": base_info, "dataset": ds.source,
                                                     "training_cases": train_names, "validation_cases": val_names,
                                                     "seed": cfg.seed, "total_steps": total})
-
-    model = net
-    if dist_info.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(net, device_ids=[device] if device.type == "cuda" else None)
 
     stopper = StopRequest().install()
     step_fn = forward_loss(model, criterion, adt, device.type, cfg.compile)
