@@ -292,6 +292,7 @@ class TrainJob:
         process started here (its own session's leader): whatever the launcher between them forwards. Windows:
         both trees are ended (taskkill /T /F)."""
         info, raw, launcher, trainer = self._processes()
+        raw = raw or {}  # no status.json yet: Stop during start-up reaches the launcher's group only
         send = kill_process_tree if kill else signal_process_tree
         signalled = set()  # process groups: the trainer is usually in the launcher's, and is signalled once
         processes = ((trainer, raw.get("pid"), raw.get("pgid")), (launcher, info.get("pid"), info.get("pid")))

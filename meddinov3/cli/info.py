@@ -19,7 +19,7 @@ def describe_run(run_dir: Path, offline: bool | None = None) -> dict:
     """A run folder's status.json as readers should see it (a dead "running" process is "killed", with what to
     do), and the description of the model it exported, if any."""
     from ..checkpoints import describe
-    from ..checkpoints.hub import RUN_OUTPUT_FOLDERS
+    from ..catalog import RUN_OUTPUT_FOLDERS
     from ..checkpoints.package import is_package
     from ..progress import RunStatus, killed_message, run_state
 
