@@ -229,6 +229,16 @@ def measure_image_cost(run: Callable[[int], None], device: torch.device, sizes: 
     return int(per_image), int(max(0, d1 - k1 * per_image))
 
 
+ALLOCATION_ERRORS = (torch.OutOfMemoryError, MemoryError, RuntimeError)
+
+
+def raise_unless_allocation_failure(error: BaseException) -> None:
+    """Re-raise `error` (one of ALLOCATION_ERRORS) unless it is a failed allocation: only that means "does not
+    fit" (on a CPU PyTorch raises a RuntimeError saying it cannot allocate memory)."""
+    if not isinstance(error, (torch.OutOfMemoryError, MemoryError)) and "allocate memory" not in str(error):
+        raise error
+
+
 def choose_micro_batch(per_rank: int, run: Callable[[int], None], device: torch.device, pending_bytes: int,
                        configured: int | None, what: str, min_micro: int = 1) -> MicroBatchChoice:
     """The largest micro-batch (at most `per_rank`, at least `min_micro`) whose measured cost fits the device.
@@ -246,9 +256,8 @@ def choose_micro_batch(per_rank: int, run: Callable[[int], None], device: torch.
     sizes = (min_micro, min(per_rank, 4 * min_micro))
     try:
         cost = measure_image_cost(run, device, sizes)
-    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
-        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "allocate memory" not in str(e):
-            raise  # only a failed allocation (on a CPU: a RuntimeError saying so) means "does not fit"
+    except ALLOCATION_ERRORS as e:
+        raise_unless_allocation_failure(e)
         raise BatchDoesNotFit(f"{what} cannot fit on {device}: {min_micro} image(s) ran out of memory in a forward "
                               "and backward; use a smaller model, crop or image size, or free memory") from None
     if device.type == "cpu":
@@ -290,15 +299,29 @@ def step_state_bytes(params: list, optimizer: torch.optim.Optimizer, grad_copies
     return grad_copies * n + moments
 
 
+def _whole_step_bytes(whole_step: Callable[[], None], device: torch.device, what: str) -> int:
+    """Peak growth of the part of a step that does not shrink with the micro-batch (0 where not measurable)."""
+    try:
+        return peak_growth(whole_step, device) or 0
+    except ALLOCATION_ERRORS as e:
+        raise_unless_allocation_failure(e)
+        raise BatchDoesNotFit(f"{what} cannot fit on {device}: the part of a step that covers the whole batch "
+                              "(pretraining's teacher targets) ran out of memory at any micro-batch; use a smaller "
+                              "batch_size or fewer prototypes (head out_dim), or free memory") from None
+
+
 def size_micro_batch(module: torch.nn.Module, params: list, optimizer: torch.optim.Optimizer,
                      forward_backward: Callable[[int], None], per_rank: int, device: torch.device,
                      configured: int | None, what: str, grad_copies: int = 0,
-                     gather: Callable[[object], list] | None = None) -> MicroBatchChoice:
+                     gather: Callable[[object], list] | None = None,
+                     whole_step: Callable[[], None] | None = None) -> MicroBatchChoice:
     """`choose_micro_batch` for a training loop, leaving no trace: the probe runs with gradients allocated (so they
     count as state, not per image), and afterwards gradients are dropped and `module`'s buffers (running centres)
     and the RNG states are put back. `forward_backward(k)`: forward and backward of k images. `gather`: all ranks'
     results (`all_gather_object`) in a distributed job, which then all take the smallest micro-batch (FSDP needs
-    the same number of backward passes on every rank). Raises `BatchDoesNotFit` on every rank when one cannot fit.
+    the same number of backward passes on every rank). `whole_step()`: the part of a step that works on all of the
+    rank's images whatever the micro-batch (pretraining's teacher targets): measured once and counted in full.
+    Raises `BatchDoesNotFit` on every rank when one cannot fit.
     """
     result: object
     if configured:
@@ -310,8 +333,9 @@ def size_micro_batch(module: torch.nn.Module, params: list, optimizer: torch.opt
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         try:
+            fixed = _whole_step_bytes(whole_step, device, what) if whole_step is not None else 0
             result = choose_micro_batch(per_rank, forward_backward, device,
-                                        step_state_bytes(params, optimizer, grad_copies), None, what)
+                                        step_state_bytes(params, optimizer, grad_copies) + fixed, None, what)
         except BatchDoesNotFit as e:
             result = e
         finally:

@@ -31,10 +31,14 @@ limit = _proc_status("VmData") + int(float(sys.argv[1]) * 2**30)
 resource.setrlimit(resource.RLIMIT_DATA, (limit, resource.RLIM_INFINITY))
 sys.exit(main(sys.argv[2:]))
 """
-# a tiny ViT whose 65536-prototype heads make each image cost ~60 MiB in the forward and backward
-TINY = ['model={"depth": 1, "patch_size": 8}', 'head={"out_dim": 65536, "hidden_dim": 64, "bottleneck_dim": 32}',
-        "global_size=64", "local_size=32", "n_local=1", "probe_every=0", "log_every=1",
+# a small ViT on 128 px crops with 8 local crops: each image costs ~50 MiB in the student's forward and backward,
+# while the whole-step teacher targets (Sinkhorn over 1024 prototypes) stay small
+TINY = ['model={"depth": 4, "patch_size": 8}', 'head={"out_dim": 1024, "hidden_dim": 64, "bottleneck_dim": 32}',
+        "global_size=128", "local_size=64", "n_local=8", "probe_every=0", "log_every=1",
         "mask_probability=1.0", "mask_ratio=[0.5, 0.5]"]  # every image masked as much as the probe assumes
+
+
+ROOM_GB = 0.8  # the whole batch of 32 needs ~1.5 GiB in one forward; a few images at a time fit
 
 
 def _allocate(k: int) -> None:
@@ -73,9 +77,9 @@ def _pretrain_limited(tmp_path: Path, room_gb: float, *sets: str) -> tuple[subpr
 
 
 def test_pretrain_under_an_enforced_memory_limit_fits_its_micro_batch(tmp_path):
-    """Under 1.2 GiB of room the whole batch of 32 (~2 GiB) cannot run in one forward: given as the micro-batch it
+    """Under ROOM_GB of room the whole batch of 32 cannot run in one forward: given as the micro-batch it
     fails; chosen automatically, the run measures, accumulates and finishes."""
-    proc, status = _pretrain_limited(tmp_path, 1.2)
+    proc, status = _pretrain_limited(tmp_path, ROOM_GB)
     assert proc.returncode == 0, proc.stderr[-2000:]
     batch = status["batch"]
     assert status["state"] == "finished" and 1 <= batch["micro_batch"] < 32
@@ -83,6 +87,17 @@ def test_pretrain_under_an_enforced_memory_limit_fits_its_micro_batch(tmp_path):
     config = json.loads((tmp_path / "run0" / "config.json").read_text())
     assert config["resolved"]["batch"] == batch
 
-    proc, status = _pretrain_limited(tmp_path, 1.2, "micro_batch=32")
+    proc, status = _pretrain_limited(tmp_path, ROOM_GB, "micro_batch=32")
     assert proc.returncode != 0 and status["state"] == "failed"
     assert "memory" in status["error"].lower()
+
+
+def test_whole_step_teacher_targets_that_cannot_fit_are_one_line(tmp_path):
+    """Sinkhorn runs over all of a step's teacher outputs whatever the micro-batch (the step's batch semantics), so
+    65536 prototypes over 32 images' masked patches (~2 GiB) cannot fit in ROOM_GB at any micro-batch: one line
+    before any step, not an out-of-memory crash in the first step."""
+    big_head = 'head={"out_dim": 65536, "hidden_dim": 64, "bottleneck_dim": 32}'
+    proc, status = _pretrain_limited(tmp_path, ROOM_GB, big_head)
+    assert proc.returncode != 0 and status["state"] == "failed"
+    assert "covers the whole batch" in status["error"] and "\n" not in status["error"]
+    assert "Traceback" not in proc.stderr

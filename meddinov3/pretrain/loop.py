@@ -376,19 +376,31 @@ def fit_micro_batch(meta: SSLMetaArch, params: list, optimizer, cfg: PretrainCon
     n_mask = int(max(cfg.mask_ratio) * grid[0] * grid[1])
     meta.train()  # the student as in a step (the teacher stays in eval mode)
 
-    def forward_backward(k: int) -> None:
+    adt = amp_dtype(cfg, device)
+
+    def images(k: int) -> tuple[dict, torch.Tensor]:
         g = torch.zeros(2 * k, 1, g_size, g_size, device=device)
         loc = torch.zeros(cfg.n_local * k, 1, l_size, l_size, device=device) if cfg.n_local else g.new_empty(0)
         masks = torch.zeros(2 * k, grid[0] * grid[1], dtype=torch.bool, device=device)
         masks[:, :n_mask] = True
-        with torch.autocast(device.type, dtype=amp_dtype(cfg, device), enabled=amp_dtype(cfg, device) is not None):
-            loss, _ = meta.forward_losses(g, loc, masks, cfg.teacher_temp)
+        return {"global": g, "local": loc}, masks
+
+    def forward_backward(k: int) -> None:
+        batch, masks = images(k)
+        with torch.autocast(device.type, dtype=adt, enabled=adt is not None):
+            loss, _ = meta.forward_losses(batch["global"], batch["local"], masks, cfg.teacher_temp)
         loss.backward()
+
+    def whole_step_targets() -> None:  # Sinkhorn over all of the step's teacher outputs: not split by micro-batches
+        batch, masks = images(per_rank)
+        step = MicroBatchStep(meta, per_rank, 1, cfg.n_local, dist_info, device,
+                              lambda: torch.autocast(device.type, dtype=adt, enabled=adt is not None))
+        step.targets(batch, masks, cfg.teacher_temp)
 
     try:
         fit = size_micro_batch(meta, params, optimizer, forward_backward, per_rank, device, cfg.micro_batch,
                                f"batch_size {cfg.batch_size}", grad_copies=2 if dist_info.enabled else 0,
-                               gather=lambda obj: D.all_gather_object(obj, dist_info))
+                               gather=lambda obj: D.all_gather_object(obj, dist_info), whole_step=whole_step_targets)
     except BatchDoesNotFit as e:
         raise PretrainError(str(e)) from None
     log(f"micro-batch {fit.micro_batch} x {fit.accumulation} accumulation: {fit.reason}")
