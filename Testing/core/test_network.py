@@ -66,6 +66,15 @@ def test_rejects_multichannel_input():
         net(torch.zeros(1, 3, 32, 32))
 
 
+def network_from_reference(cfg: ModelConfig, enc: dict, dec: dict):
+    """Our network (eval mode) holding the reference encoder `enc` and decoder `dec` state dicts."""
+    net = build_model(cfg).eval()
+    sd = {f"backbone.{k}": v for k, v in dinov3_to_backbone(enc, "test").items()}
+    sd.update({f"decoder.{k}": v for k, v in primus_decoder_to_decoder(dec, 4, "test").items()})
+    load_strict(net, sd, "test")
+    return net
+
+
 @pytest.mark.parametrize("variant", ["meddinov3_multiscale", "single_scale", "qkv_bias_no_registers", "small_like"])
 def test_fidelity_to_reference_network_fp32(variant):
     """Same weights -> same logits as the documented reference network (relative L2 error < 1e-4)."""
@@ -83,10 +92,7 @@ def test_fidelity_to_reference_network_fp32(variant):
     cfg = ModelConfig(size="custom", num_classes=5, embed_dim=params["embed_dim"], depth=params["depth"],
                       num_heads=params["num_heads"], num_reg_tokens=params["n_reg"], qkv_bias=params["qkv_bias"],
                       feature_blocks=blocks)
-    net = build_model(cfg).eval()
-    sd = {f"backbone.{k}": v for k, v in dinov3_to_backbone(enc, "test").items()}
-    sd.update({f"decoder.{k}": v for k, v in primus_decoder_to_decoder(dec, 4, "test").items()})
-    load_strict(net, sd, "test")
+    net = network_from_reference(cfg, enc, dec)
     x = torch.randn(2, 1, 64, 96, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         ours = net(x)
@@ -101,10 +107,7 @@ def test_reference_precision_matches_the_references_bf16_rope():
     enc = make_dinov3_state_dict(seed=6)
     dec = make_primus_decoder_state_dict(96 * 4, num_classes=3)
     cfg = ModelConfig(size="custom", num_classes=3, embed_dim=96, depth=4, num_heads=2, feature_blocks=(0, 1, 2, 3))
-    net = build_model(cfg).eval()
-    sd = {f"backbone.{k}": v for k, v in dinov3_to_backbone(enc, "t").items()}
-    sd.update({f"decoder.{k}": v for k, v in primus_decoder_to_decoder(dec, 4, "t").items()})
-    load_strict(net, sd, "t")
+    net = network_from_reference(cfg, enc, dec)
     x = torch.randn(2, 1, 48, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref_bf16 = reference_forward(enc, dec, x, (0, 1, 2, 3), 2, bf16_rope=True)
@@ -125,10 +128,7 @@ def test_fidelity_detects_a_wrong_norm_eps():
     dec = make_primus_decoder_state_dict(96 * 4, num_classes=3)
     cfg = ModelConfig(size="custom", num_classes=3, embed_dim=96, depth=4, num_heads=2, feature_blocks=(0, 1, 2, 3),
                       norm_eps=1e-5)
-    net = build_model(cfg).eval()
-    sd = {f"backbone.{k}": v for k, v in dinov3_to_backbone(enc, "t").items()}
-    sd.update({f"decoder.{k}": v for k, v in primus_decoder_to_decoder(dec, 4, "t").items()})
-    load_strict(net, sd, "t")
+    net = network_from_reference(cfg, enc, dec)
     x = torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(1)) * 0.01
     with torch.no_grad():
         assert rel_l2(net(x), reference_forward(enc, dec, x, (0, 1, 2, 3), 2)) > 1e-6
