@@ -237,7 +237,9 @@ class TrainJob:
         alive = launcher or trainer
         status = {"state": None, "step": 0, "total": None, "eta_s": None, "metrics": {}, "error": None, **raw}
         started = info.get("started") or 0
-        fresh = bool(raw) and float(raw.get("updated", raw.get("started", 0)) or 0) >= started - 1.0
+        # written by this launch's trainer (started after `started` was taken): a status the previous trainer wrote
+        # when it stopped, even a moment before Resume, is the previous launch's
+        fresh = bool(raw) and float(raw.get("updated", raw.get("started", 0)) or 0) >= started
         ended = not alive and (status["state"] not in FINAL_STATES or not fresh)
         if alive and not fresh:
             # status.json is absent or from the previous launch (e.g. just resumed): the child is starting

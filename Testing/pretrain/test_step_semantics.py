@@ -111,7 +111,8 @@ def test_out_of_memory_on_one_process_halves_the_micro_batch_on_both(liver, tmp_
     out = root / "ddp-oom"
     cfg = {"size": "tiny", "model": {"depth": 2, "patch_size": 8}, "data": str(vol), "out": str(out),
            "head": {"out_dim": 256, "hidden_dim": 64, "bottleneck_dim": 32}, "global_size": 64, "local_size": 32,
-           "n_local": 2, "batch_size": 8, "steps": 2, "probe_every": 0, "log_every": 1, "device": "cpu"}
+           "n_local": 2, "batch_size": 8, "steps": 2, "probe_every": 0, "log_every": 1, "device": "cpu",
+           "micro_batch": 4}  # set: the automatic sizing's probe would meet the simulated out-of-memory first
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
            json.dumps(cfg)]
     r = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
