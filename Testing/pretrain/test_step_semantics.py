@@ -68,6 +68,7 @@ def test_two_processes_do_not_depend_on_the_micro_batch(liver):
 
 OOM_SCRIPT = textwrap.dedent("""
     import json, os, sys
+    from pathlib import Path
     import torch
     import torch.distributed as dist
     from meddinov3.pretrain.loop import PretrainConfig, pretrain
@@ -98,7 +99,9 @@ OOM_SCRIPT = textwrap.dedent("""
 
     cfg = PretrainConfig.from_dict(json.loads(sys.argv[1]))
     status = pretrain(cfg, hooks={"meta": out_of_memory_once_on_rank_1})
-    print(json.dumps({"rank": rank, "all_reduce": calls["all_reduce"]}), flush=True)
+    # one file per rank: two ranks printing to torchrun's shared stdout can interleave on one line
+    Path(cfg.out, f"all_reduce_rank{rank}.json").write_text(
+        json.dumps({"rank": rank, "all_reduce": calls["all_reduce"]}))
 """)
 
 
@@ -117,8 +120,7 @@ def test_out_of_memory_on_one_process_halves_the_micro_batch_on_both(liver, tmp_
            json.dumps(cfg)]
     r = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
-    ranks = sorted((json.loads(line) for line in r.stdout.splitlines() if line.startswith('{"rank"')),
-                   key=lambda x: x["rank"])
+    ranks = [json.loads((out / f"all_reduce_rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [x["rank"] for x in ranks] == [0, 1]
     assert ranks[0]["all_reduce"] == ranks[1]["all_reduce"]
     assert [s["micro_batch"] for s in _steps(out)] == [2, 2]
