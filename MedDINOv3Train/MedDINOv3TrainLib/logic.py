@@ -27,8 +27,6 @@ from .jobs import _CHILDREN, MODES, TrainJob, TrainJobError, findJobs, jobsRoot,
 
 #: Option keys given to the CLI as arguments; every other key goes to the --config JSON file.
 CLI_OPTIONS = ("stage", "steps", "epochs", "device")
-#: Recipe defaults shown by the Widget (MedDINOv3 fine-tuning: AdamW, decoder 3e-4, backbone 3e-5).
-DEFAULTS = {"lr_decoder": 3e-4, "lr_backbone": 3e-5, "batch_size": 8, "epochs": 1000, "steps_per_epoch": 250}
 
 
 def _childProcessHelpers():
@@ -68,7 +66,7 @@ class MedDINOv3TrainLogic(_LogicBase):
         self._plottedRecords: dict[str, int] = {}  # metrics records each job's plot tables were built from
 
     def getParameterNode(self):
-        from MedDINOv3Train import MedDINOv3TrainParameterNode
+        from .parameters import MedDINOv3TrainParameterNode
 
         return MedDINOv3TrainParameterNode(super().getParameterNode())
 
