@@ -16,11 +16,12 @@ A finished fine-tune job's model package is registered, so the Segment module li
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
 from pathlib import Path
+
+from meddinov3.files import write_json
 
 from . import export
 from .jobs import _CHILDREN, MODES, TrainJob, TrainJobError, findJobs, jobsRoot, remember, resumeCommand
@@ -30,19 +31,16 @@ CLI_OPTIONS = ("stage", "steps", "epochs", "device")
 
 
 def _childProcessHelpers():
-    """`python_executable`, `child_environment` of the Segment module's worker (shared, not copied)."""
+    """(`python_executable`, `child_environment`) for the training process: the Segment module's worker finds
+    PythonSlicer inside Slicer; without the Segment module (plain Python) the core's helpers run the interpreter
+    that runs this."""
+    from meddinov3 import processes
+
     try:
-        from MedDINOv3SegmentLib.worker import child_environment, python_executable
+        from MedDINOv3SegmentLib.worker import python_executable
     except ImportError:  # the Segment module is not on sys.path (plain Python use)
-        import os
-        import sys
-
-        def python_executable() -> str:
-            return sys.executable
-
-        def child_environment() -> dict:
-            return dict(os.environ, PYTHONUNBUFFERED="1")
-    return python_executable, child_environment
+        python_executable = processes.python_executable
+    return python_executable, processes.child_environment
 
 
 try:
@@ -197,7 +195,7 @@ class MedDINOv3TrainLogic(_LogicBase):
         configPath = None
         if config:
             configPath = runDir / "job_config.json"
-            configPath.write_text(json.dumps(config, indent=2))
+            write_json(configPath, config)
         command = self.buildCommand(mode, data, runDir, base=base, size=size, options=options, configPath=configPath)
         info = {"mode": mode, "data": data, "base": str(base) if base else None, "size": None if base else size,
                 "stage": options.get("stage"), "device": options.get("device"), "options": options}
@@ -241,9 +239,7 @@ class MedDINOv3TrainLogic(_LogicBase):
             from meddinov3.checkpoints import register_model as registerModel
         reference = str(registerModel(path))
         info["registered"] = reference
-        from .jobs import _writeJson
-
-        _writeJson(job.jobFile, info)
+        write_json(job.jobFile, info)
         return reference
 
     # -- charts -----------------------------------------------------------------------------------
