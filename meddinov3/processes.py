@@ -199,7 +199,7 @@ def own_group_options(detached: bool = False) -> dict:
 
 
 def child_environment(base: dict | None = None) -> dict:
-    """Environment for a child that runs `python -m meddinov3`: `base` (default: ours) with the folder holding this
+    """Environment for a child that runs `python -m meddinov3.cli`: `base` (default: ours) with the folder holding this
     `meddinov3` package first on PYTHONPATH (Slicer run from a checkout has it only on its own sys.path), and
     PYTHONUNBUFFERED set so that progress lines reach the reader as they are written.
 

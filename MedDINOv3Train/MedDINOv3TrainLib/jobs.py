@@ -381,7 +381,7 @@ def resumeCommand(info: dict, runDir: str, python: str | None = None, device: st
     original = list(info.get("command") or [])
     python = python or (original[0] if original else sys.executable)
     verb = "pretrain" if info.get("mode") == "pretrain" else "train"
-    command = [python, "-m", "meddinov3", verb, "--out", runDir, "--resume"]  # the run's saved config
+    command = [python, "-m", "meddinov3.cli", verb, "--out", runDir, "--resume"]  # the run's saved config
     device = device or info.get("device")
     if device:
         command += ["--device", str(device)]

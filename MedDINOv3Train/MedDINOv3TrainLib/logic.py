@@ -125,7 +125,7 @@ class MedDINOv3TrainLogic(_LogicBase):
         """The `meddinov3 train|pretrain` command line of a new job."""
         options = dict(options or {})
         verb = "train" if mode == "finetune" else "pretrain"
-        command = [self._python(), "-m", "meddinov3", verb, "--data", str(data), "--out", str(runDir)]
+        command = [self._python(), "-m", "meddinov3.cli", verb, "--data", str(data), "--out", str(runDir)]
         if base:
             command += ["--base", str(base)]
         elif size:

@@ -136,7 +136,7 @@ def launched_interpreter(launcher_pid: int, timeout: float = 10.0) -> int:
 
 
 def cli(*args, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "meddinov3", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "meddinov3.cli", *map(str, args)], capture_output=True,
                           text=True, cwd=REPO, timeout=timeout)
 
 
@@ -162,7 +162,7 @@ def test_segment_matches_cli_for_plain_oblique_and_flipped_volumes(logic, packag
 
     # Reference: the CLI on files exported the same way (one batch run), concurrently with the Logic.
     exported = [export_with_storage_node(volumes[name], tmp_path / f"{name}.nrrd") for name in volumes]
-    reference = subprocess.Popen([sys.executable, "-m", "meddinov3", "segment", *map(str, exported),
+    reference = subprocess.Popen([sys.executable, "-m", "meddinov3.cli", "segment", *map(str, exported),
                                   "-o", str(tmp_path / "cli"), "--model", str(package), "--device", "cpu"],
                                  cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     events: dict[str, list[dict]] = {name: [] for name in volumes}
@@ -439,7 +439,7 @@ def test_command_line_of_the_child(headless_slicer):
     assert python_executable() == launcher
     command = buildCommand("in.nrrd", "out.seg.nrrd", "demo-liver-ct", device="cuda:1", fast=True, tta=True,
                            roiBox=[1, 2, 3, 4, 5, 6], keepLargest=True, fillHoles=True, batchSize=8)
-    assert command[:8] == [launcher, "-m", "meddinov3", "segment", "in.nrrd", "-o", "out.seg.nrrd",
+    assert command[:8] == [launcher, "-m", "meddinov3.cli", "segment", "in.nrrd", "-o", "out.seg.nrrd",
                            "--model"]
     joined = " ".join(command)
     for flag in ("--device cuda:1", "--fast", "--tta", "--roi 1,2,3,4,5,6", "--keep-largest", "--fill-holes",

@@ -1,4 +1,4 @@
-"""`python -m meddinov3.cli VERB ...`: the `meddinov3` command (as `python -m meddinov3`)."""
+"""`python -m meddinov3.cli VERB ...`: the `meddinov3` command, in the form torchrun and the Slicer modules run."""
 
 import sys
 

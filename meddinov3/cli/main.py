@@ -1,8 +1,8 @@
 """`meddinov3` command line: one module per verb, each with `add_parser(subparsers)` and `run(args) -> int`.
 
-Imported only: `python -m meddinov3` (meddinov3/__main__.py), `python -m meddinov3.cli` (cli/__main__.py) and the
-`meddinov3` console script call `main`, so that this module exists once and the verbs' `CommandError` is the class
-`main` catches.
+Imported only: `python -m meddinov3.cli` (cli/__main__.py; torchrun, the Slicer modules) and the `meddinov3`
+console script call `main`, so that this module exists once and the verbs' `CommandError` is the class `main`
+catches.
 """
 
 from __future__ import annotations
@@ -145,4 +145,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # a second copy of this module, whose CommandError the verbs do not raise: refuse
-    sys.exit("meddinov3: run `python -m meddinov3 ...` (or the `meddinov3` command), not `-m meddinov3.cli.main`")
+    sys.exit("meddinov3: run `python -m meddinov3.cli ...` (or the `meddinov3` command), not `-m meddinov3.cli.main`")
