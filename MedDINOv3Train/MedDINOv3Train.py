@@ -1,7 +1,8 @@
 """MedDINOv3 Train: fine-tune or pretrain MedDINOv3 models from Slicer (module, Widget, Test).
 
-The work happens in `MedDINOv3TrainLib` (dataset export, detached training jobs, chart nodes); this file is glue:
-module metadata, the parameter node, a thin Widget polling the job's files with a QTimer, and the self-test.
+The work happens in `MedDINOv3TrainLib` (dataset export, detached training jobs, chart nodes, the parameter node
+in `parameters`); this file is glue: module metadata, a thin Widget polling the job's files with a QTimer, and the
+self-test.
 Training runs in a separate process that survives closing the module or Slicer; the Jobs table reattaches.
 """
 
@@ -11,12 +12,10 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Annotated
 
 import qt
 import slicer
 from slicer.i18n import tr as _
-from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget
 from slicer.util import VTKObservationMixin
 
@@ -24,10 +23,8 @@ from MedDINOv3SegmentLib.dependencies import DependenciesSection, fillDeviceSele
 from MedDINOv3SegmentLib.errors import MedDINOv3SegmentError
 from MedDINOv3TrainLib.jobs import FINAL_STATES, TrainJobError
 from MedDINOv3TrainLib.logic import MedDINOv3TrainLogic  # noqa: F401 - re-exported for the console
+from MedDINOv3TrainLib.parameters import MODES, SOURCES, MedDINOv3TrainParameterNode  # noqa: F401 - re-exported
 
-MODES = {"Fine-tune": ("finetune", None), "Pretrain stage 1": ("pretrain", 1), "Pretrain stage 2": ("pretrain", 2),
-         "Pretrain stage 3": ("pretrain", 3)}
-SOURCES = ("Volumes and segmentations in the scene", "Dataset folder", "Folder of unlabelled volumes")
 NO_BASE = "(none: train from scratch)"
 
 
@@ -46,27 +43,6 @@ class MedDINOv3Train(ScriptedLoadableModule):
         self.parent.acknowledgementText = _(
             "MedDINOv3: Li et al., How to adapt vision foundation models for medical image segmentation? "
             "arXiv 2509.02379. DINOv3 by Meta AI.")
-
-
-@parameterNodeWrapper
-class MedDINOv3TrainParameterNode:
-    """Settings of the Train panel, saved with the scene (combo boxes store their text).
-
-    dataFolder, outputFolder, baseModel and device are not bound in the .ui (connectGui binds a ctkPathLineEdit
-    only to a pathlib.Path field and a QComboBox to a str only through a fixed Choice list): the Widget syncs them.
-    """
-
-    dataSource: Annotated[str, Choice(list(SOURCES))] = SOURCES[0]
-    dataFolder: str = ""
-    mode: Annotated[str, Choice(list(MODES))] = "Fine-tune"
-    baseModel: str = ""
-    modelSize: Annotated[str, Choice(["small", "base", "large"])] = "base"
-    epochs: Annotated[int, WithinRange(1, 100000)] = 100
-    steps: Annotated[int, WithinRange(1, 1000000)] = 250  # steps per epoch
-    learningRate: Annotated[float, WithinRange(1e-6, 1.0)] = 3e-4  # decoder; backbone gets a tenth (3e-5)
-    batchSize: Annotated[int, WithinRange(1, 4096)] = 8
-    outputFolder: str = ""
-    device: str = "Auto"
 
 
 class MedDINOv3TrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -188,7 +164,7 @@ class MedDINOv3TrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
         self._parameterNode = node
         self._parameterNodeGuiTag = connectGui(node, self.ui)
-        # Widgets not bound by connectGui (see MedDINOv3TrainParameterNode): parameter node -> widget.
+        # Widgets not bound by connectGui (see MedDINOv3TrainLib.parameters): parameter node -> widget.
         self.ui.dataFolderPathLineEdit.currentPath = node.dataFolder
         self.ui.outputFolderPathLineEdit.currentPath = node.outputFolder
         for selector, text in ((self.ui.baseModelSelector, node.baseModel), (self.ui.deviceSelector, node.device)):

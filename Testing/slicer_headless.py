@@ -45,7 +45,8 @@ Fakes for the dependency install path (a fresh Slicer's Python cannot be made he
 their calls.
 
 Also :func:`volume_node_from_sitk` and :func:`sitk_from_volume_node` (test-side conversions between
-SimpleITK images, which are LPS, and volume nodes, which are RAS, keeping the exact geometry).
+SimpleITK images, which are LPS, and volume nodes, which are RAS, keeping the exact geometry), and
+:func:`wait_until` (polling for a child process to start or end).
 
 Inside a real Slicer (``slicer.app`` already exists) :func:`setup_headless_slicer` does nothing.
 """
@@ -772,6 +773,19 @@ def sitk_from_volume_node(node):
     image.SetOrigin((_LPS_TO_RAS @ ijk_to_ras[:3, 3]).tolist())
     image.SetDirection((_LPS_TO_RAS @ ijk_to_ras[:3, :3] @ np.diag(1.0 / spacing)).ravel().tolist())
     return image
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.02) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds passed; returns its last value as a bool (tests
+    that wait for a child process to start or to go)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
 
 
 # --------------------------------------------------------------------------------------------

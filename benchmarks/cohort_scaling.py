@@ -59,7 +59,7 @@ def random_package(size: str, folder: Path) -> Path:
 
 def run(nproc: int, data: Path, out: Path, args) -> dict:
     """(wall s, cohort s, per-rank case counts) of one `segment` command with `nproc` processes."""
-    cli = ["-m", "meddinov3.cli.main", "segment", str(data), "-o", str(out), "--model", args.model,
+    cli = ["-m", "meddinov3.cli", "segment", str(data), "-o", str(out), "--model", args.model,
            "--device", args.device, "--json-progress"]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *cli]

@@ -32,7 +32,7 @@ def run(nproc: int, args, data: Path, out: Path) -> float:
             f'head={{"out_dim": {args.out_dim}}}', "log_every=1", "probe_every=0", "checkpoint_every=100000",
             f"parallel={args.parallel}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "meddinov3.cli.main", "pretrain", "--data", str(data), "--out", str(out), "--size", args.size,
+           "-m", "meddinov3.cli", "pretrain", "--data", str(data), "--out", str(out), "--size", args.size,
            "--steps", str(args.steps), "--batch-size", str(args.per_process_batch * nproc), "--device", args.device,
            "--json-progress", "--set", *sets]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT))

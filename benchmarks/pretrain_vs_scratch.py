@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def finetune(ds: Path, out: Path, steps: int, base: str | None, cache: Path, seed: int) -> dict:
-    args = [sys.executable, "-m", "meddinov3.cli.main", "train", "--data", str(ds), "--out", str(out),
+    args = [sys.executable, "-m", "meddinov3.cli", "train", "--data", str(ds), "--out", str(out),
             "--steps", str(steps), "--steps-per-epoch", str(steps), "--batch-size", "4",
             "--val-cases", "liver117_heldout", "--device", "cpu", "--seed", str(seed),
             "--set", f"cache_dir={json.dumps(str(cache))}", 'augment={"enabled": false}', "lr_decoder=2e-3",

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run(ds: Path, out: Path, cache: Path, steps: int, seed: int, recipe: str | None) -> dict:
-    args = [sys.executable, "-m", "meddinov3.cli.main", "train", "--data", str(ds), "--out", str(out),
+    args = [sys.executable, "-m", "meddinov3.cli", "train", "--data", str(ds), "--out", str(out),
             "--steps", str(steps), "--steps-per-epoch", str(max(1, steps // 10)), "--batch-size", "4",
             "--val-cases", "liver117_heldout", "--device", "cpu", "--seed", str(seed), "--size", "tiny",
             "--set", f"cache_dir={json.dumps(str(cache))}", 'model={"depth": 2, "patch_size": 8}', "lr_decoder=2e-3",

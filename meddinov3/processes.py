@@ -1,4 +1,5 @@
-"""Is a process alive, and stopping it with everything it started: one helper for the core and both Slicer modules.
+"""Starting a child in its own process group, telling whether a process is alive, and stopping it with everything
+it started: the one place for process handling of the core and both Slicer modules (torch-free, no Slicer import).
 
 No psutil: 3D Slicer does not ship it. POSIX: `os.kill(pid, 0)`, and on Linux `/proc/PID/stat` for zombies and the
 start time. Windows: `OpenProcess` + `GetExitCodeProcess` (STILL_ACTIVE) and `GetProcessTimes` through ctypes,
@@ -14,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 #: A process that started more than this many seconds after the time a record says it was running is another
@@ -21,6 +23,7 @@ from pathlib import Path
 START_TOLERANCE_S = 2.0
 
 _WINDOWS = os.name == "nt"
+_PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the folder holding this `meddinov3` package
 _STILL_ACTIVE = 259
 _ERROR_ACCESS_DENIED = 5
 _PROCESS_QUERY_LIMITED_INFORMATION = 0x1000
@@ -178,3 +181,48 @@ def own_process_record() -> dict:
     if not _WINDOWS:
         record["pgid"] = os.getpgid(0)
     return record
+
+
+def own_group_options(detached: bool = False) -> dict:
+    """Keyword arguments for `subprocess.Popen` that make the child the leader of its own process group, so that
+    `kill_process_tree(child.pid, group=child.pid)` reaches whatever it starts (the interpreter a launcher runs).
+
+    POSIX: a new session, which also keeps the child running when the parent's terminal closes. Windows: a new
+    process group without a console window; `detached` also leaves the parent's console (a training job that
+    outlives Slicer)."""
+    if not _WINDOWS:
+        return {"start_new_session": True}
+    flags = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
+    if detached:
+        flags |= getattr(subprocess, "DETACHED_PROCESS", 0)
+    return {"creationflags": flags}
+
+
+def child_environment(base: dict | None = None) -> dict:
+    """Environment for a child that runs `python -m meddinov3.cli`: `base` (default: ours) with the folder holding this
+    `meddinov3` package first on PYTHONPATH (Slicer run from a checkout has it only on its own sys.path), and
+    PYTHONUNBUFFERED set so that progress lines reach the reader as they are written.
+
+    Returns a new dict; `base` is not changed."""
+    env = dict(os.environ if base is None else base)
+    root = str(_PACKAGE_ROOT)
+    parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if root not in parts:
+        env["PYTHONPATH"] = os.pathsep.join([root, *parts])
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def python_executable(application_home: str | os.PathLike | None = None) -> str:
+    """The Python a child process runs: with `application_home` (a 3D Slicer's `slicer.app.slicerHome`), that
+    Slicer's `bin/PythonSlicer` (else one on PATH), whose environment has Slicer's packages; else the running
+    interpreter. PythonSlicer is a launcher that runs the real interpreter as its child (see above)."""
+    if application_home is None:
+        return sys.executable
+    for name in ("PythonSlicer.exe", "PythonSlicer"):
+        candidate = Path(application_home) / "bin" / name
+        if str(application_home) and candidate.is_file():
+            return str(candidate)
+    import shutil
+
+    return shutil.which("PythonSlicer") or sys.executable

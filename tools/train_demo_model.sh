@@ -15,8 +15,8 @@ STEPS="${STEPS:-3000}"
 PY=.venv/bin/python
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # shared 2-core machine: one thread avoids OpenMP spin contention
 mkdir -p "$WORK"
-$PY -m meddinov3.cli.main demo --export-dataset "$WORK/dataset" --overwrite  # the script's own files
-$PY -m meddinov3.cli.main train --data "$WORK/dataset" --out "$WORK/run" --size tiny \
+$PY -m meddinov3.cli demo --export-dataset "$WORK/dataset" --overwrite  # the script's own files
+$PY -m meddinov3.cli train --data "$WORK/dataset" --out "$WORK/run" --size tiny \
   --steps "$STEPS" --steps-per-epoch 100 --batch-size 8 --seed 0 --device cpu \
   --name demo-liver-ct \
   --set 'model={"patch_size": 8}' patch_size='[64, 64]' lr_decoder=1e-3 lr_backbone=5e-4 \

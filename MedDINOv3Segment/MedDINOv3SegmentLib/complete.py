@@ -32,7 +32,7 @@ def buildCompleteCommand(imagePath, labelsPath, outputPath, model: str = "", dev
                          timeBudget: float | None = None, extrapolate: bool = False,
                          python: str | None = None) -> list[str]:
     """The `meddinov3 complete` command line the child runs (`model` "": the CLI's default choice)."""
-    command = [python or python_executable(), "-m", "meddinov3.cli.main", "complete", str(imagePath),
+    command = [python or python_executable(), "-m", "meddinov3.cli", "complete", str(imagePath),
                "--labels", str(labelsPath), "-o", str(outputPath), "--device", str(device or "auto"),
                "--json-progress", "--overwrite"]
     if model:

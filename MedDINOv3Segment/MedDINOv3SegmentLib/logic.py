@@ -38,7 +38,7 @@ def buildCommand(inputPath, outputPath, model: str, device: str = "auto", fast: 
                  statisticsPath=None, uncertaintyPath=None) -> list[str]:
     """The `meddinov3 segment` command line the child runs (`modelPostprocessing`: the package's own clean-up;
     `statisticsPath` / `uncertaintyPath`: also write per-segment statistics / the uncertainty map there)."""
-    command = [python or python_executable(), "-m", "meddinov3.cli.main", "segment", str(inputPath),
+    command = [python or python_executable(), "-m", "meddinov3.cli", "segment", str(inputPath),
                "-o", str(outputPath), "--model", str(model), "--device", str(device or "auto"),
                "--batch-size", str(batchSize or "auto"), "--json-progress", "--overwrite"]
     if fast:

@@ -9,54 +9,29 @@ MRML changes stay on the thread that polls. `kill()` ends the whole process tree
 from __future__ import annotations
 
 import collections
-import importlib.util
 import json
-import os
 import queue
-import shutil
 import subprocess
-import sys
 import threading
-import time
-from pathlib import Path
 
-from meddinov3.processes import kill_process_tree
+from meddinov3 import processes
+from meddinov3.processes import child_environment, kill_process_tree, own_group_options
+
+__all__ = ["ChildProcess", "child_environment", "errorMessageFromChild", "python_executable"]
 
 _TAIL_LINES = 50
 
 
 def python_executable() -> str:
     """Python for the child: Slicer's `PythonSlicer` inside Slicer (the one beside the running application first),
-    else the running interpreter. `PythonSlicer` is a launcher that runs the real interpreter as its child."""
+    else the running interpreter (see `meddinov3.processes.python_executable`)."""
     try:
         import slicer
 
         app = getattr(slicer, "app", None)
     except ImportError:
         app = None
-    if app is not None:
-        home = getattr(app, "slicerHome", "")
-        for name in ("PythonSlicer.exe", "PythonSlicer"):
-            candidate = Path(home) / "bin" / name
-            if home and candidate.is_file():
-                return str(candidate)
-        found = shutil.which("PythonSlicer")
-        if found:
-            return found
-    return sys.executable
-
-
-def child_environment() -> dict:
-    """Environment for the child: ours, plus the folder holding the `meddinov3` package on PYTHONPATH."""
-    env = dict(os.environ)
-    spec = importlib.util.find_spec("meddinov3")
-    if spec is not None and spec.submodule_search_locations:
-        root = str(Path(list(spec.submodule_search_locations)[0]).resolve().parent)
-        parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-        if root not in parts:
-            env["PYTHONPATH"] = os.pathsep.join([root, *parts])
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return processes.python_executable(getattr(app, "slicerHome", "") if app is not None else None)
 
 
 class ChildProcess:
@@ -64,18 +39,13 @@ class ChildProcess:
 
     def __init__(self, command: list[str], env: dict | None = None, cwd: str | None = None):
         self.command = [str(c) for c in command]
-        kwargs = {}
-        if os.name == "nt":
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
-        else:
-            kwargs["start_new_session"] = True  # own process group: kill() reaches grandchildren too
         self._events: queue.Queue = queue.Queue()
         self.stdoutTail: collections.deque = collections.deque(maxlen=_TAIL_LINES)
         self.stderrTail: collections.deque = collections.deque(maxlen=_TAIL_LINES)
         self.process = subprocess.Popen(
             self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=env if env is not None else child_environment(), cwd=cwd, text=True, encoding="utf-8",
-            errors="replace", bufsize=1, **kwargs)
+            errors="replace", bufsize=1, **own_group_options())  # its own process group: kill() reaches all it starts
         self._threads = [
             threading.Thread(target=self._readStdout, name="meddinov3-stdout", daemon=True),
             threading.Thread(target=self._readStderr, name="meddinov3-stderr", daemon=True),
@@ -160,12 +130,3 @@ def errorMessageFromChild(returncode: int, failedMessage: str | None, stderrLine
                    "or the CPU device.")
     return message.splitlines()[0] if message else message
 
-
-def waitUntil(predicate, timeout: float, interval: float = 0.02) -> bool:
-    """Poll `predicate` until it is true or `timeout` seconds passed (test and console helper)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())

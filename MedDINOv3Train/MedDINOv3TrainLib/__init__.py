@@ -2,6 +2,7 @@
 
 - `export`: (volume, segmentation) node pairs -> nnU-Net dataset folder; class matching and preview.
 - `jobs`: detached `meddinov3 train|pretrain` processes and their run folders (no Slicer, no Qt).
+- `parameters`: the panel's parameter node (its defaults are the module's only training defaults).
 - `logic`: MedDINOv3TrainLogic (export, start/stop/resume/list jobs, model registration, chart nodes).
 """
 

@@ -31,7 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-from meddinov3.processes import kill_process_tree, process_alive, signal_process_tree
+from meddinov3.files import read_json, write_json
+from meddinov3.processes import kill_process_tree, own_group_options, process_alive, signal_process_tree
 from meddinov3.progress import run_process_alive, run_state
 
 ACTIVE_STATES = ("starting", "running", "stopping")
@@ -48,19 +49,13 @@ class TrainJobError(RuntimeError):
 
 
 def _readJson(path: Path):
+    """The JSON in `path`, or None where there is none yet (a job starting, a folder being deleted) or it is not
+    JSON (edited by hand): a job folder is read every second and must never raise. Written with `write_json`
+    (atomic), so a file is never read half-written."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return read_json(path)
     except (OSError, ValueError):
         return None
-
-
-def _writeJson(path: Path, data) -> None:
-    """Atomic write (readers never see half a file)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def jobsRoot() -> Path:
@@ -87,14 +82,14 @@ def remember(runDir) -> None:
     path = str(Path(runDir).resolve())
     folders = rememberedFolders()
     if path not in folders:
-        _writeJson(registryPath(), folders + [path])
+        write_json(registryPath(), folders + [path])
 
 
 def forget(runDir) -> None:
     path = str(Path(runDir).resolve())
     folders = rememberedFolders()
     if path in folders:
-        _writeJson(registryPath(), [p for p in folders if p != path])
+        write_json(registryPath(), [p for p in folders if p != path])
 
 
 def _tail(path: Path, lines: int) -> list[str]:
@@ -177,30 +172,25 @@ class TrainJob:
         job = cls(runDir, onFinished=onFinished)
         job.runDir.mkdir(parents=True, exist_ok=True)
         record = {**info, "command": [str(c) for c in command], "launches": []}
-        _writeJson(job.jobFile, record)
+        write_json(job.jobFile, record)
         job._spawn(command, env)
         return job
 
     def _spawn(self, command: list[str], env: dict | None) -> None:
-        kwargs = {}
-        if os.name == "nt":
-            kwargs["creationflags"] = (subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "DETACHED_PROCESS", 0)
-                                       | getattr(subprocess, "CREATE_NO_WINDOW", 0))
-        else:
-            kwargs["start_new_session"] = True  # own session: closing Slicer (or its terminal) does not reach it
         started = time.time()
         with open(self.logFile, "ab") as log:
             log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(map(str, command))}\n".encode())
             log.flush()
             process = subprocess.Popen([str(c) for c in command], stdin=subprocess.DEVNULL, stdout=log,
-                                       stderr=subprocess.STDOUT, cwd=str(self.runDir), env=env, **kwargs)
+                                       stderr=subprocess.STDOUT, cwd=str(self.runDir), env=env,
+                                       **own_group_options(detached=True))  # closing Slicer does not reach it
         _CHILDREN[str(self.runDir)] = process
         record = self.info()
         record.update(pid=process.pid, started=started, lastCommand=[str(c) for c in command])
         record.setdefault("created", started)
         record.setdefault("launches", []).append({"pid": process.pid, "started": started,
                                                    "command": [str(c) for c in command]})
-        _writeJson(self.jobFile, record)
+        write_json(self.jobFile, record)
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -309,7 +299,7 @@ class TrainJob:
             return self.status()["state"]
         record = self.info()
         record["stopRequested"] = time.time()  # a child killed by this signal before its handler is "stopped"
-        _writeJson(self.jobFile, record)
+        write_json(self.jobFile, record)
         self._signal(kill=False)
         return self.wait(timeout)
 
@@ -391,7 +381,7 @@ def resumeCommand(info: dict, runDir: str, python: str | None = None, device: st
     original = list(info.get("command") or [])
     python = python or (original[0] if original else sys.executable)
     verb = "pretrain" if info.get("mode") == "pretrain" else "train"
-    command = [python, "-m", "meddinov3.cli.main", verb, "--out", runDir, "--resume"]  # the run's saved config
+    command = [python, "-m", "meddinov3.cli", verb, "--out", runDir, "--resume"]  # the run's saved config
     device = device or info.get("device")
     if device:
         command += ["--device", str(device)]

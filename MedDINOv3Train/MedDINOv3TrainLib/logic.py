@@ -16,35 +16,31 @@ A finished fine-tune job's model package is registered, so the Segment module li
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
 from pathlib import Path
+
+from meddinov3.files import write_json
 
 from . import export
 from .jobs import _CHILDREN, MODES, TrainJob, TrainJobError, findJobs, jobsRoot, remember, resumeCommand
 
 #: Option keys given to the CLI as arguments; every other key goes to the --config JSON file.
 CLI_OPTIONS = ("stage", "steps", "epochs", "device")
-#: Recipe defaults shown by the Widget (MedDINOv3 fine-tuning: AdamW, decoder 3e-4, backbone 3e-5).
-DEFAULTS = {"lr_decoder": 3e-4, "lr_backbone": 3e-5, "batch_size": 8, "epochs": 1000, "steps_per_epoch": 250}
 
 
 def _childProcessHelpers():
-    """`python_executable`, `child_environment` of the Segment module's worker (shared, not copied)."""
+    """(`python_executable`, `child_environment`) for the training process: the Segment module's worker finds
+    PythonSlicer inside Slicer; without the Segment module (plain Python) the core's helpers run the interpreter
+    that runs this."""
+    from meddinov3 import processes
+
     try:
-        from MedDINOv3SegmentLib.worker import child_environment, python_executable
+        from MedDINOv3SegmentLib.worker import python_executable
     except ImportError:  # the Segment module is not on sys.path (plain Python use)
-        import os
-        import sys
-
-        def python_executable() -> str:
-            return sys.executable
-
-        def child_environment() -> dict:
-            return dict(os.environ, PYTHONUNBUFFERED="1")
-    return python_executable, child_environment
+        python_executable = processes.python_executable
+    return python_executable, processes.child_environment
 
 
 try:
@@ -68,18 +64,40 @@ class MedDINOv3TrainLogic(_LogicBase):
         self._plottedRecords: dict[str, int] = {}  # metrics records each job's plot tables were built from
 
     def getParameterNode(self):
-        from MedDINOv3Train import MedDINOv3TrainParameterNode
+        """The scene's Train parameter node, wrapped (`MedDINOv3TrainParameterNode`: typed fields, saved with the
+        scene). A new wrapper each call, over the same MRML node."""
+        from .parameters import MedDINOv3TrainParameterNode
 
         return MedDINOv3TrainParameterNode(super().getParameterNode())
 
     # -- data -------------------------------------------------------------------------------------
 
     def classPreview(self, pairs) -> dict:
-        """{"classes": {name: [cases]}, "labels": {name: value}, "cases": [...], "warnings": [...]}"""
+        """What an export of `pairs` would train on, shown before anything is written (see `export.classPreview`).
+
+        Args:
+            pairs: [(vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode), ...], one per case.
+
+        Returns:
+            {"classes": {name: [case, ...]}, "labels": {name: label value}, "cases": [case, ...],
+            "warnings": [message, ...]} (a class missing from a case is trained as background there).
+        """
         return export.classPreview(pairs)
 
     def exportDataset(self, pairs, outputFolder, modality: str = "CT") -> str:
-        """Write (volume, segmentation) pairs as an nnU-Net dataset folder (see `export`); returns the folder."""
+        """Write (volume, segmentation) node pairs as an nnU-Net v2 raw dataset: what `meddinov3 train --data` reads.
+
+        Args:
+            pairs: [(volume node, segmentation node), ...]; classes are matched across cases by segment name or
+                terminology (see `export`).
+            outputFolder: the dataset folder; written beside it and moved into place (atomic), replacing only an
+                earlier export.
+            modality: the channel name written to dataset.json ("CT", "MR"), which training reads as the images'
+                modality.
+
+        Returns:
+            The absolute dataset folder (imagesTr/, labelsTr/, dataset.json).
+        """
         return export.exportDataset(pairs, outputFolder, modality=modality)
 
     # -- jobs -------------------------------------------------------------------------------------
@@ -101,7 +119,9 @@ class MedDINOv3TrainLogic(_LogicBase):
         return job
 
     def job(self, runDir) -> TrainJob:
-        """The job of a run folder (reattaching to it if it runs)."""
+        """The job of run folder `runDir` (one object per folder: a running job is followed, not restarted).
+
+        Raises TrainJobError when the folder holds no job.json (not started by this module)."""
         job = TrainJob(runDir)
         if not job.jobFile.is_file():
             raise TrainJobError(f"{runDir} is not a MedDINOv3 job folder (no job.json).")
@@ -126,10 +146,22 @@ class MedDINOv3TrainLogic(_LogicBase):
 
     def buildCommand(self, mode: str, data, runDir, base=None, size: str | None = "base", options=None,
                      configPath=None) -> list[str]:
-        """The `meddinov3 train|pretrain` command line of a new job."""
+        """The child's command line: `PYTHON -m meddinov3.cli train|pretrain --data ... --out ... --json-progress`.
+
+        Args:
+            mode: "finetune" (`train`) or "pretrain".
+            data: dataset folder / JSON / CSV (fine-tune) or folder of volumes (pretrain).
+            runDir: the run folder (`--out`).
+            base: a model reference to start from (`--base`); else `size` picks a new backbone (`--size`).
+            options: `stage` (pretrain), `steps`, or `epochs` (fine-tune only: pretraining counts steps), `device`;
+                other keys go to the `configPath` JSON (`--config`), not to the command line.
+
+        Returns:
+            The argument list (the Python is PythonSlicer inside Slicer, or `pythonExecutable`).
+        """
         options = dict(options or {})
         verb = "train" if mode == "finetune" else "pretrain"
-        command = [self._python(), "-m", "meddinov3.cli.main", verb, "--data", str(data), "--out", str(runDir)]
+        command = [self._python(), "-m", "meddinov3.cli", verb, "--data", str(data), "--out", str(runDir)]
         if base:
             command += ["--base", str(base)]
         elif size:
@@ -150,11 +182,25 @@ class MedDINOv3TrainLogic(_LogicBase):
 
     def startJob(self, mode: str, data, outputFolder=None, base=None, size: str | None = "base",
                  options: dict | None = None) -> TrainJob:
-        """Launch a detached `meddinov3 train` ("finetune") or `pretrain` job; returns at once.
+        """Launch a detached `meddinov3 train` ("finetune") or `pretrain` job and return at once: training runs in
+        its own process group, writing to its run folder, so closing the module or Slicer does not stop it.
 
-        `data`: a dataset folder / JSON / CSV (fine-tune), a folder of volumes (pretrain), or a list of
-        (volume, segmentation) node pairs (exported into RUN_DIR/dataset first). `options`: `stage`, `steps`,
-        `epochs`, `device`, and any training-config key (written to RUN_DIR/job_config.json, passed as --config).
+        Args:
+            mode: "finetune" or "pretrain".
+            data: a dataset folder / JSON / CSV (fine-tune), a folder of volumes (pretrain), or a list of
+                (volume, segmentation) node pairs (exported into RUN_DIR/dataset first).
+            outputFolder: the run folder; an existing non-empty folder gets a `MODE-TIMESTAMP` sub-folder, None a
+                new folder under the jobs root (`MEDDINOV3_HOME/jobs`).
+            base, size: the model to start from, or the size of a new one (see `buildCommand`).
+            options: `stage`, `steps`, `epochs`, `device`, and any training-config key (written to
+                RUN_DIR/job_config.json, passed as --config).
+
+        Returns:
+            The TrainJob (follow it with `status()`, `metrics()`, `logTail()`; `stop()`, `resumeJob`).
+
+        Raises:
+            TrainJobError: unknown mode, a folder that already holds a job, missing data, a process that cannot
+                start. Nothing half-made stays behind unless the process runs.
         """
         if mode not in MODES:
             raise TrainJobError(f"Unknown mode {mode!r}: use one of {', '.join(MODES)}.")
@@ -199,7 +245,7 @@ class MedDINOv3TrainLogic(_LogicBase):
         configPath = None
         if config:
             configPath = runDir / "job_config.json"
-            configPath.write_text(json.dumps(config, indent=2))
+            write_json(configPath, config)
         command = self.buildCommand(mode, data, runDir, base=base, size=size, options=options, configPath=configPath)
         info = {"mode": mode, "data": data, "base": str(base) if base else None, "size": None if base else size,
                 "stage": options.get("stage"), "device": options.get("device"), "options": options}
@@ -207,12 +253,28 @@ class MedDINOv3TrainLogic(_LogicBase):
         return TrainJob.launch(runDir, command, info, env=self._environment())
 
     def resumeJob(self, job) -> TrainJob:
+        """Relaunch a stopped, killed or failed job with `--resume`: it continues from its last checkpoint with its
+        saved configuration (see `TrainJob.resume`).
+
+        Args:
+            job: a TrainJob or its run folder.
+
+        Returns:
+            The job, running again. TrainJobError while it still runs or when it never wrote its configuration.
+        """
         job = self._track(job if isinstance(job, TrainJob) else TrainJob(job))
         return job.resume(python=self._python() if self.pythonExecutable else None, env=self._environment())
 
     def jobs(self, root=None) -> list[TrainJob]:
-        """Jobs on disk (running, finished, stopped, failed) under `root` (default: the jobs root + remembered
-        output folders), newest first. Finished fine-tune models get registered here too."""
+        """Every job on disk, so that a new Slicer session reattaches to jobs that outlived the last one.
+
+        Args:
+            root: a folder of run folders; None: the jobs root and every output folder a job was started in.
+
+        Returns:
+            TrainJobs (running, finished, stopped, killed, failed), newest first. Reading their status registers the
+            models of finished fine-tune jobs (listed by the Segment module as "trained").
+        """
         found = [self._track(job) for job in findJobs(root)]
         for job in found:
             try:
@@ -230,7 +292,15 @@ class MedDINOv3TrainLogic(_LogicBase):
             logging.warning("MedDINOv3 Train: the model of %s could not be registered: %s", job.runDir, e)
 
     def registerJobModel(self, job: TrainJob) -> str | None:
-        """Register a finished fine-tune job's model package (listed by the Segment module as "trained")."""
+        """Register a finished fine-tune job's model package, so that the Segment module lists it as "trained".
+
+        Args:
+            job: the TrainJob.
+
+        Returns:
+            The model reference to segment with (also recorded in job.json, so it is registered once), or None
+            while the job has no model package yet.
+        """
         info = job.info()
         if info.get("registered"):
             return info["registered"]
@@ -243,17 +313,22 @@ class MedDINOv3TrainLogic(_LogicBase):
             from meddinov3.checkpoints import register_model as registerModel
         reference = str(registerModel(path))
         info["registered"] = reference
-        from .jobs import _writeJson
-
-        _writeJson(job.jobFile, info)
+        write_json(job.jobFile, info)
         return reference
 
     # -- charts -----------------------------------------------------------------------------------
 
     @staticmethod
     def plotData(metrics: list[dict]) -> dict:
-        """Columns for the charts: {"loss": {"step": [...], "loss": [...]},
-        "validation": {"step": [...], "mean Dice": [...], "<class>": [...]}}."""
+        """The chart's table columns from metrics.jsonl records (`TrainJob.metrics()`): no Slicer needed.
+
+        Args:
+            metrics: records with `kind` "step" (step, loss) or "validation" (step, mean_dice, dice per class).
+
+        Returns:
+            {"loss": {"step": [...], "loss": [...]}, "validation": {"step": [...], "mean Dice": [...],
+            "<class>": [...]}}: floats, one column a class seen in any validation (NaN where a record lacks it).
+        """
         loss = {"step": [], "loss": []}
         steps = [r for r in metrics if r.get("kind") == "step" and r.get("loss") is not None]
         for r in steps:
@@ -277,12 +352,20 @@ class MedDINOv3TrainLogic(_LogicBase):
         return {"loss": loss, "validation": validation}
 
     def updatePlotNodes(self, job, chartNode=None, scene=None):
-        """Create or update table, plot series and chart nodes for the job's loss and validation Dice per class.
+        """Create or update the table, plot series and chart nodes of the job's loss and validation Dice per class.
 
-        Returns the vtkMRMLPlotChartNode (show it in a qMRMLPlotWidget). Called every second by the Widget.
+        Called every second by the Widget: records already charted are not charted again, and nodes are found by
+        their attributes (a scene close reuses node IDs for other nodes).
+
+        Args:
+            job: a TrainJob or its run folder.
+            chartNode: a vtkMRMLPlotChartNode to use (else one is made for the job).
+            scene: the MRML scene (default slicer.mrmlScene).
+
+        Returns:
+            The vtkMRMLPlotChartNode (show it in a qMRMLPlotWidget).
         """
         import slicer
-        import vtk
 
         job = job if isinstance(job, TrainJob) else TrainJob(job)
         scene = scene or slicer.mrmlScene
@@ -294,55 +377,21 @@ class MedDINOv3TrainLogic(_LogicBase):
                 and self._plottedRecords.get(key) == len(records)):
             return shown  # nothing new since the last call: keep the tables as they are
         data = self.plotData(records)
-
-        def node(role: str, className: str, name: str):
-            existing = scene.GetNodeByID(ids[role]) if role in ids else None
-            if existing is not None and not self._ownsPlotNode(existing, key, role):
-                existing = None  # node IDs restart after a scene close: this ID now names another node
-            if existing is None:
-                existing = scene.AddNewNodeByClass(className, name)
-                existing.SetAttribute("MedDINOv3Train.job", key)
-                existing.SetAttribute("MedDINOv3Train.role", role)
-                ids[role] = existing.GetID()
-            return existing
-
         if chartNode is not None:
             chartNode.SetAttribute("MedDINOv3Train.job", key)
             chartNode.SetAttribute("MedDINOv3Train.role", "chart")
             ids["chart"] = chartNode.GetID()
-        chart = node("chart", "vtkMRMLPlotChartNode", f"{job.name} training")
+        chart = self._plotNode(scene, key, "chart", "vtkMRMLPlotChartNode", f"{job.name} training")
         chart.SetTitle(f"{job.name}: loss and validation Dice")
         chart.SetXAxisTitle("step")
         chart.SetYAxisTitle("loss / Dice")
         chart.SetLegendVisibility(True)
-
         wanted = []
         for tableRole, columns in (("lossTable", data["loss"]), ("validationTable", data["validation"])):
-            table = node(tableRole, "vtkMRMLTableNode", f"{job.name} {tableRole[:-5]}")
-            vtable = vtk.vtkTable()
-            for name, values in columns.items():
-                array = vtk.vtkDoubleArray()
-                array.SetName(name)
-                array.SetNumberOfValues(len(values))
-                for i, value in enumerate(values):
-                    array.SetValue(i, value)
-                vtable.AddColumn(array)
-            table.SetAndObserveTable(vtable)
-            for column in columns:
-                if column == "step":
-                    continue
-                role = f"series:{tableRole}:{column}"
-                label = "loss" if column == "loss" else (column if column == "mean Dice" else f"Dice {column}")
-                series = node(role, "vtkMRMLPlotSeriesNode", f"{job.name} {label}")
-                series.SetAndObserveTableNodeID(table.GetID())
-                series.SetXColumnName("step")
-                series.SetYColumnName(column)
-                series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
-                series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone if column == "loss"
-                                      else slicer.vtkMRMLPlotSeriesNode.MarkerStyleCircle)
-                if column == "mean Dice":
-                    series.SetLineStyle(slicer.vtkMRMLPlotSeriesNode.LineStyleDash)
-                wanted.append(series.GetID())
+            table = self._plotNode(scene, key, tableRole, "vtkMRMLTableNode", f"{job.name} {tableRole[:-5]}")
+            table.SetAndObserveTable(self._vtkTable(columns))
+            wanted += [self._plotSeries(scene, key, job.name, table, tableRole, column).GetID()
+                       for column in columns if column != "step"]
         present = [chart.GetNthPlotSeriesNodeID(i) for i in range(chart.GetNumberOfPlotSeriesNodes())]
         for seriesId in wanted:
             if seriesId not in present:
@@ -350,7 +399,58 @@ class MedDINOv3TrainLogic(_LogicBase):
         self._plottedRecords[key] = len(records)
         return chart
 
+    def _plotNode(self, scene, key: str, role: str, className: str, name: str):
+        """The node of job `key` in `role`, made (and marked with the job and role) if it is not in the scene."""
+        ids = self._plotNodes.setdefault(key, {})
+        existing = scene.GetNodeByID(ids[role]) if role in ids else None
+        if existing is not None and not self._ownsPlotNode(existing, key, role):
+            existing = None  # node IDs restart after a scene close: this ID now names another node
+        if existing is None:
+            existing = scene.AddNewNodeByClass(className, name)
+            existing.SetAttribute("MedDINOv3Train.job", key)
+            existing.SetAttribute("MedDINOv3Train.role", role)
+            ids[role] = existing.GetID()
+        return existing
+
+    @staticmethod
+    def _vtkTable(columns: dict):
+        """A vtkTable with one vtkDoubleArray per column (`plotData`'s {name: values})."""
+        import vtk
+
+        vtable = vtk.vtkTable()
+        for name, values in columns.items():
+            array = vtk.vtkDoubleArray()
+            array.SetName(name)
+            array.SetNumberOfValues(len(values))
+            for i, value in enumerate(values):
+                array.SetValue(i, value)
+            vtable.AddColumn(array)
+        return vtable
+
+    def _plotSeries(self, scene, key: str, jobName: str, table, tableRole: str, column: str):
+        """The scatter series of `column` against step in `table`: loss as a line, Dice with markers, mean dashed."""
+        import slicer
+
+        label = "loss" if column == "loss" else (column if column == "mean Dice" else f"Dice {column}")
+        series = self._plotNode(scene, key, f"series:{tableRole}:{column}", "vtkMRMLPlotSeriesNode",
+                                f"{jobName} {label}")
+        series.SetAndObserveTableNodeID(table.GetID())
+        series.SetXColumnName("step")
+        series.SetYColumnName(column)
+        series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
+        series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone if column == "loss"
+                              else slicer.vtkMRMLPlotSeriesNode.MarkerStyleCircle)
+        if column == "mean Dice":
+            series.SetLineStyle(slicer.vtkMRMLPlotSeriesNode.LineStyleDash)
+        return series
+
     def removePlotNodes(self, job) -> None:
+        """Remove the job's chart, table and series nodes from the scene (before its folder is deleted); nodes that
+        now carry the same IDs but belong to something else stay.
+
+        Args:
+            job: a TrainJob or its run folder.
+        """
         import slicer
 
         key = str(job.runDir if isinstance(job, TrainJob) else Path(job).resolve())

@@ -441,7 +441,7 @@ def test_cli_imports_the_backbone_for_offline_use_and_describes_it(tmp_path, man
 # --- `meddinov3 info` / `convert` on each layout -------------------------------------------------------------
 
 def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "meddinov3.cli.main", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "meddinov3.cli", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=300)
 
 

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _cli(args, env=None):
-    return subprocess.run([sys.executable, "-m", "meddinov3.cli.main", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "meddinov3.cli", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=120, env={**os.environ, **(env or {})})
 
 

@@ -147,3 +147,41 @@ def test_windows_branch_with_a_mocked_kernel32(monkeypatch):
     processes.signal_process_tree(10, 10, signal.SIGTERM)  # no SIGTERM on Windows: the tree is ended
     assert calls == [["taskkill", "/F", "/T", "/PID", "10"]] * 2
     assert "pgid" not in own_process_record()
+
+
+@posix_only
+def test_own_group_options_make_the_child_lead_its_group():
+    """What both modules start their children with: the child's process group is its own pid, so that
+    `kill_process_tree(pid, group=pid)` reaches what it starts, and never ours."""
+    for detached in (False, True):
+        child = _sleeper(**processes.own_group_options(detached=detached))
+        try:
+            assert os.getpgid(child.pid) == child.pid != os.getpgid(0)
+        finally:
+            kill_process_tree(child.pid, group=child.pid)
+            child.wait()
+
+
+def test_windows_group_options(monkeypatch):
+    """Windows (flags only; no Windows here): a new process group without a window, `detached` off the console."""
+    monkeypatch.setattr(processes, "_WINDOWS", True)
+    for name, value in (("CREATE_NEW_PROCESS_GROUP", 0x200), ("CREATE_NO_WINDOW", 0x8000000), ("DETACHED_PROCESS", 0x8)):
+        monkeypatch.setattr(subprocess, name, value, raising=False)
+    assert processes.own_group_options() == {"creationflags": 0x200 | 0x8000000}
+    assert processes.own_group_options(detached=True) == {"creationflags": 0x200 | 0x8000000 | 0x8}
+
+
+def test_child_environment_and_python(tmp_path):
+    """The child finds this `meddinov3` (first on PYTHONPATH, once) with unbuffered output; its Python is
+    PythonSlicer of the Slicer home given, else the running interpreter."""
+    root = str(processes._PACKAGE_ROOT)
+    env = processes.child_environment({"PYTHONPATH": os.pathsep.join(["/elsewhere", root]), "KEEP": "1"})
+    assert env == {"PYTHONPATH": os.pathsep.join(["/elsewhere", root]), "KEEP": "1", "PYTHONUNBUFFERED": "1"}
+    env = processes.child_environment({})
+    assert env["PYTHONPATH"] == root and (processes._PACKAGE_ROOT / "meddinov3" / "processes.py").is_file()
+    assert processes.child_environment()["PATH"] == os.environ["PATH"]
+    assert processes.python_executable() == sys.executable
+    launcher = tmp_path / "bin" / ("PythonSlicer.exe" if os.name == "nt" else "PythonSlicer")
+    launcher.parent.mkdir()
+    launcher.write_text("")
+    assert processes.python_executable(tmp_path) == str(launcher)

@@ -318,8 +318,7 @@ def test_demo_model_segments_reoriented_liver_ct(tmp_path):
     from meddinov3.volumes import reoriented
 
     demo = resources_dir() / "demo-liver-ct"
-    if not (demo / "model.json").is_file():
-        pytest.skip("demo model package not in this checkout")
+    assert (demo / "model.json").is_file(), f"{demo}: the committed demo model package is missing"
     image, labels = load_liver_ct()
     src = tmp_path / "liver_lps_permuted.nii.gz"
     sitk.WriteImage(reoriented(image, (2, 0, 1), (True, False, True)), str(src))
@@ -329,3 +328,19 @@ def test_demo_model_segments_reoriented_liver_ct(tmp_path):
     pred, ref = sitk.GetArrayFromImage(seg) == 1, sitk.GetArrayFromImage(labels) == 1
     dice = 2 * (pred & ref).sum() / (pred.sum() + ref.sum())
     assert dice > 0.8, dice
+
+
+def test_module_entry_points_report_a_verbs_error(tmp_path):
+    """`python -m meddinov3.cli` (torchrun, the Slicer modules) runs the one imported `meddinov3.cli.main`: a verb's
+    CommandError is its one-line error and exit code 2, not a traceback. Running `meddinov3.cli.main` itself as
+    `__main__` (a second copy of the module, whose CommandError no verb raises) is refused with the command to use."""
+    existing = tmp_path / "summary.json"
+    existing.write_text("{}")
+    command = ["evaluate", str(tmp_path), str(tmp_path), "-o", str(existing)]
+    r = subprocess.run([sys.executable, "-m", "meddinov3.cli", *command], capture_output=True, text=True, cwd=REPO,
+                       timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"meddinov3 evaluate: error: {existing}: already exists (use --overwrite to replace it)"], r.stderr
+    r = subprocess.run([sys.executable, "-m", "meddinov3.cli.main", *command], capture_output=True, text=True,
+                       cwd=REPO, timeout=300)
+    assert r.returncode == 1 and "python -m meddinov3.cli" in r.stderr and existing.read_text() == "{}"

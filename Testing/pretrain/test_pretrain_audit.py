@@ -30,7 +30,7 @@ def _ct(path, low=-1000.0):
 
 
 def _cli(args, home):
-    return subprocess.run([sys.executable, "-m", "meddinov3.cli.main", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "meddinov3.cli", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=120, env={**os.environ, "MEDDINOV3_HOME": str(home)})
 
 

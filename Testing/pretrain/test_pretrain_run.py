@@ -68,14 +68,14 @@ def _losses(out: Path) -> list[float]:
 
 
 def _cli(args, timeout=300, **kw):
-    return subprocess.run([sys.executable, "-m", "meddinov3.cli.main", *args], cwd=REPO, env=ENV,
+    return subprocess.run([sys.executable, "-m", "meddinov3.cli", *args], cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=timeout, **kw)
 
 
 def _torchrun(args: list[str]) -> list[str]:
     """`meddinov3 <args>` as 2 CPU processes under torchrun (gloo), on a free port."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "meddinov3.cli.main", *args]
+            "-m", "meddinov3.cli", *args]
 
 
 def _tiny_args(vol, out, steps: int, *sets: str) -> list[str]:
@@ -240,7 +240,7 @@ def test_kill9_then_resume_continues_at_same_step(liver):
     root, _, vol = liver
     out = root / "killed"
     args = _tiny_args(vol, out, 6, "checkpoint_every=2")
-    p = subprocess.Popen([sys.executable, "-m", "meddinov3.cli.main", *args], cwd=REPO, env=ENV,
+    p = subprocess.Popen([sys.executable, "-m", "meddinov3.cli", *args], cwd=REPO, env=ENV,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 200
     ckpt_step = None
@@ -288,7 +288,7 @@ def test_sigterm_saves_and_exits_zero_then_resumes_without_the_volumes(liver):
     shutil.copy(vol, own)
     out = root / "sigterm"
     args = _tiny_args(own, out, 12, "checkpoint_every=100")
-    code, rest, _ = _sigterm_after_first_step([sys.executable, "-m", "meddinov3.cli.main", *args])
+    code, rest, _ = _sigterm_after_first_step([sys.executable, "-m", "meddinov3.cli", *args])
     assert code == 0
     assert any(e["event"] == "stopped" for e in _events(rest))
     st = json.loads((out / "status.json").read_text())

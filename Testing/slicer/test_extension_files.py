@@ -205,7 +205,7 @@ print(child_environment()['PYTHONPATH'])
 
 def test_code_slicer_runs_keeps_to_python_39():
     """Slicer 5.8 embeds Python 3.9, and runs both the modules and the core package (the modules' child processes
-    are `PythonSlicer -m meddinov3.cli.main`): no 3.10 syntax, and `X | Y` annotations only where
+    are `PythonSlicer -m meddinov3.cli`): no 3.10 syntax, and `X | Y` annotations only where
     `from __future__ import annotations` keeps them unevaluated. The parameter node classes are excepted from that
     too: parameterNodeWrapper evaluates their annotations with get_type_hints."""
     import ast

@@ -127,16 +127,16 @@ def labelmap_on_volume_grid(segmentation_node, volume_node) -> np.ndarray:
 
 def launched_interpreter(launcher_pid: int, timeout: float = 10.0) -> int:
     """The pid of the interpreter the stand-in PythonSlicer launcher started (Linux: /proc children)."""
-    from MedDINOv3SegmentLib.worker import waitUntil
+    from Testing.slicer_headless import wait_until
 
     children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children")
-    assert waitUntil(lambda: children.read_text().split(), timeout), "the launcher started no interpreter"
+    assert wait_until(lambda: children.read_text().split(), timeout), "the launcher started no interpreter"
     (child,) = children.read_text().split()
     return int(child)
 
 
 def cli(*args, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "meddinov3.cli.main", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "meddinov3.cli", *map(str, args)], capture_output=True,
                           text=True, cwd=REPO, timeout=timeout)
 
 
@@ -162,7 +162,7 @@ def test_segment_matches_cli_for_plain_oblique_and_flipped_volumes(logic, packag
 
     # Reference: the CLI on files exported the same way (one batch run), concurrently with the Logic.
     exported = [export_with_storage_node(volumes[name], tmp_path / f"{name}.nrrd") for name in volumes]
-    reference = subprocess.Popen([sys.executable, "-m", "meddinov3.cli.main", "segment", *map(str, exported),
+    reference = subprocess.Popen([sys.executable, "-m", "meddinov3.cli", "segment", *map(str, exported),
                                   "-o", str(tmp_path / "cli"), "--model", str(package), "--device", "cpu"],
                                  cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     events: dict[str, list[dict]] = {name: [] for name in volumes}
@@ -230,7 +230,7 @@ def test_segment_matches_cli_for_plain_oblique_and_flipped_volumes(logic, packag
 def test_cancel_kills_the_child_at_once_and_leaves_the_scene_unchanged(logic, package, liver_voxels):
     """Cancel ends the work even though the child is a launcher (PythonSlicer) that forwards no signal."""
     from MedDINOv3SegmentLib import MedDINOv3SegmentCancelled
-    from MedDINOv3SegmentLib.worker import waitUntil
+    from Testing.slicer_headless import wait_until
 
     scene = slicer.mrmlScene
     volume = slicer.util.addVolumeFromArray(liver_voxels, geometry_cases()["plain"], name="CT")
@@ -254,7 +254,7 @@ def test_cancel_kills_the_child_at_once_and_leaves_the_scene_unchanged(logic, pa
             os.kill(pid, 0)
         from meddinov3.processes import process_alive
 
-        assert waitUntil(lambda: not process_alive(interpreter), 2.0), "the interpreter PythonSlicer ran survived"
+        assert wait_until(lambda: not process_alive(interpreter), 2.0), "the interpreter PythonSlicer ran survived"
     assert task.state == "cancelled" and task.result is None
     assert len(finished) == 1 and finished[0][0] is None and isinstance(finished[0][1], MedDINOv3SegmentCancelled)
     assert not task.poll()
@@ -439,7 +439,7 @@ def test_command_line_of_the_child(headless_slicer):
     assert python_executable() == launcher
     command = buildCommand("in.nrrd", "out.seg.nrrd", "demo-liver-ct", device="cuda:1", fast=True, tta=True,
                            roiBox=[1, 2, 3, 4, 5, 6], keepLargest=True, fillHoles=True, batchSize=8)
-    assert command[:8] == [launcher, "-m", "meddinov3.cli.main", "segment", "in.nrrd", "-o", "out.seg.nrrd",
+    assert command[:8] == [launcher, "-m", "meddinov3.cli", "segment", "in.nrrd", "-o", "out.seg.nrrd",
                            "--model"]
     joined = " ".join(command)
     for flag in ("--device cuda:1", "--fast", "--tta", "--roi 1,2,3,4,5,6", "--keep-largest", "--fill-holes",

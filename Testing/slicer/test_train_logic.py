@@ -195,7 +195,7 @@ def test_finetune_job_runs_detached_registers_and_segments(logic, slicer_scene, 
     assert job.runDir.parent == meddinov3_home / "jobs"  # default: MEDDINOV3_HOME/jobs
     info = json.loads((job.runDir / "job.json").read_text())
     assert info["mode"] == "finetune" and info["pid"] and info["command"][-1] == "--json-progress"
-    assert info["command"][1:5] == ["-m", "meddinov3.cli.main", "train", "--data"]
+    assert info["command"][1:5] == ["-m", "meddinov3.cli", "train", "--data"]
     assert info["command"][0] == str(Path(headless_slicer.app.slicerHome) / "bin" / "PythonSlicer")
     assert os.getsid(info["pid"]) == info["pid"], "the job leads its own session"
     assert job.status()["state"] in ("starting", "running", "finished")
@@ -378,13 +378,13 @@ def test_pretrain_command_and_config_file(logic, tmp_path):
     command = logic.buildCommand("pretrain", tmp_path, tmp_path / "run", size="small",
                                  options={"stage": 2, "steps": 10, "device": "cuda:1", "lr": 1e-4},
                                  configPath=tmp_path / "c.json")
-    assert command == ["/opt/PythonSlicer", "-m", "meddinov3.cli.main", "pretrain", "--data", str(tmp_path), "--out",
+    assert command == ["/opt/PythonSlicer", "-m", "meddinov3.cli", "pretrain", "--data", str(tmp_path), "--out",
                        str(tmp_path / "run"), "--size", "small", "--config", str(tmp_path / "c.json"), "--stage", "2",
                        "--steps", "10", "--device", "cuda:1", "--json-progress"]
     from MedDINOv3TrainLib.jobs import TrainJob, TrainJobError, resumeCommand
 
     info = {"mode": "pretrain", "data": "/d", "stage": 2, "command": command}
-    assert resumeCommand(info, "/r") == ["/opt/PythonSlicer", "-m", "meddinov3.cli.main", "pretrain", "--out", "/r",
+    assert resumeCommand(info, "/r") == ["/opt/PythonSlicer", "-m", "meddinov3.cli", "pretrain", "--out", "/r",
                                          "--resume", "--json-progress"]
     with pytest.raises(TrainJobError, match="steps"):
         logic.buildCommand("pretrain", tmp_path, tmp_path / "run", options={"epochs": 3})

@@ -158,7 +158,7 @@ def test_stop_during_start_up_is_stopped_not_failed(logic, tmp_path):
     dead = tmp_path / "dead"
     dead.mkdir()
     (dead / "job.json").write_text(json.dumps({"mode": "finetune", "pid": 0, "started": 1.0}))
-    (dead / "log.txt").write_text(f"\n# 2026-01-01 00:00:00 {sys.executable} -m meddinov3.cli.main train\n")
+    (dead / "log.txt").write_text(f"\n# 2026-01-01 00:00:00 {sys.executable} -m meddinov3.cli train\n")
     status = TrainJob(dead).status()
     assert status["state"] == "failed" and status["error"] == "the training process ended without a status"
 

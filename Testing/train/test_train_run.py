@@ -286,7 +286,7 @@ def test_ddp_two_cpu_processes_agree(phantom, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "meddinov3.cli.main", "train", "--out", str(out), *_common(phantom, tmp_path, 4), "--device", "cpu"]
+           "-m", "meddinov3.cli", "train", "--out", str(out), *_common(phantom, tmp_path, 4), "--device", "cpu"]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     finished = next(e for e in events(r.stdout) if e["event"] == "finished")

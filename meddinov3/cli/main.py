@@ -1,4 +1,9 @@
-"""`meddinov3` command line: one module per verb, each with `add_parser(subparsers)` and `run(args) -> int`."""
+"""`meddinov3` command line: one module per verb, each with `add_parser(subparsers)` and `run(args) -> int`.
+
+Imported only: `python -m meddinov3.cli` (cli/__main__.py; torchrun, the Slicer modules) and the `meddinov3`
+console script call `main`, so that this module exists once and the verbs' `CommandError` is the class `main`
+catches.
+"""
 
 from __future__ import annotations
 
@@ -139,9 +144,5 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    # Run the imported module's main: verbs raise `meddinov3.cli.main.CommandError`, which is not this
-    # `__main__` module's class under `python -m meddinov3.cli.main` (the form torchrun needs).
-    from meddinov3.cli.main import main as _main
-
-    sys.exit(_main())
+if __name__ == "__main__":  # a second copy of this module, whose CommandError the verbs do not raise: refuse
+    sys.exit("meddinov3: run `python -m meddinov3.cli ...` (or the `meddinov3` command), not `-m meddinov3.cli.main`")

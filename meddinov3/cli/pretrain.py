@@ -5,7 +5,7 @@ high-resolution adaptation (larger crops, Gram anchoring kept). Continue a stage
 Options given on the command line override `--config FILE.json` (PretrainConfig fields, or a previous run's
 config.json), which overrides the defaults. `--resume` continues RUN_DIR with its saved config (only --device and
 --json-progress may differ; a finished run is left as it is). Launch with `torchrun --nproc_per_node N -m
-meddinov3.cli.main pretrain ...` for several GPUs / processes; add `--set parallel=fsdp` to shard the networks over
+meddinov3.cli pretrain ...` for several GPUs / processes; add `--set parallel=fsdp` to shard the networks over
 them (FSDP2) when they do not fit one GPU each. Checkpoints are the same either way: resume with or without FSDP.
 """
 

@@ -6,7 +6,7 @@ trainer's settings, files in Resources/recipes/; or the path of such a file), wh
 `--resume` continues RUN_DIR with its saved config (only --device and --json-progress may differ; a finished run is
 left as it is): to train longer, start a new run with `--base RUN_DIR`, which keeps the decoder. RUN_DIR must be
 new or empty, and one process trains into it at a time.
-Launch with `torchrun --nproc_per_node N -m meddinov3.cli.main train ...` for several GPUs / processes.
+Launch with `torchrun --nproc_per_node N -m meddinov3.cli train ...` for several GPUs / processes.
 """
 
 from __future__ import annotations
