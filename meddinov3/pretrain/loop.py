@@ -14,9 +14,7 @@ of processes.
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -27,10 +25,13 @@ import torch.distributed as dist
 
 from ..config import JsonOptions
 from ..files import atomic_path, write_json
-from ..memory import BatchDoesNotFit, MicroBatchChoice, size_micro_batch
+from .. import distributed as D
+from ..memory import MicroBatchChoice, peak_gpu_memory_gb
 from ..model.backbone import set_drop_path
-from ..progress import Progress, RunStatus, StopRequest, peak_gpu_memory_gb, report_failure
-from ..train import distributed as D
+from ..progress import Progress
+from ..runs.batch import amp_dtype, amp_name, fit_micro_batch as fit_run_micro_batch, oom_event, start_micro_batch
+from ..runs.metrics import pyplot, read_metrics
+from ..runs.session import RunKind, RunSession, versions
 from ..train.checkpoint import rng_states, set_rng_states
 from .crops import MultiCropAugmentation, collate_crops
 from .data import PretrainDataError, SliceIndex, StepSampler, build_slice_index, collect_volumes, crop_generator
@@ -147,6 +148,8 @@ def gram_teacher_weights(source: str) -> dict:
 class PretrainConfig(JsonOptions):
     SECTION = "pretrain"  # key of these options in the run's config.json
     KIND = "pretraining"
+    PATHS = ("data", "out", "cache_dir")  # stored absolute in config.json
+    PATHS_IF_EXISTING = ("base", "gram_teacher")  # absolute when a path, kept when a model name
 
     data: str | list = ""
     out: str = ""
@@ -363,11 +366,6 @@ def make_optimizer(meta: SSLMetaArch, cfg: PretrainConfig) -> torch.optim.Optimi
     return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999))
 
 
-def amp_dtype(cfg: PretrainConfig, device: torch.device):
-    mode = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[mode]
-
-
 def fit_micro_batch(meta: SSLMetaArch, params: list, optimizer, cfg: PretrainConfig, per_rank: int, sizes: tuple,
                     device: torch.device, dist_info, log) -> MicroBatchChoice:
     """The micro-batch that fits this device (memory.size_micro_batch), measured on images of the run's crop sizes
@@ -376,7 +374,7 @@ def fit_micro_batch(meta: SSLMetaArch, params: list, optimizer, cfg: PretrainCon
     n_mask = int(max(cfg.mask_ratio) * grid[0] * grid[1])
     meta.train()  # the student as in a step (the teacher stays in eval mode)
 
-    adt = amp_dtype(cfg, device)
+    adt = amp_dtype(cfg.amp, device)
 
     def images(k: int) -> tuple[dict, torch.Tensor]:
         g = torch.zeros(2 * k, 1, g_size, g_size, device=device)
@@ -397,14 +395,9 @@ def fit_micro_batch(meta: SSLMetaArch, params: list, optimizer, cfg: PretrainCon
                               lambda: torch.autocast(device.type, dtype=adt, enabled=adt is not None))
         step.targets(batch, masks, cfg.teacher_temp)
 
-    try:
-        fit = size_micro_batch(meta, params, optimizer, forward_backward, per_rank, device, cfg.micro_batch,
-                               f"batch_size {cfg.batch_size}", grad_copies=2 if dist_info.enabled else 0,
-                               gather=lambda obj: D.all_gather_object(obj, dist_info), whole_step=whole_step_targets)
-    except BatchDoesNotFit as e:
-        raise PretrainError(str(e)) from None
-    log(f"micro-batch {fit.micro_batch} x {fit.accumulation} accumulation: {fit.reason}")
-    return fit
+    return fit_run_micro_batch(meta, params, optimizer, forward_backward, per_rank, device, cfg.micro_batch,
+                               cfg.batch_size, dist_info, 2 if dist_info.enabled else 0, PretrainError, log,
+                               whole_step=whole_step_targets)
 
 
 def _all_reduce_grads(params: list, world: int) -> None:
@@ -420,8 +413,6 @@ def _all_reduce_grads(params: list, world: int) -> None:
 
 
 def plot_curves(metrics_path: Path, out_path: Path) -> None:
-    from ..train.curves import pyplot, read_metrics
-
     plt = pyplot()
     if plt is None:
         return
@@ -455,6 +446,11 @@ def plot_curves(metrics_path: Path, out_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------- the run
 
 
+PRETRAIN_RUN = RunKind("pretrain", PretrainConfig, PretrainError, (PretrainError, PretrainDataError),
+                       output="backbone", total=lambda cfg: cfg.steps, leftovers=("status.json", "slices"),
+                       longer="to train longer, start a new run with --base {run_dir}")
+
+
 def pretrain(cfg: PretrainConfig, resume: bool = False, json_progress: bool = False, stream=None,
              hooks: dict | None = None, explicit: dict | None = None) -> dict:
     """Run (or resume) pretraining into ``cfg.out``; returns the final status dict.
@@ -463,59 +459,25 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, json_progress: bool = Fa
     ``explicit``: with ``resume``, the options the user gave (refused when they differ from the saved ones).
     """
     from ..checkpoints import CheckpointError, resolve
-    from ..progress import RunFolderError, absolute_path, absolute_paths, is_finished, open_run
 
-    try:
-        dist_info, device = D.init(cfg.device)
-    except D.DeviceError as e:
-        raise PretrainError(f"--device {cfg.device}: {e}") from None
-    main = dist_info.is_main
-    run_dir = absolute_path(cfg.out)
-    progress = Progress(json_lines=json_progress, stream=stream, desc="pretraining", enabled=main)
-    startup_stop = StopRequest(immediate=True)
-    paths, paths_if_existing = ("data", "out", "cache_dir"), ("base", "gram_teacher")
-
-    def log(msg: str) -> None:
-        if main:
-            print(f"[meddinov3 pretrain] {msg}", file=sys.stderr, flush=True)
-
-    try:
-        opened, error = D.decide_on_main(lambda: open_run(
-            run_dir, PretrainConfig.SECTION, resume, absolute_paths(explicit or {}, paths, paths_if_existing),
-            leftovers=("status.json", "slices"), longer=f"to train longer, start a new run with --base {run_dir}"),
-            (RunFolderError,), dist_info)
-        if error:
-            raise PretrainError(error)
-        saved, previous = opened
-        if resume:
-            cfg = PretrainConfig.from_dict({**saved, "device": cfg.device})
-            if is_finished(previous):
-                log(f"{run_dir} already finished ({previous['step']} steps): nothing to do")
-                progress.event("finished", step=previous["step"], already_finished=True,
-                               backbone=str(run_dir / "backbone"))
-                return previous
-        else:
-            cfg = PretrainConfig.from_dict(absolute_paths(cfg.to_dict(), paths, paths_if_existing))
-        status = RunStatus(run_dir, cfg.steps, "pretrain", previous if resume else None) if main else None
-        startup_stop.install()  # from here a signal outside the loop abandons the start-up: state "stopped"
-        with report_failure(status, progress, (PretrainError, PretrainDataError)):
-            if cfg.base:  # a bad --base is reported before the slice index is built
-                try:
-                    resolve(cfg.base)
-                except CheckpointError as e:
-                    raise base_error(cfg.base, e) from None
-                prev = _base_run_checkpoint(cfg.base)
-                if prev is not None:  # a refused run checkpoint too, before anything is built
-                    _read_state(prev, other_ok=True, mmap=True)
-            return _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks or {})
-        return status.data if main else {}  # stopped during the start-up
-    finally:
-        startup_stop.restore()
-        progress.close()
-        D.cleanup(dist_info)
+    with RunSession(PRETRAIN_RUN, cfg, resume, json_progress, stream, explicit) as run:
+        if run.finished:
+            return run.previous
+        cfg = run.cfg
+        if cfg.base:  # a bad --base is reported before the slice index is built
+            try:
+                resolve(cfg.base)
+            except CheckpointError as e:
+                raise base_error(cfg.base, e) from None
+            prev = _base_run_checkpoint(cfg.base)
+            if prev is not None:  # a refused run checkpoint too, before anything is built
+                _read_state(prev, other_ok=True, mmap=True)
+        return _run(cfg, resume, run.dist_info, run.device, run.run_dir, run.progress, run.status, run.log,
+                    hooks or {}, run)
+    return run.result()  # stopped during the start-up
 
 
-def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) -> dict:
+def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks, run) -> dict:
     main, world, rank = dist_info.is_main, dist_info.world_size, dist_info.rank
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -568,7 +530,7 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
     resumed = _read_state(latest) if resume and latest.is_file() else None
     if resumed is not None:  # whole weights into the whole model, before any sharding
         meta.load_state_dict(resumed["meta"])
-    adt = amp_dtype(cfg, device)
+    adt = amp_dtype(cfg.amp, device)
     fsdp = cfg.parallel == "fsdp" and dist_info.enabled
     if fsdp:
         shard(meta, device, world, adt if device.type == "cuda" else None)
@@ -584,7 +546,7 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
     per_rank = cfg.batch_size // world
     if per_rank < 2:
         raise PretrainError("each process needs at least 2 images per step (KoLeo and Sinkhorn compare images)")
-    micro = min(cfg.micro_batch or per_rank, per_rank)
+    micro = start_micro_batch(cfg.micro_batch, per_rank)
     resolutions = cfg.resolutions(mcfg.patch_size)
     augs = [MultiCropAugmentation(g, l, cfg.n_local, tuple(cfg.global_scale), tuple(cfg.local_scale),
                                   patch_size=mcfg.patch_size, gram_size=cfg.gram_crop_size(g, mcfg.patch_size))
@@ -606,37 +568,30 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
     if resumed is not None:
         load_optimizer(meta, optimizer, resumed["optimizer"])
         set_rng_states(resumed["rng"])
-        step, micro, collapse = int(resumed["step"]), min(int(resumed["micro_batch"]), micro), resumed["collapse"]
+        step, collapse = int(resumed["step"]), resumed["collapse"]
+        micro = start_micro_batch(micro, per_rank, resumed["micro_batch"])
         resumed = None  # free the whole-model copy
         log(f"resumed from {latest} at step {step}")
     fit = fit_micro_batch(meta, params, optimizer, cfg, per_rank, (g_size, l_size, grid), device, dist_info, log)
     micro = min(micro, fit.micro_batch)
-    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path = run.metrics_path
     name = cfg.name or run_dir.name
+    run.restart_metrics(step)
     if main:
         status.update(batch=fit.to_dict())
-        if resume:
-            from ..train.curves import read_metrics
-            kept = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= step]
-            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         if not resume:
-            from ..train.loop import versions
             write_json(run_dir / "config.json", {"pretrain": cfg.to_dict(), "resolved": {
                 "model": mcfg.to_dict(), "base": base_info, "global_size": g_size, "local_size": l_size,
                 "gram_size": gram_size, "resolutions": [[g, l, round(p, 4), augs[k].gram_size]
                                                         for k, (g, l, p) in enumerate(resolutions)],
                 "mask_grid": list(grid), "total_steps": total, "per_rank_batch": per_rank, "world_size": world,
-                "device": str(device), "amp": str(adt).replace("torch.", "") if adt else "fp32",
+                "device": str(device), "amp": amp_name(adt),
                 "parallel": "fsdp" if fsdp else "ddp" if dist_info.enabled else "none",
                 "gram_anchoring": cfg.stage >= 2, "data": index.summary(), "batch": fit.to_dict(),
                 "probe": "liver CT ridge probe" if probe else None}, "versions": versions()})
 
-    stopper = StopRequest().install()
-
-    def write_metrics(record: dict) -> None:
-        if main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+    run.stopper.install()
+    write_metrics = run.write_metrics
 
     def checkpoint() -> None:
         model_sd, optim_sd = full_state(meta, optimizer)  # gathered on rank 0 (every rank takes part)
@@ -677,7 +632,7 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
                        resolutions=[list(r[:2]) for r in resolutions])
 
     def halved(new_micro: int) -> None:
-        progress.event("oom", step=step, micro_batch=new_micro, accumulation=math.ceil(per_rank / new_micro))
+        oom_event(progress, step, new_micro, per_rank)
         log(f"out of memory: micro-batch halved to {new_micro} on every process (gradient accumulation and the "
             "whole-step teacher targets keep the batch's semantics)")
 
@@ -756,31 +711,24 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
             t_last, n_img, acc = now, 0, {}
         if cfg.probe_every and step % cfg.probe_every == 0:
             run_probe()
-        stop = D.any_true(stopper.requested, dist_info, device)
+        stop = run.stop_requested()
         if (step % cfg.checkpoint_every == 0 or is_kept(cfg, step)) and step < total and not stop:
             checkpoint()
         if stop:
             state_name = "stopped"
-            if main:
-                status.update(state="stopping", step=step)
+            run.mark_stopping(step)
             break
-    stopper.restore()
+    run.stopper.restore()
     if state_name == "finished" and probe is not None and cfg.probe_every and step % cfg.probe_every:
         run_probe()
     checkpoint()
-    checksum = float(sum(D.full_tensor(p.detach()).double().sum().item() for p in meta.student.parameters()))
-    checksums = D.all_gather_object(checksum, dist_info)
-    final = {}
+    checksums = run.rank_checksums(meta.student.parameters())
     if main:
         plot_curves(metrics_path, run_dir / "curves.png")
-        final = status.update(state=state_name, step=step, rank_checksums=checksums, collapse=collapse["warned"])
-        if state_name == "stopped":
-            progress.event("stopped", step=step, signal=stopper.signal, checkpoint=str(latest))
-            log(f"stopped by {stopper.signal} at step {step}; continue with --resume")
-        else:
-            progress.event("finished", step=step, backbone=str(run_dir / "backbone"), rank_checksums=checksums,
-                           collapse=collapse["warned"])
-            log(f"finished: {step} steps; backbone package in {run_dir / 'backbone'}")
+    final = run.finish(state_name == "stopped", step, latest,
+                       {"rank_checksums": checksums, "collapse": collapse["warned"]},
+                       {"backbone": str(run_dir / "backbone"), "rank_checksums": checksums,
+                        "collapse": collapse["warned"]})
     # every rank leaves together: no rank tears down its process group (and the sharded modules on it) while
     # another is still writing the end of the run
     D.barrier(dist_info)
