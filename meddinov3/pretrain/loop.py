@@ -38,6 +38,7 @@ from .data import PretrainDataError, SliceIndex, StepSampler, build_slice_index,
 from .masking import sample_masks
 from .meta_arch import HeadConfig, SSLMetaArch
 from .parallel import full_state, load_optimizer, shard
+from .probe import DenseProbe, run_probe_slices
 from .recipe import (HIGHRES_CROPS, entropy_floor, lr_scale, optimizer_groups, prototype_warning, prototypes_for_batch,
                      stage_value, step_schedules)
 from .step import MicroBatchStep, OutOfMemoryStop
@@ -148,7 +149,7 @@ def gram_teacher_weights(source: str) -> dict:
 class PretrainConfig(JsonOptions):
     SECTION = "pretrain"  # key of these options in the run's config.json
     KIND = "pretraining"
-    PATHS = ("data", "out", "cache_dir")  # stored absolute in config.json
+    PATHS = ("data", "out", "cache_dir", "probe_data")  # stored absolute in config.json
     PATHS_IF_EXISTING = ("base", "gram_teacher")  # absolute when a path, kept when a model name
 
     data: str | list = ""
@@ -216,6 +217,8 @@ class PretrainConfig(JsonOptions):
     log_every: int = 10
     probe_every: int = 500  # 0: never
     probe_size: int = 128  # px at 1 mm, at least 8 patches a side
+    # labelled dataset of the probe (any `train --data` layout); None: the LiTS liver CT (offline default)
+    probe_data: str | None = None
     collapse_std: float = 0.02  # teacher CLS feature spread below this ...
     collapse_usage: float = 0.02  # ... or prototype-usage entropy (fraction of log K) below this ...
     collapse_uniform: float = 0.995  # ... or teacher entropy above this fraction of [Sinkhorn floor, log K] ...
@@ -436,7 +439,8 @@ def plot_curves(metrics_path: Path, out_path: Path) -> None:
         axes[2].plot([r["step"] for r in probes], [r["probe_dice"] for r in probes], marker="o", label="Dice")
         axes[2].plot([r["step"] for r in probes], [r["probe_accuracy"] for r in probes], marker="o", label="accuracy")
         axes[2].legend(fontsize=7)
-    axes[2].set_ylim(0, 1), axes[2].set_title("dense probe (liver CT)"), axes[2].grid(alpha=0.3)
+    data = Path(probes[-1].get("data", "liver CT")).name if probes else "liver CT"
+    axes[2].set_ylim(0, 1), axes[2].set_title(f"dense probe ({data})"), axes[2].grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(out_path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=90)
@@ -482,6 +486,8 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks, 
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         status.update(state="starting")
+    # ---- probe data: a bad --probe-data is reported before the slice index is built
+    probe_set = run_probe_slices(cfg.probe_data, log) if cfg.probe_every else None
     # ---- data: indexed by rank 0 (volumes read once into the shared shard store), opened by every rank
     folder = run_dir / "slices"
     error = None
@@ -557,12 +563,8 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks, 
     sampler = StepSampler(len(index), per_rank, cfg.seed, rank, world)
 
     probe = None
-    if cfg.probe_every:
-        try:
-            from .probe import DenseProbe
-            probe = DenseProbe.liver(size=max(8, cfg.probe_size // mcfg.patch_size) * mcfg.patch_size)
-        except (FileNotFoundError, ImportError, ValueError) as e:
-            log(f"dense probe disabled: {e}")
+    if probe_set is not None:
+        probe = DenseProbe.from_slices(probe_set, size=max(8, cfg.probe_size // mcfg.patch_size) * mcfg.patch_size)
 
     step, collapse = 0, {"count": 0, "warned": None}
     if resumed is not None:
@@ -588,7 +590,7 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks, 
                 "device": str(device), "amp": amp_name(adt),
                 "parallel": "fsdp" if fsdp else "ddp" if dist_info.enabled else "none",
                 "gram_anchoring": cfg.stage >= 2, "data": index.summary(), "batch": fit.to_dict(),
-                "probe": "liver CT ridge probe" if probe else None}, "versions": versions()})
+                "probe": probe.info if probe else None}, "versions": versions()})
 
     run.stopper.install()
     write_metrics = run.write_metrics
@@ -620,7 +622,8 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks, 
         res = probe(meta.teacher["backbone"], device)
         if not main:
             return
-        write_metrics({"kind": "probe", "step": step, **res, "seconds": round(time.perf_counter() - t0, 2)})
+        write_metrics({"kind": "probe", "step": step, **res, "data": probe.info["source"],
+                       "seconds": round(time.perf_counter() - t0, 2)})
         progress.event("probe", step=step, **res)
         status.update(metrics=res)
 
