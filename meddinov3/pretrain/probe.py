@@ -140,6 +140,12 @@ def run_probe_slices(source: str | None, log) -> ProbeSlices | None:
 
 
 class DenseProbe:
+    """A ridge probe of a backbone's patch features: ``DenseProbe.from_slices(probe_slices(...), size)(backbone)``.
+
+    Why: pretraining's losses say little about whether the features separate anatomy; a closed-form linear probe on
+    frozen features does, in about a second, so the run can record it every ``probe_every`` steps.
+    """
+
     def __init__(self, images, labels, fit_idx, eval_idx, size: int = 64, ridge: float = 1e-4,
                  info: dict | None = None) -> None:
         """images: (N, H, W) HU, or a list of N (H, W) slices of any sizes; labels alike, int (> 0 = foreground).
@@ -180,6 +186,12 @@ class DenseProbe:
         return out, target
 
     def __call__(self, backbone, device="cpu") -> dict:
+        """Fit the probe on the fit slices' patch features of `backbone` (a ``DINOv3Backbone``: ``forward_features``
+        returning "patch" (N, h*w, C), ``config.patch_size``), score it on the others.
+
+        Returns {"probe_dice": foreground Dice of the scored patches, "probe_accuracy": their accuracy,
+        "probe_patches": how many were scored}. The backbone's train/eval mode is left as it was.
+        """
         feats, target = self.features(backbone, device)
         feats = F.normalize(feats, dim=-1)
         fit_x = feats[self.fit_idx].reshape(-1, feats.shape[-1]).double()
