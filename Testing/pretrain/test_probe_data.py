@@ -42,6 +42,7 @@ def test_several_cases_fit_on_the_first_half_and_score_on_the_rest(phantoms):
     assert set(owner[:chosen.n_fit]) <= {0, 1} and set(owner[chosen.n_fit:]) == {2}
     assert all((s > 0).mean() >= 0.1 for s in chosen.labels)
     assert any(len(np.unique(s)) > 2 for s in chosen.labels)  # several classes, all foreground for the probe
+    assert all(s.base is None for s in chosen.images + chosen.labels)  # copies: the volumes are not kept alive
     probe = DenseProbe.from_slices(chosen, size=32)
     assert probe.x.shape == (len(chosen.images), 1, 32, 32) and probe.info["size"] == 32
 
@@ -70,7 +71,7 @@ def test_one_case_is_split_along_its_slices_with_a_gap():
     lab = np.zeros((30, 10, 10), np.uint8)
     lab[5:25, :, :5] = 1  # slices 5..24 half foreground
     img = np.where(lab > 0, 60.0, -1000.0).astype(np.float32) + np.arange(30, dtype=np.float32)[:, None, None]
-    chosen = select_slices([(img, lab)], ["one"], n_fit=3, n_eval=3, gap=4)
+    chosen = select_slices(iter([(img, lab)]), 1, n_fit=3, n_eval=3, gap=4)
     z = [int(s[0, 9] + 1000) for s in chosen.images]  # the slice index, read back from the image
     fit, ev = z[:chosen.n_fit], z[chosen.n_fit:]
     assert fit == [5, 8, 12] and ev == [17, 20, 24]  # fit below the middle, score above, 4 slices apart
@@ -94,7 +95,7 @@ def test_the_default_is_the_liver_ct_as_before():
     assert torch.equal(probe.x, before.x) and torch.equal(probe.fg, before.fg)
 
 
-@pytest.mark.parametrize("case", ["missing", "no dataset.json", "no foreground"])
+@pytest.mark.parametrize("case", ["missing", "no dataset.json", "no foreground", "a case without its label"])
 def test_unusable_probe_data_is_an_error_naming_it(case, phantoms, tmp_path):
     folder = tmp_path / "probe_set"
     if case == "no dataset.json":
@@ -104,6 +105,9 @@ def test_unusable_probe_data_is_an_error_naming_it(case, phantoms, tmp_path):
         for lab in (folder / "labelsTr").iterdir():
             im = sitk.ReadImage(str(lab))
             sitk.WriteImage(sitk.Cast(im * 0, im.GetPixelID()), str(lab))
+    elif case == "a case without its label":
+        phantom_dataset(folder, n=2)
+        (folder / "labelsTr" / "case1.nii.gz").unlink()
     with pytest.raises(PretrainDataError) as e:
         probe_slices(str(folder))
     assert str(e.value).startswith(f"--probe-data {folder}: ") and "\n" not in str(e.value)

@@ -15,6 +15,7 @@ part, with a gap between them); several cases are split by case (fit on the firs
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -47,29 +48,40 @@ def _foreground_slices(label: np.ndarray, min_fraction: float) -> np.ndarray:
 
 
 def _spread(candidates: list, n: int) -> list:
-    """At most `n` of `candidates`, evenly spaced over them (first and last included)."""
+    """At most `n` of `candidates`, evenly spaced over them (first and last included; all of them when n >= their
+    number)."""
+    if not candidates:
+        return []
     return [candidates[i] for i in sorted(set(np.linspace(0, len(candidates) - 1, n).astype(int)))]
 
 
-def select_slices(volumes: list, names: list, n_fit: int = 8, n_eval: int = 8, min_fraction: float = 0.1,
+def _split_case(z: np.ndarray, gap: int) -> tuple[list, list]:
+    """One case's foreground slice indices `z` as a first part (fit) and a last part (score), `gap` slices apart."""
+    cut = len(z) // 2
+    return list(z[:max(cut - gap // 2, 1)]), list(z[cut + gap - gap // 2:])
+
+
+def select_slices(volumes: Iterable, n_cases: int, n_fit: int = 8, n_eval: int = 8, min_fraction: float = 0.1,
                   gap: int = 4) -> ProbeSlices:
-    """Fit and score slices from canonical (image, label) volume pairs ((Z, H, W) arrays each), see the module
-    docstring; raises ValueError when a part has no slice with enough foreground."""
-    z = [_foreground_slices(lab, min_fraction) for _, lab in volumes]
-    if len(volumes) == 1:
-        cut = len(z[0]) // 2
-        fit = [(0, k) for k in z[0][:max(cut - gap // 2, 1)]]
-        ev = [(0, k) for k in z[0][cut + gap - gap // 2:]]
-    else:
-        half = (len(volumes) + 1) // 2
-        fit = [(c, k) for c in range(half) for k in z[c]]
-        ev = [(c, k) for c in range(half, len(volumes)) for k in z[c]]
+    """Fit and score slices from `n_cases` canonical (image, label) pairs of (Z, H, W) arrays, see the module
+    docstring. `volumes` may yield them one at a time: only the slices kept (at most `n_fit` or `n_eval` a case)
+    stay in memory. Raises ValueError when the fit or the score part has no slice with enough foreground."""
+    fit, ev, found = [], [], 0
+    for c, (image, label) in enumerate(volumes):
+        z = _foreground_slices(label, min_fraction)
+        found += len(z)
+        if n_cases == 1:
+            fit_z, ev_z = _split_case(z, gap)
+        else:
+            fit_z, ev_z = (list(z), []) if c < (n_cases + 1) // 2 else ([], list(z))
+        for part, part_z, n in ((fit, fit_z, n_fit), (ev, ev_z, n_eval)):
+            part += [(np.array(image[k]), np.array(label[k])) for k in _spread(part_z, n)]  # copies, not views
     if not fit or not ev:
         raise ValueError(f"too few axial slices where the foreground covers at least {min_fraction:.0%} of the "
-                         f"slice ({sum(len(k) for k in z)} in {len(volumes)} case(s)) to fit and to score a probe")
+                         f"slice ({found} in {n_cases} case(s)) to fit and to score a probe")
     fit, ev = _spread(fit, n_fit), _spread(ev, n_eval)
-    return ProbeSlices([volumes[c][0][k] for c, k in fit + ev], [volumes[c][1][k] for c, k in fit + ev], len(fit),
-                       {"cases": list(names), "fit_slices": len(fit), "eval_slices": len(ev)})
+    return ProbeSlices([im for im, _ in fit + ev], [lab for _, lab in fit + ev], len(fit),
+                       {"fit_slices": len(fit), "eval_slices": len(ev)})
 
 
 def liver_volumes() -> tuple[list, list]:
@@ -84,30 +96,39 @@ def liver_volumes() -> tuple[list, list]:
     return [(canonical(sitk.GetArrayFromImage(image)), canonical(sitk.GetArrayFromImage(labels)))], ["liver117"]
 
 
-def dataset_volumes(source: str, log=None) -> tuple[list, list]:
+def dataset_volumes(source: str, log=None) -> tuple[Iterator, list]:
     """Canonical (image, label) pairs of up to MAX_CASES cases (evenly spread) of the labelled dataset `source`,
-    and their names. Raises PretrainDataError naming `source` when it cannot be used."""
-    import SimpleITK as sitk
-
+    read one at a time as they are iterated, and the cases' names. Raises PretrainDataError naming `source` when
+    it cannot be used (also while iterating)."""
     from ..data import DatasetError, load_dataset
-    from ..data.dataset import label_array, read_case
-    from ..volumes import Orientation
 
     try:
         ds = load_dataset(source)
-        cases = _spread(ds.cases, min(MAX_CASES, len(ds.cases)))
-        volumes = []
-        for case in cases:
-            image, label = read_case(case, ds.modality)
-            canonical = Orientation.of(image).to_canonical
-            volumes.append((canonical(sitk.GetArrayFromImage(image)),
-                            canonical(label_array(case, label, ds.label_values))))
     except DatasetError as e:
         raise PretrainDataError(f"--probe-data {source}: {e}") from None
     if ds.modality != "CT" and log is not None:
         log(f"WARNING: --probe-data {source} is {ds.modality}: its values are read as HU, like the pretraining "
             "slices")
-    return volumes, [c.name for c in cases]
+    cases = _spread(ds.cases, MAX_CASES)
+    return _read_cases(source, ds, cases), [c.name for c in cases]
+
+
+def _read_cases(source: str, ds, cases: list) -> Iterator:
+    """Each case's canonical (image, label) arrays, read when asked for (one volume in memory at a time)."""
+    import SimpleITK as sitk
+
+    from ..data import DatasetError
+    from ..data.dataset import label_array, read_case
+    from ..volumes import Orientation
+
+    for case in cases:
+        try:
+            image, label = read_case(case, ds.modality)
+            labels = label_array(case, label, ds.label_values)
+        except DatasetError as e:
+            raise PretrainDataError(f"--probe-data {source}: {e}") from None
+        canonical = Orientation.of(image).to_canonical
+        yield canonical(sitk.GetArrayFromImage(image)), canonical(labels)
 
 
 def probe_slices(source: str | None = None, log=None, **selection) -> ProbeSlices:
@@ -118,12 +139,12 @@ def probe_slices(source: str | None = None, log=None, **selection) -> ProbeSlice
     """
     volumes, names = liver_volumes() if source is None else dataset_volumes(source, log)
     try:
-        chosen = select_slices(volumes, names, **selection)
+        chosen = select_slices(volumes, len(names), **selection)
     except ValueError as e:
         if source is None:
             raise
         raise PretrainDataError(f"--probe-data {source}: {e}") from None
-    chosen.info = {"source": LIVER if source is None else str(source), **chosen.info}
+    chosen.info = {"source": LIVER if source is None else str(source), "cases": names, **chosen.info}
     return chosen
 
 
