@@ -49,7 +49,7 @@ def flags(args) -> dict:
 
 
 def build_config(args):
-    from ..pretrain.loop import PretrainConfig
+    from ..pretrain.config import PretrainConfig
     from .main import config_from_args
 
     return config_from_args(PretrainConfig, args, flags(args))
