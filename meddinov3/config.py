@@ -102,11 +102,14 @@ class JsonOptions:
 
     Unknown keys are an error that names them (a typo must not silently fall back to a default). `SECTION` is
     the key under which a run's `config.json` stores these options, so a run's config can be passed back with
-    `--config`; `KIND` names the options in messages.
+    `--config`; `KIND` names the options in messages; `PATHS` and `PATHS_IF_EXISTING` are made absolute when a
+    run stores them (`files.absolute_paths`).
     """
 
     SECTION = ""
     KIND = "config"
+    PATHS = ()  # options stored absolute in config.json (paths, or lists of them)
+    PATHS_IF_EXISTING = ()  # ... absolute when they name an existing file or folder (else model names)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

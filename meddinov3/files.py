@@ -1,4 +1,5 @@
-"""Atomic file writing: a reader (or a crash) never sees a half-written file."""
+"""Files: atomic writing (a reader, or a crash, never sees a half-written file), JSON, and paths kept as the user
+named them."""
 
 from __future__ import annotations
 
@@ -86,3 +87,27 @@ def write_json(path: str | os.PathLike, data) -> None:
 def read_json(path: str | os.PathLike):
     with open(path) as f:
         return json.load(f)
+
+
+def absolute_path(path: str | os.PathLike) -> Path:
+    """`path` absolute, `~` and `..` resolved, symbolic links kept (what the user named)."""
+    return Path(os.path.abspath(os.path.expanduser(path)))
+
+
+def absolute_paths(options: dict, paths: tuple[str, ...], paths_if_existing: tuple[str, ...] = ()) -> dict:
+    """`options` with the values under `paths` (strings or lists of them) made absolute, and those under
+    `paths_if_existing` when they name an existing file or folder (else they are model names): config.json then
+    works from any working directory (`--resume`, `--config`)."""
+
+    def absolute(value):
+        if isinstance(value, list):
+            return [absolute(v) for v in value]
+        return str(absolute_path(value)) if isinstance(value, str) and value else value
+
+    out = dict(options)
+    for key in set(paths) & set(out):
+        out[key] = absolute(out[key])
+    for key in set(paths_if_existing) & set(out):
+        if isinstance(out[key], str) and Path(out[key]).expanduser().exists():
+            out[key] = absolute(out[key])
+    return out

@@ -351,3 +351,11 @@ def size_micro_batch(module: torch.nn.Module, params: list, optimizer: torch.opt
     if errors:
         raise errors[0]
     return min(results, key=lambda r: r.micro_batch)
+
+
+def peak_gpu_memory_gb(device) -> float | None:
+    """Peak memory PyTorch has reserved on a CUDA device in this process (GiB): what training reports so the
+    Slicer module can show it without querying the GPU itself. None on other devices."""
+    if getattr(device, "type", None) != "cuda":
+        return None
+    return round(torch.cuda.max_memory_reserved(device) / 2**30, 2)

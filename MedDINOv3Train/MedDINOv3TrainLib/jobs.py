@@ -33,7 +33,7 @@ from pathlib import Path
 
 from meddinov3.files import read_json, write_json
 from meddinov3.processes import kill_process_tree, own_group_options, process_alive, signal_process_tree
-from meddinov3.progress import run_process_alive, run_state
+from meddinov3.runs import MetricsFollower, run_process_alive, run_state
 
 ACTIVE_STATES = ("starting", "running", "stopping")
 FINAL_STATES = ("finished", "stopped", "failed", "killed")
@@ -132,8 +132,7 @@ class TrainJob:
         #: called with (job, status) once when this object first sees the job finished (model registration).
         self.onFinished = onFinished
         self._finishedSeen = False
-        self._metrics: list[dict] = []  # records of metrics.jsonl read so far, and the byte offset after them
-        self._metricsOffset = 0
+        self._metrics = MetricsFollower(self.runDir / "metrics.jsonl")
 
     # -- files ------------------------------------------------------------------------------------
 
@@ -348,25 +347,7 @@ class TrainJob:
         Incremental: each call parses only the lines appended since the last one (the Widget asks every second;
         a long run has tens of thousands of records). A shorter file (a run started anew) is read again.
         """
-        path = self.runDir / "metrics.jsonl"
-        try:
-            if path.stat().st_size < self._metricsOffset:
-                self._metrics, self._metricsOffset = [], 0
-            with open(path, "rb") as f:
-                f.seek(self._metricsOffset)
-                chunk = f.read()
-        except OSError:
-            return list(self._metrics)
-        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits for the next call
-        self._metricsOffset += len(complete)
-        for line in complete.decode("utf-8", "replace").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                self._metrics.append(record)
-        return list(self._metrics)
+        return self._metrics.read()
 
     def modelPath(self) -> str:
         return str(self.runDir / ("backbone" if self.mode == "pretrain" else "model"))

@@ -253,7 +253,7 @@ def test_kill9_then_resume_continues_at_same_step(liver):
         assert time.time() < deadline
     p.wait(timeout=30)
     assert ckpt_step is not None
-    from meddinov3.progress import RunStatus, run_state
+    from meddinov3.runs import RunStatus, run_state
 
     assert run_state(RunStatus.read(out)) == "killed"  # status.json says "running" with the dead pid
     r = _cli(["pretrain", "--out", str(out), "--resume", "--json-progress", "--device", "cpu"])

@@ -21,7 +21,7 @@ def describe_run(run_dir: Path, offline: bool | None = None) -> dict:
     from ..checkpoints import describe
     from ..catalog import RUN_OUTPUT_FOLDERS
     from ..checkpoints.package import is_package
-    from ..progress import RunStatus, killed_message, run_state
+    from ..runs import RunStatus, killed_message, run_state
 
     status = RunStatus.read(run_dir) or {}
     report = {"run": str(run_dir), "kind": status.get("kind"), "state": run_state(status),

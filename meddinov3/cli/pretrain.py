@@ -7,6 +7,8 @@ config.json), which overrides the defaults. `--resume` continues RUN_DIR with it
 --json-progress may differ; a finished run is left as it is). Launch with `torchrun --nproc_per_node N -m
 meddinov3.cli pretrain ...` for several GPUs / processes; add `--set parallel=fsdp` to shard the networks over
 them (FSDP2) when they do not fit one GPU each. Checkpoints are the same either way: resume with or without FSDP.
+Every `probe_every` steps a ridge probe on the teacher's frozen patch features scores foreground Dice on
+`--probe-data` (a labelled dataset in any `meddinov3 train --data` layout; default: the LiTS liver CT).
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, help="images per step, all processes together")
     p.add_argument("--seed", type=int)
     p.add_argument("--name", help="name of the exported backbone package")
+    p.add_argument("--probe-data", help="labelled dataset of the dense probe that tracks the features during the run "
+                   "(any layout `meddinov3 train --data` reads: nnU-Net folder, .json or .csv list; all classes are "
+                   "foreground); default: the LiTS liver CT")
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR from checkpoints/latest.pt")
     p.add_argument("--json-progress", action="store_true", help="one JSON object per line on stdout")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1...")
@@ -39,11 +44,12 @@ def add_parser(sub) -> None:
 
 def flags(args) -> dict:
     return dict(data=args.data, out=args.out, base=args.base, size=args.size, stage=args.stage, steps=args.steps,
-                batch_size=args.batch_size, seed=args.seed, name=args.name, device=args.device)
+                batch_size=args.batch_size, seed=args.seed, name=args.name, device=args.device,
+                probe_data=args.probe_data)
 
 
 def build_config(args):
-    from ..pretrain.loop import PretrainConfig
+    from ..pretrain.config import PretrainConfig
     from .main import config_from_args
 
     return config_from_args(PretrainConfig, args, flags(args))

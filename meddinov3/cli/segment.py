@@ -234,7 +234,7 @@ def run(args) -> int:
 def _join(device: str):
     """(rank/world, this rank's device): the torchrun job's when there is one (`engine.cohort.join_cohort`)."""
     from ..engine.cohort import join_cohort
-    from ..train.distributed import DeviceError
+    from ..distributed import DeviceError
     from .main import CommandError
 
     try:
@@ -247,7 +247,7 @@ def _run_cohort(args, inputs, outputs, side_outputs, segment_one, info, progress
     """Several inputs: `engine.cohort.run_cohort` (skips finished cases, shares out under torchrun, writes the CSV).
     A case is finished when its label map and all its side outputs (`SideOutputs.files`) exist."""
     from ..engine.cohort import CSV_NAME, CohortCase, run_cohort
-    from ..train.distributed import cleanup
+    from ..distributed import cleanup
 
     cases = [CohortCase(i, o, side.files) for i, o, side in zip(inputs, outputs, side_outputs)]
     beside = dict(zip(outputs, side_outputs))  # each label map's other outputs

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from ..files import atomic_path
-from ..train import distributed as D
+from .. import distributed as D
 from ..volumes import InputError, itk_warnings_off, strip_suffix
 
 CSV_NAME = "cohort.csv"

@@ -3,8 +3,9 @@
 Building blocks, each testable alone: projection head (``heads``), losses (``losses``),
 multi-crop augmentation (``crops``), block masking (``masking``) and per-iteration
 schedules (``schedules``). The meta-architecture (student, EMA teacher; ``meta_arch``), the slice
-index (``data``), the loop (``loop.pretrain``), FSDP sharding and full state dicts (``parallel``), the dense probe
-(``probe``) and the backbone export (``export``) build on these; ``meddinov3 pretrain`` is the command line.
+index (``data``), the options (``config``), the loop (``loop.pretrain``), FSDP sharding and full state dicts
+(``parallel``), the dense probe (``probe``) and the backbone export (``export``) build on these; ``meddinov3
+pretrain`` is the command line.
 """
 
 from .crops import MultiCropAugmentation, collate_crops, normalize_hu
@@ -17,9 +18,12 @@ from .schedules import cosine_schedule
 
 def __getattr__(name: str):
     # The loop pulls in training/IO modules: imported on first use only.
-    if name in ("PretrainConfig", "pretrain", "PretrainError"):
+    if name in ("PretrainConfig", "PretrainError"):
+        from . import config
+        return getattr(config, name)
+    if name == "pretrain":
         from . import loop
-        return getattr(loop, name)
+        return loop.pretrain
     if name in ("SSLMetaArch", "HeadConfig"):
         from . import meta_arch
         return getattr(meta_arch, name)

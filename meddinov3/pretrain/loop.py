@@ -10,35 +10,42 @@ averaged over ranks) or "fsdp" (student, EMA teacher and Gram teacher sharded wi
 sizes whose three networks and optimiser state do not fit one GPU).
 Checkpoints hold full, unsharded state in one layout either way: a run resumes with or without FSDP, on any number
 of processes.
+
+``pretrain`` runs in a ``meddinov3.runs.RunSession`` (run folder, status.json, signals, metrics, failure reporting,
+shared with fine-tuning) through five stages, each a function or a class here: ``_prepare`` (the folder, the probe's
+labelled slices, the slice index) -> ``_build`` (networks, optimiser, schedules, crops) -> ``_restore`` (a resumed
+checkpoint, the micro-batch that fits, config.json) -> ``_Steps.loop`` (the steps; metrics, probe, collapse monitor,
+checkpoints between them) -> ``_Steps.finish`` (last probe and checkpoint, final status).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..config import JsonOptions
+from ..config import ModelConfig
 from ..files import atomic_path, write_json
-from ..memory import BatchDoesNotFit, MicroBatchChoice, size_micro_batch
+from .. import distributed as D
+from ..memory import MicroBatchChoice, peak_gpu_memory_gb
 from ..model.backbone import set_drop_path
-from ..progress import Progress, RunStatus, StopRequest, peak_gpu_memory_gb, report_failure
-from ..train import distributed as D
+from ..runs.batch import amp_dtype, amp_name, fit_micro_batch as fit_run_micro_batch, oom_event, start_micro_batch
+from ..runs.metrics import pyplot, read_metrics
+from ..runs.session import RunKind, RunSession, versions
 from ..train.checkpoint import rng_states, set_rng_states
+from .config import GRAM_FROM_SCRATCH, PretrainConfig, PretrainError
 from .crops import MultiCropAugmentation, collate_crops
 from .data import PretrainDataError, SliceIndex, StepSampler, build_slice_index, collect_volumes, crop_generator
 from .masking import sample_masks
 from .meta_arch import HeadConfig, SSLMetaArch
 from .parallel import full_state, load_optimizer, shard
-from .recipe import (HIGHRES_CROPS, entropy_floor, lr_scale, optimizer_groups, prototype_warning, prototypes_for_batch,
-                     stage_value, step_schedules)
+from .probe import DenseProbe, ProbeSlices, run_probe_slices
+from .recipe import entropy_floor, optimizer_groups, prototype_warning, step_schedules
 from .step import MicroBatchStep, OutOfMemoryStop
 
 FORMAT = "meddinov3-pretrain-state"
@@ -74,15 +81,6 @@ def collapse_check(stats: dict, state: dict, cfg: PretrainConfig, step: int) -> 
     if state["count"] != cfg.collapse_patience:
         return None
     return f"{'; '.join(why)} for {cfg.collapse_patience} steps"
-
-
-GRAM_FROM_SCRATCH = ("stage {stage} anchors the patch features to those of a trained teacher (Gram anchoring), but the "
-                     "run would start from a random network: give --base (a stage-1 run folder or a pretrained "
-                     "backbone) or run stage 1 first")
-
-
-class PretrainError(Exception):
-    """A problem the user can fix (bad options, existing run folder, unusable base...)."""
 
 
 def base_error(base, error: Exception) -> PretrainError:
@@ -143,138 +141,6 @@ def gram_teacher_weights(source: str) -> dict:
         raise PretrainError(f"gram_teacher {source}: {e}") from None
 
 
-@dataclass
-class PretrainConfig(JsonOptions):
-    SECTION = "pretrain"  # key of these options in the run's config.json
-    KIND = "pretraining"
-
-    data: str | list = ""
-    out: str = ""
-    base: str | None = None  # backbone of any layout or a previous pretrain run; None: official, else scratch
-    size: str | None = None  # architecture from scratch (default "base")
-    model: dict = field(default_factory=dict)  # model_config overrides (from scratch only)
-    stage: int = 1
-    name: str | None = None
-    steps: int = 10000
-    batch_size: int = 64  # images per step, all ranks together
-    micro_batch: int | None = None  # per-rank forward size (OOM back-off halves it)
-    seed: int = 0
-    # None: the stage's DINOv3 default (``recipe.STAGE_DEFAULTS``), resolved into config.json at the start
-    lr: float | None = None  # base lr, x ``recipe.lr_scale(lr_scaling, batch_size)`` (x1 at batch 64 by default)
-    min_lr: float | None = None
-    lr_scaling: str = "sqrt_wrt_1024"  # DINOv3's rule: lr x 4 sqrt(batch_size / 1024); "linear_wrt_256", "none"
-    layer_decay: float = 0.9  # layer-wise lr decay (DINOv3 optim.layerwise_decay)
-    patch_embed_lr: float = 0.2  # lr multiplier of the patch embedding (DINOv3 optim.patch_embed_lr_mult)
-    drop_path_rate: float = 0.3  # student stochastic depth, every block (DINOv3 student.drop_path_rate)
-    warmup_steps: int | None = None
-    weight_decay: float | None = None
-    weight_decay_end: float | None = None
-    momentum: float | None = None
-    momentum_end: float | None = None
-    teacher_temp: float = 0.07
-    warmup_teacher_temp: float | None = None
-    teacher_temp_warmup_steps: int | None = None
-    student_temp: float = 0.1
-    centering: str = "sinkhorn"  # or "centering" (DINO centre + sharpen), "none"
-    center_momentum: float = 0.9
-    # out_dim None: 32 prototypes per Sinkhorn row (``recipe.prototypes_for_batch``)
-    head: dict = field(default_factory=lambda: {"out_dim": None, "hidden_dim": 2048, "bottleneck_dim": 256,
-                                                "nlayers": 3})
-    # DINO pairs of local crops count this much (None: DINOv3's 1 in stage 1, 0.5 in stages 2 and 3)
-    local_loss_weight: float | None = None
-    # KoLeo counts once per global crop (x2, as DINOv3); "gram" absent: the stage's default (2 / 1.5)
-    loss_weights: dict = field(default_factory=lambda: {"dino": 1.0, "ibot": 1.0, "koleo": 0.1})
-    global_size: int = 224
-    local_size: int = 96
-    n_local: int = 8
-    global_scale: list = field(default_factory=lambda: [0.32, 1.0])
-    local_scale: list = field(default_factory=lambda: [0.05, 0.32])
-    # stage 3 draws one (global, local, probability) per step, DINOv3's high-resolution mix, sizes x highres_scale
-    # (e.g. 0.25 for a small run: global 128/192, local 28..84 rounded to the patch size)
-    highres_crops: list = field(default_factory=lambda: [list(c) for c in HIGHRES_CROPS])
-    highres_scale: float = 1.0
-    mask_ratio: list = field(default_factory=lambda: [0.1, 0.5])
-    mask_probability: float = 0.5
-    grad_clip: float = 3.0
-    # the prototypes stay fixed this long (stage 1: DINOv3's one epoch, 1250 steps): early on the targets are near
-    # uniform and trainable prototypes would settle in that uniform fixed point
-    freeze_last_layer_steps: int | None = None
-    grad_checkpointing: bool = False
-    # stage >= 2: the Gram teacher's weights: a kept snapshot (RUN/checkpoints/step_NNNNNNN.pt: its EMA teacher), a
-    # run folder (its latest teacher) or a backbone; None = the EMA teacher at the start of this stage
-    gram_teacher: str | None = None
-    gram_scale: float | None = None  # Gram teacher's clean crops at this x the global size (2 in stage 2, 1.5 in 3)
-    gram_refresh_every: int | None = None  # Gram teacher <- EMA teacher every N steps (10000 in stage 2; 0 never)
-    gram_max_refreshes: int | None = None  # ... at most this many times (3)
-    keep_every: int = 10000  # checkpoints/step_NNNNNNN.pt kept every N steps (0: only latest.pt), e.g. Gram teachers
-    amp: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; "bf16", "none"
-    device: str = "auto"
-    checkpoint_every: int = 500
-    log_every: int = 10
-    probe_every: int = 500  # 0: never
-    probe_size: int = 128  # px at 1 mm, at least 8 patches a side
-    collapse_std: float = 0.02  # teacher CLS feature spread below this ...
-    collapse_usage: float = 0.02  # ... or prototype-usage entropy (fraction of log K) below this ...
-    collapse_uniform: float = 0.995  # ... or teacher entropy above this fraction of [Sinkhorn floor, log K] ...
-    collapse_patience: int = 3  # ... for this many steps in a row: collapse_warning
-    cache_dir: str | None = None  # slice shard store (default MEDDINOV3_HOME/cache/pretrain-slices)
-    parallel: str = "ddp"  # under torchrun: "ddp" (replicated model) or "fsdp" (sharded with FSDP2)
-
-    def validate(self) -> None:
-        for key in ("steps", "batch_size", "global_size", "local_size", "checkpoint_every", "log_every",
-                    "collapse_patience"):
-            self.require_number(key, 1)
-        for key in ("seed", "n_local", "probe_every", "keep_every"):
-            self.require_number(key, 0)
-        for key in ("warmup_steps", "teacher_temp_warmup_steps", "freeze_last_layer_steps", "gram_refresh_every",
-                    "gram_max_refreshes"):
-            self.require_number(key, 0, optional=True)
-        self.require_number("micro_batch", 1, optional=True)
-        for key in ("grad_clip", "teacher_temp", "student_temp", "highres_scale", "layer_decay", "patch_embed_lr",
-                    "drop_path_rate"):
-            self.require_number(key, 0, whole=False)
-        for key in ("lr", "min_lr", "weight_decay", "weight_decay_end", "momentum", "momentum_end",
-                    "warmup_teacher_temp", "gram_scale", "local_loss_weight"):
-            self.require_number(key, 0, whole=False, optional=True)
-        lr_scale(self.lr_scaling, 1)  # an unknown rule is refused here
-        if self.stage not in (1, 2, 3):
-            raise ValueError(f"stage must be 1, 2 or 3, got {self.stage}")
-        if self.stage >= 2 and self.size is not None and not self.base and not self.gram_teacher:
-            raise ValueError(GRAM_FROM_SCRATCH.format(stage=self.stage))
-        if self.centering not in ("sinkhorn", "centering", "none"):
-            raise ValueError(f"centering must be sinkhorn, centering or none, got {self.centering!r}")
-        if self.parallel not in ("ddp", "fsdp"):
-            raise ValueError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
-
-    def with_stage_defaults(self) -> PretrainConfig:
-        """These options with every unset (None) stage-dependent option at its DINOv3 default for this stage
-        (``recipe.STAGE_DEFAULTS``), the prototype count from the batch, and the stage's Gram weight."""
-        filled = {f.name: stage_value(self.stage, f.name, self.steps) for f in fields(self)
-                  if getattr(self, f.name) is None and stage_value(self.stage, f.name, self.steps) is not None}
-        head = dict(self.head)
-        if head.get("out_dim") is None:
-            head["out_dim"] = prototypes_for_batch(self.batch_size)
-        weights = dict(self.loss_weights)
-        if self.stage >= 2:
-            weights.setdefault("gram", stage_value(self.stage, "gram_weight", self.steps))
-        return replace(self, **filled, head=head, loss_weights=weights)
-
-    def gram_crop_size(self, global_size: int, patch: int) -> int | None:
-        """Side of the Gram teacher's clean crops (a multiple of `patch`), None before stage 2."""
-        if self.stage < 2:
-            return None
-        return max(patch, int(round(global_size * self.gram_scale / patch)) * patch)
-
-    def resolutions(self, patch: int) -> list[tuple[int, int, float]]:
-        """(global size, local size, probability per step) of the crops: one pair before stage 3, DINOv3's
-        high-resolution mix (x ``highres_scale``, multiples of `patch`) in stage 3."""
-        if self.stage < 3:
-            return [(self.global_size, self.local_size, 1.0)]
-        side = lambda s: max(patch, int(round(s * self.highres_scale / patch)) * patch)  # noqa: E731
-        total = sum(float(c[2]) for c in self.highres_crops)
-        return [(side(g), side(l), float(p) / total) for g, l, p in self.highres_crops]
-
-
 # ----------------------------------------------------------------------------------------------- set-up
 
 
@@ -310,7 +176,6 @@ def resolve_base(cfg: PretrainConfig, log) -> tuple[object, dict | None, dict | 
         if prev is not None:
             state = _read_state(prev, other_ok=True)
             if state is not None:
-                from ..config import ModelConfig
                 mcfg = ModelConfig.from_dict(state["model_config"])
                 return mcfg, None, state, {"base": str(cfg.base), "kind": "pretrain-run",
                                            "stage": state.get("stage"), "step": state.get("step")}
@@ -363,11 +228,6 @@ def make_optimizer(meta: SSLMetaArch, cfg: PretrainConfig) -> torch.optim.Optimi
     return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999))
 
 
-def amp_dtype(cfg: PretrainConfig, device: torch.device):
-    mode = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[mode]
-
-
 def fit_micro_batch(meta: SSLMetaArch, params: list, optimizer, cfg: PretrainConfig, per_rank: int, sizes: tuple,
                     device: torch.device, dist_info, log) -> MicroBatchChoice:
     """The micro-batch that fits this device (memory.size_micro_batch), measured on images of the run's crop sizes
@@ -376,7 +236,7 @@ def fit_micro_batch(meta: SSLMetaArch, params: list, optimizer, cfg: PretrainCon
     n_mask = int(max(cfg.mask_ratio) * grid[0] * grid[1])
     meta.train()  # the student as in a step (the teacher stays in eval mode)
 
-    adt = amp_dtype(cfg, device)
+    adt = amp_dtype(cfg.amp, device)
 
     def images(k: int) -> tuple[dict, torch.Tensor]:
         g = torch.zeros(2 * k, 1, g_size, g_size, device=device)
@@ -397,14 +257,9 @@ def fit_micro_batch(meta: SSLMetaArch, params: list, optimizer, cfg: PretrainCon
                               lambda: torch.autocast(device.type, dtype=adt, enabled=adt is not None))
         step.targets(batch, masks, cfg.teacher_temp)
 
-    try:
-        fit = size_micro_batch(meta, params, optimizer, forward_backward, per_rank, device, cfg.micro_batch,
-                               f"batch_size {cfg.batch_size}", grad_copies=2 if dist_info.enabled else 0,
-                               gather=lambda obj: D.all_gather_object(obj, dist_info), whole_step=whole_step_targets)
-    except BatchDoesNotFit as e:
-        raise PretrainError(str(e)) from None
-    log(f"micro-batch {fit.micro_batch} x {fit.accumulation} accumulation: {fit.reason}")
-    return fit
+    return fit_run_micro_batch(meta, params, optimizer, forward_backward, per_rank, device, cfg.micro_batch,
+                               cfg.batch_size, dist_info, 2 if dist_info.enabled else 0, PretrainError, log,
+                               whole_step=whole_step_targets)
 
 
 def _all_reduce_grads(params: list, world: int) -> None:
@@ -420,8 +275,6 @@ def _all_reduce_grads(params: list, world: int) -> None:
 
 
 def plot_curves(metrics_path: Path, out_path: Path) -> None:
-    from ..train.curves import pyplot, read_metrics
-
     plt = pyplot()
     if plt is None:
         return
@@ -445,7 +298,8 @@ def plot_curves(metrics_path: Path, out_path: Path) -> None:
         axes[2].plot([r["step"] for r in probes], [r["probe_dice"] for r in probes], marker="o", label="Dice")
         axes[2].plot([r["step"] for r in probes], [r["probe_accuracy"] for r in probes], marker="o", label="accuracy")
         axes[2].legend(fontsize=7)
-    axes[2].set_ylim(0, 1), axes[2].set_title("dense probe (liver CT)"), axes[2].grid(alpha=0.3)
+    data = Path(probes[-1].get("data", "liver CT")).name if probes else "liver CT"
+    axes[2].set_ylim(0, 1), axes[2].set_title(f"dense probe ({data})"), axes[2].grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(out_path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=90)
@@ -455,99 +309,126 @@ def plot_curves(metrics_path: Path, out_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------- the run
 
 
+PRETRAIN_RUN = RunKind("pretrain", PretrainConfig, PretrainError, (PretrainError, PretrainDataError),
+                       output="backbone", total=lambda cfg: cfg.steps, leftovers=("status.json", "slices"),
+                       longer="to train longer, start a new run with --base {run_dir}")
+
+
 def pretrain(cfg: PretrainConfig, resume: bool = False, json_progress: bool = False, stream=None,
              hooks: dict | None = None, explicit: dict | None = None) -> dict:
-    """Run (or resume) pretraining into ``cfg.out``; returns the final status dict.
+    """Run (or resume) pretraining into ``cfg.out`` (RUN_DIR, see the module docstring).
 
-    ``hooks``: test seams, e.g. ``{"meta": fn(meta)}`` called once the meta-architecture is built.
-    ``explicit``: with ``resume``, the options the user gave (refused when they differ from the saved ones).
+    Arguments:
+        cfg: the options; with ``resume`` only ``out`` and ``device`` are used (the rest is RUN_DIR/config.json's).
+        resume: continue RUN_DIR from checkpoints/latest.pt (a finished run is left as it is).
+        json_progress: progress events as JSON lines (on ``stream``, default stdout) instead of a progress bar.
+        hooks: test seams, e.g. ``{"meta": fn(meta)}`` called once the meta-architecture is built.
+        explicit: with ``resume``, the options the user gave (refused when they differ from the saved ones).
+
+    Returns the final status (status.json's content: "state" finished / stopped, "step", "rank_checksums"...);
+    {} on the ranks of a distributed run other than 0. Raises PretrainError / PretrainDataError for what the user
+    can fix, after recording the failure in status.json and as a ``failed`` event.
     """
+    with RunSession(PRETRAIN_RUN, cfg, resume, json_progress, stream, explicit) as run:
+        if run.finished:
+            return run.previous
+        _check_base(run.cfg)
+        return _run(run, hooks or {})
+    return run.result()  # stopped during the start-up
+
+
+def _check_base(cfg: PretrainConfig) -> None:
+    """A bad --base (unresolvable, or a run checkpoint that is refused) is reported before anything is built."""
     from ..checkpoints import CheckpointError, resolve
-    from ..progress import RunFolderError, absolute_path, absolute_paths, is_finished, open_run
 
+    if not cfg.base:
+        return
     try:
-        dist_info, device = D.init(cfg.device)
-    except D.DeviceError as e:
-        raise PretrainError(f"--device {cfg.device}: {e}") from None
-    main = dist_info.is_main
-    run_dir = absolute_path(cfg.out)
-    progress = Progress(json_lines=json_progress, stream=stream, desc="pretraining", enabled=main)
-    startup_stop = StopRequest(immediate=True)
-    paths, paths_if_existing = ("data", "out", "cache_dir"), ("base", "gram_teacher")
-
-    def log(msg: str) -> None:
-        if main:
-            print(f"[meddinov3 pretrain] {msg}", file=sys.stderr, flush=True)
-
-    try:
-        opened, error = D.decide_on_main(lambda: open_run(
-            run_dir, PretrainConfig.SECTION, resume, absolute_paths(explicit or {}, paths, paths_if_existing),
-            leftovers=("status.json", "slices"), longer=f"to train longer, start a new run with --base {run_dir}"),
-            (RunFolderError,), dist_info)
-        if error:
-            raise PretrainError(error)
-        saved, previous = opened
-        if resume:
-            cfg = PretrainConfig.from_dict({**saved, "device": cfg.device})
-            if is_finished(previous):
-                log(f"{run_dir} already finished ({previous['step']} steps): nothing to do")
-                progress.event("finished", step=previous["step"], already_finished=True,
-                               backbone=str(run_dir / "backbone"))
-                return previous
-        else:
-            cfg = PretrainConfig.from_dict(absolute_paths(cfg.to_dict(), paths, paths_if_existing))
-        status = RunStatus(run_dir, cfg.steps, "pretrain", previous if resume else None) if main else None
-        startup_stop.install()  # from here a signal outside the loop abandons the start-up: state "stopped"
-        with report_failure(status, progress, (PretrainError, PretrainDataError)):
-            if cfg.base:  # a bad --base is reported before the slice index is built
-                try:
-                    resolve(cfg.base)
-                except CheckpointError as e:
-                    raise base_error(cfg.base, e) from None
-                prev = _base_run_checkpoint(cfg.base)
-                if prev is not None:  # a refused run checkpoint too, before anything is built
-                    _read_state(prev, other_ok=True, mmap=True)
-            return _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks or {})
-        return status.data if main else {}  # stopped during the start-up
-    finally:
-        startup_stop.restore()
-        progress.close()
-        D.cleanup(dist_info)
+        resolve(cfg.base)
+    except CheckpointError as e:
+        raise base_error(cfg.base, e) from None
+    prev = _base_run_checkpoint(cfg.base)
+    if prev is not None:
+        _read_state(prev, other_ok=True, mmap=True)
 
 
-def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) -> dict:
-    main, world, rank = dist_info.is_main, dist_info.world_size, dist_info.rank
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        status.update(state="starting")
-    # ---- data: indexed by rank 0 (volumes read once into the shared shard store), opened by every rank
-    folder = run_dir / "slices"
+def _run(run: RunSession, hooks: dict) -> dict:
+    """The run's stages: prepare (the folder, the data) -> build (networks, optimiser, crops) -> restore (where the
+    steps start: a resumed checkpoint, the micro-batch that fits, config.json) -> loop (the steps) -> finish (the
+    last probe and checkpoint, the final status)."""
+    index, probe_slices = _prepare(run)
+    parts = _build(run, index, probe_slices, hooks)
+    steps = _Steps(run, parts, _restore(run, parts))
+    stopped = steps.loop()
+    return steps.finish(stopped)
+
+
+# ---- prepare
+
+def _prepare(run: RunSession) -> tuple[SliceIndex, ProbeSlices | None]:
+    """The run folder ("starting" in status.json), the probe's labelled slices (a bad --probe-data is reported
+    before the slow part) and the slice index: built by rank 0 (volumes read once into the shared shard store; a
+    resumed run needs only its index), opened by every rank."""
+    cfg = run.cfg
+    if run.main:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        run.status.update(state="starting")
+    probe_slices = run_probe_slices(cfg.probe_data, run.log) if cfg.probe_every else None
+    folder = run.run_dir / "slices"
     error = None
-    if main:
+    if run.main:
         try:
-            if not (resume and _index_complete(folder)):  # a resumed run needs only its index, not the volumes
-                build_slice_index(collect_volumes(cfg.data), folder, log, shards=shard_store(cfg))
+            if not (run.resume and _index_complete(folder)):
+                build_slice_index(collect_volumes(cfg.data), folder, run.log, shards=shard_store(cfg))
         except PretrainDataError as e:
             error = str(e)
-    error = D.broadcast_object(error, dist_info)
+    error = D.broadcast_object(error, run.dist_info)
     if error:
         raise PretrainDataError(error)
-    index = SliceIndex(folder)
+    return SliceIndex(folder), probe_slices
 
-    # ---- model
+
+# ---- build
+
+@dataclass
+class _Parts:
+    """What the steps work with, built once by ``_build``."""
+
+    cfg: PretrainConfig  # the options with the stage's defaults and the base run's heads resolved
+    mcfg: ModelConfig  # the backbone's architecture
+    base_info: dict  # where the starting weights came from (config.json, the exported backbone's provenance)
+    meta: SSLMetaArch  # student, EMA teacher (and Gram teacher), on the device, sharded under FSDP
+    params: list  # the student's trainable parameters
+    optimizer: torch.optim.Optimizer
+    schedules: dict  # per-step arrays: lr, weight_decay, momentum, teacher_temp
+    index: SliceIndex
+    sampler: StepSampler
+    resolutions: list  # (global, local, probability) of the crops
+    augs: list  # a MultiCropAugmentation per resolution
+    per_rank: int  # images per step on each process
+    adt: torch.dtype | None  # autocast dtype
+    fsdp: bool
+    probe: DenseProbe | None
+    latest: Path  # checkpoints/latest.pt
+    resumed: dict | None  # the checkpoint being resumed, until ``_restore`` takes it
+
+
+def _build_networks(run: RunSession, hooks: dict) -> tuple[PretrainConfig, ModelConfig, dict, SSLMetaArch]:
+    """The meta-architecture from the base (``resolve_base``): its backbone weights or a whole previous run's
+    state, the Gram teacher from stage 2; and the options with that run's heads and the stage's defaults."""
+    cfg = run.cfg
     torch.manual_seed(cfg.seed)
-    mcfg, base_sd, prev_state, base_info = resolve_base(cfg, log)
+    mcfg, base_sd, prev_state, base_info = resolve_base(cfg, run.log)
     if cfg.stage >= 2 and base_info["kind"] == "random" and not cfg.gram_teacher:
         raise PretrainError(GRAM_FROM_SCRATCH.format(stage=cfg.stage))
     if prev_state is not None:
-        cfg = inherit_heads(cfg, prev_state.get("config", {}).get("head"), log)
+        cfg = inherit_heads(cfg, prev_state.get("config", {}).get("head"), run.log)
     cfg = cfg.with_stage_defaults()
     warning = prototype_warning(int(cfg.head["out_dim"]), cfg.batch_size)
     if warning:
-        log(f"WARNING: {warning}")
-    head = HeadConfig(**cfg.head)
-    meta = SSLMetaArch(mcfg, head, cfg.centering, cfg.student_temp, cfg.center_momentum, cfg.loss_weights,
-                       local_weight=cfg.local_loss_weight)
+        run.log(f"WARNING: {warning}")
+    meta = SSLMetaArch(mcfg, HeadConfig(**cfg.head), cfg.centering, cfg.student_temp, cfg.center_momentum,
+                       cfg.loss_weights, local_weight=cfg.local_loss_weight)
     set_drop_path(meta.student["backbone"].vit, cfg.drop_path_rate)
     if base_sd is not None:
         meta.load_backbone_weights(base_sd)
@@ -563,230 +444,303 @@ def _run(cfg, resume, dist_info, device, run_dir, progress, status, log, hooks) 
     meta.student["backbone"].grad_checkpointing = cfg.grad_checkpointing
     if "meta" in hooks:
         hooks["meta"](meta)
-    meta.to(device)
-    latest = run_dir / "checkpoints" / "latest.pt"
-    resumed = _read_state(latest) if resume and latest.is_file() else None
-    if resumed is not None:  # whole weights into the whole model, before any sharding
-        meta.load_state_dict(resumed["meta"])
-    adt = amp_dtype(cfg, device)
-    fsdp = cfg.parallel == "fsdp" and dist_info.enabled
-    if fsdp:
-        shard(meta, device, world, adt if device.type == "cuda" else None)
-    elif cfg.parallel == "fsdp":
-        log("parallel=fsdp: a single process, nothing to shard")
-    params = meta.trainable()
-    optimizer = make_optimizer(meta, cfg)
-    total = int(cfg.steps)
-    sched = step_schedules(cfg)
-    lr_s, wd_s, mom_s, tt_s = (sched[k] for k in ("lr", "weight_decay", "momentum", "teacher_temp"))
+    meta.to(run.device)
+    return cfg, mcfg, base_info, meta
+
+
+def _per_rank_batch(cfg: PretrainConfig, world: int) -> int:
+    """Images per step on each of the `world` processes (at least 2: KoLeo and Sinkhorn compare images)."""
     if cfg.batch_size % world:
         raise PretrainError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
-    per_rank = cfg.batch_size // world
-    if per_rank < 2:
+    if cfg.batch_size // world < 2:
         raise PretrainError("each process needs at least 2 images per step (KoLeo and Sinkhorn compare images)")
-    micro = min(cfg.micro_batch or per_rank, per_rank)
+    return cfg.batch_size // world
+
+
+def _build(run: RunSession, index: SliceIndex, probe_slices: ProbeSlices | None, hooks: dict) -> _Parts:
+    """Networks, optimiser, schedules, crops, step sampler and probe. A resumed checkpoint's whole weights go into
+    the whole model here, before any sharding."""
+    cfg, mcfg, base_info, meta = _build_networks(run, hooks)
+    latest = run.run_dir / "checkpoints" / "latest.pt"
+    resumed = _read_state(latest) if run.resume and latest.is_file() else None
+    if resumed is not None:
+        meta.load_state_dict(resumed["meta"])
+    adt = amp_dtype(cfg.amp, run.device)
+    fsdp = cfg.parallel == "fsdp" and run.dist_info.enabled
+    if fsdp:
+        shard(meta, run.device, run.dist_info.world_size, adt if run.device.type == "cuda" else None)
+    elif cfg.parallel == "fsdp":
+        run.log("parallel=fsdp: a single process, nothing to shard")
+    params = meta.trainable()
+    optimizer = make_optimizer(meta, cfg)
+    per_rank = _per_rank_batch(cfg, run.dist_info.world_size)
     resolutions = cfg.resolutions(mcfg.patch_size)
     augs = [MultiCropAugmentation(g, l, cfg.n_local, tuple(cfg.global_scale), tuple(cfg.local_scale),
                                   patch_size=mcfg.patch_size, gram_size=cfg.gram_crop_size(g, mcfg.patch_size))
             for g, l, _ in resolutions]
-    g_size, l_size, _ = resolutions[0]
-    gram_size = augs[0].gram_size
-    grid = (g_size // mcfg.patch_size, g_size // mcfg.patch_size)
-    sampler = StepSampler(len(index), per_rank, cfg.seed, rank, world)
-
+    sampler = StepSampler(len(index), per_rank, cfg.seed, run.dist_info.rank, run.dist_info.world_size)
     probe = None
-    if cfg.probe_every:
-        try:
-            from .probe import DenseProbe
-            probe = DenseProbe.liver(size=max(8, cfg.probe_size // mcfg.patch_size) * mcfg.patch_size)
-        except (FileNotFoundError, ImportError, ValueError) as e:
-            log(f"dense probe disabled: {e}")
+    if probe_slices is not None:
+        probe = DenseProbe.from_slices(probe_slices, size=max(8, cfg.probe_size // mcfg.patch_size) * mcfg.patch_size)
+    return _Parts(cfg, mcfg, base_info, meta, params, optimizer, step_schedules(cfg), index, sampler, resolutions,
+                  augs, per_rank, adt, fsdp, probe, latest, resumed)
 
-    step, collapse = 0, {"count": 0, "warned": None}
+
+# ---- restore
+
+@dataclass
+class _Start:
+    """Where the steps start: step (= data position), micro-batch, collapse monitor state."""
+
+    step: int
+    micro: int
+    collapse: dict
+
+
+def _resume_position(run: RunSession, parts: _Parts) -> _Start:
+    """Step 0, or a resumed checkpoint's optimiser, RNG, step, micro-batch and collapse monitor. Takes the
+    checkpoint off `parts`: it is freed when this returns, before the micro-batch is measured."""
+    start = _Start(0, start_micro_batch(parts.cfg.micro_batch, parts.per_rank), {"count": 0, "warned": None})
+    resumed, parts.resumed = parts.resumed, None
     if resumed is not None:
-        load_optimizer(meta, optimizer, resumed["optimizer"])
+        load_optimizer(parts.meta, parts.optimizer, resumed["optimizer"])
         set_rng_states(resumed["rng"])
-        step, micro, collapse = int(resumed["step"]), min(int(resumed["micro_batch"]), micro), resumed["collapse"]
-        resumed = None  # free the whole-model copy
-        log(f"resumed from {latest} at step {step}")
-    fit = fit_micro_batch(meta, params, optimizer, cfg, per_rank, (g_size, l_size, grid), device, dist_info, log)
-    micro = min(micro, fit.micro_batch)
-    metrics_path = run_dir / "metrics.jsonl"
-    name = cfg.name or run_dir.name
-    if main:
-        status.update(batch=fit.to_dict())
-        if resume:
-            from ..train.curves import read_metrics
-            kept = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= step]
-            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        if not resume:
-            from ..train.loop import versions
-            write_json(run_dir / "config.json", {"pretrain": cfg.to_dict(), "resolved": {
-                "model": mcfg.to_dict(), "base": base_info, "global_size": g_size, "local_size": l_size,
-                "gram_size": gram_size, "resolutions": [[g, l, round(p, 4), augs[k].gram_size]
-                                                        for k, (g, l, p) in enumerate(resolutions)],
-                "mask_grid": list(grid), "total_steps": total, "per_rank_batch": per_rank, "world_size": world,
-                "device": str(device), "amp": str(adt).replace("torch.", "") if adt else "fp32",
-                "parallel": "fsdp" if fsdp else "ddp" if dist_info.enabled else "none",
-                "gram_anchoring": cfg.stage >= 2, "data": index.summary(), "batch": fit.to_dict(),
-                "probe": "liver CT ridge probe" if probe else None}, "versions": versions()})
+        start = _Start(int(resumed["step"]), start_micro_batch(start.micro, parts.per_rank, resumed["micro_batch"]),
+                       resumed["collapse"])
+        run.log(f"resumed from {parts.latest} at step {start.step}")
+    return start
 
-    stopper = StopRequest().install()
 
-    def write_metrics(record: dict) -> None:
-        if main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+def _restore(run: RunSession, parts: _Parts) -> _Start:
+    """Where the steps start (``_resume_position``), at the micro-batch that fits this device; metrics.jsonl cut
+    back to that step; a new run's config.json (options and everything resolved from them)."""
+    start = _resume_position(run, parts)
+    g_size, l_size, _ = parts.resolutions[0]
+    grid = (g_size // parts.mcfg.patch_size,) * 2
+    fit = fit_micro_batch(parts.meta, parts.params, parts.optimizer, parts.cfg, parts.per_rank,
+                          (g_size, l_size, grid), run.device, run.dist_info, run.log)
+    start.micro = min(start.micro, fit.micro_batch)
+    run.restart_metrics(start.step)
+    if run.main:
+        run.status.update(batch=fit.to_dict())
+        if not run.resume:
+            write_json(run.run_dir / "config.json", {"pretrain": parts.cfg.to_dict(),
+                                                     "resolved": _resolved(run, parts, fit), "versions": versions()})
+    return start
 
-    def checkpoint() -> None:
-        model_sd, optim_sd = full_state(meta, optimizer)  # gathered on rank 0 (every rank takes part)
-        if main:
-            state = {"format": FORMAT, "step": step, "stage": cfg.stage, "model_config": mcfg.to_dict(),
-                     "meta": model_sd, "optimizer": optim_sd, "rng": rng_states(), "micro_batch": micro,
-                     "collapse": collapse, "data_position": {"step": step, "seed": cfg.seed},
-                     "config": cfg.to_dict()}
-            with atomic_path(latest, suffix=".pt") as tmp:
-                torch.save(state, tmp)
-            if is_kept(cfg, step):
-                keep_snapshot(latest, step)
-            from .export import export_backbone
-            prefix = "teacher.backbone."
-            export_backbone(run_dir / "backbone", {k[len(prefix):]: v for k, v in model_sd.items()
-                                                   if k.startswith(prefix)},
-                            mcfg, name, stage=cfg.stage, step=step, base=base_info, data=index.summary())
-            progress.event("checkpoint", step=step, path=str(latest), backbone=str(run_dir / "backbone"))
-            plot_curves(metrics_path, run_dir / "curves.png")
-        D.barrier(dist_info)
 
-    def run_probe() -> None:  # on every rank: a sharded teacher needs them all for its forward
-        if probe is None:
+def _resolved(run: RunSession, parts: _Parts, fit: MicroBatchChoice) -> dict:
+    """config.json's "resolved": what the options became on this machine (model, crop sizes, batch split...)."""
+    cfg, (g_size, l_size, _), dist_info = parts.cfg, parts.resolutions[0], run.dist_info
+    resolutions = [[g, l, round(p, 4), aug.gram_size] for (g, l, p), aug in zip(parts.resolutions, parts.augs)]
+    return {"model": parts.mcfg.to_dict(), "base": parts.base_info, "global_size": g_size, "local_size": l_size,
+            "gram_size": parts.augs[0].gram_size, "resolutions": resolutions,
+            "mask_grid": [g_size // parts.mcfg.patch_size] * 2, "total_steps": int(cfg.steps),
+            "per_rank_batch": parts.per_rank, "world_size": dist_info.world_size, "device": str(run.device),
+            "amp": amp_name(parts.adt), "parallel": "fsdp" if parts.fsdp else "ddp" if dist_info.enabled else "none",
+            "gram_anchoring": cfg.stage >= 2, "data": parts.index.summary(), "batch": fit.to_dict(),
+            "probe": parts.probe.info if parts.probe else None}
+
+
+# ---- loop and finish
+
+class _Steps:
+    """The optimiser steps of a run and what happens between them: metrics, the probe, the collapse monitor,
+    checkpoints (with the exported backbone), a clean stop on a signal; then the run's end (``finish``)."""
+
+    def __init__(self, run: RunSession, parts: _Parts, start: _Start):
+        self.run, self.parts, self.cfg = run, parts, parts.cfg
+        self.step, self.collapse = start.step, start.collapse
+        self.total = int(self.cfg.steps)
+        self.acc, self.n_img, self.t_last = {}, 0, time.perf_counter()  # step statistics since the last record
+        self.micro_step = MicroBatchStep(parts.meta, parts.per_rank, start.micro, self.cfg.n_local, run.dist_info,
+                                         run.device, self._autocast, parts.fsdp, self._halved)
+
+    def _autocast(self):
+        """The forward passes' autocast context (a no-op without an autocast dtype)."""
+        adt = self.parts.adt
+        return torch.autocast(self.run.device.type, dtype=adt, enabled=adt is not None)
+
+    def _halved(self, new_micro: int) -> None:
+        oom_event(self.run.progress, self.step, new_micro, self.parts.per_rank)
+        self.run.log(f"out of memory: micro-batch halved to {new_micro} on every process (gradient accumulation "
+                     "and the whole-step teacher targets keep the batch's semantics)")
+
+    def loop(self) -> bool:
+        """Steps until the last, or until a stop was asked for (then True)."""
+        run, cfg = self.run, self.cfg
+        run.stopper.install()
+        self._started()
+        self.parts.meta.train()
+        if self.step == 0 and cfg.probe_every:
+            self.probe()  # the starting point: the curve then shows what pretraining adds
+        stopped = False
+        while self.step < self.total and not stopped:
+            stats, grad_norm, global_size = self._one_step()
+            self._after_step(stats, grad_norm, global_size)
+            stopped = run.stop_requested()
+            if (self.step % cfg.checkpoint_every == 0 or is_kept(cfg, self.step)) and self.step < self.total \
+                    and not stopped:
+                self.checkpoint()
+        if stopped:
+            run.mark_stopping(self.step)
+        run.stopper.restore()
+        return stopped
+
+    def _started(self) -> None:
+        run, parts = self.run, self.parts
+        if not run.main:
             return
-        t0 = time.perf_counter()
-        res = probe(meta.teacher["backbone"], device)
-        if not main:
-            return
-        write_metrics({"kind": "probe", "step": step, **res, "seconds": round(time.perf_counter() - t0, 2)})
-        progress.event("probe", step=step, **res)
-        status.update(metrics=res)
+        run.status.update(state="running", step=self.step)
+        g_size, l_size, _ = parts.resolutions[0]
+        run.progress.event("started", run_dir=str(run.run_dir), stage=self.cfg.stage, total_steps=self.total,
+                           step=self.step, resumed=bool(run.resume and self.step), device=str(run.device),
+                           world_size=run.dist_info.world_size, base=parts.base_info, slices=len(parts.index),
+                           global_size=g_size, local_size=l_size, resolutions=[list(r[:2]) for r in parts.resolutions])
 
-    if main:
-        status.update(state="running", step=step)
-        progress.event("started", run_dir=str(run_dir), stage=cfg.stage, total_steps=total, step=step,
-                       resumed=bool(resume and step), device=str(device), world_size=world, base=base_info,
-                       slices=len(index), global_size=g_size, local_size=l_size,
-                       resolutions=[list(r[:2]) for r in resolutions])
-
-    def halved(new_micro: int) -> None:
-        progress.event("oom", step=step, micro_batch=new_micro, accumulation=math.ceil(per_rank / new_micro))
-        log(f"out of memory: micro-batch halved to {new_micro} on every process (gradient accumulation and the "
-            "whole-step teacher targets keep the batch's semantics)")
-
-    run_step = MicroBatchStep(meta, per_rank, micro, cfg.n_local, dist_info, device,
-                              lambda: torch.autocast(device.type, dtype=adt, enabled=adt is not None), fsdp, halved)
-    meta.train()
-    if step == 0 and cfg.probe_every:
-        run_probe()  # the starting point: the curve then shows what pretraining adds
-    t_last, n_img, acc = time.perf_counter(), 0, {}
-    state_name = "finished"
-    while step < total:
-        idx = sampler.indices(step)
-        aug = augs[step_resolution(resolutions, cfg.seed, step)]
-        grid = (aug.global_size // mcfg.patch_size,) * 2
-        batch = collate_crops([aug(index.slice(i), crop_generator(cfg.seed, step, rank, j))
-                               for j, i in enumerate(idx)])
-        masks = sample_masks(2 * per_rank, grid, tuple(cfg.mask_ratio), cfg.mask_probability,
+    def _batch(self) -> tuple[dict, torch.Tensor, int]:
+        """This step's crops (at its resolution) and iBOT masks, on the device; and its global crop size."""
+        parts, cfg, step, rank = self.parts, self.cfg, self.step, self.run.dist_info.rank
+        aug = parts.augs[step_resolution(parts.resolutions, cfg.seed, step)]
+        grid = (aug.global_size // parts.mcfg.patch_size,) * 2
+        batch = collate_crops([aug(parts.index.slice(i), crop_generator(cfg.seed, step, rank, j))
+                               for j, i in enumerate(parts.sampler.indices(step))])
+        masks = sample_masks(2 * parts.per_rank, grid, tuple(cfg.mask_ratio), cfg.mask_probability,
                              generator=np.random.default_rng([cfg.seed, step, rank, 5]))
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        masks = masks.to(device)
+        device = self.run.device
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}, masks.to(device), aug.global_size
+
+    def _one_step(self) -> tuple[dict, torch.Tensor, int]:
+        """One optimiser step and the EMA update: the step's statistics (all ranks), gradient norm, crop size."""
+        parts, cfg, step = self.parts, self.cfg, self.step
+        batch, masks, global_size = self._batch()
+        sched, optimizer, meta = parts.schedules, parts.optimizer, parts.meta
         for g in optimizer.param_groups:
-            g["lr"] = float(lr_s[step]) * g["lr_multiplier"]
+            g["lr"] = float(sched["lr"][step]) * g["lr_multiplier"]
             if g["name"] == "decay":
-                g["weight_decay"] = float(wd_s[step])
+                g["weight_decay"] = float(sched["weight_decay"][step])
         optimizer.zero_grad(set_to_none=True)
         try:
-            stats_sum = run_step(batch, masks, float(tt_s[step]))
+            stats = self.micro_step(batch, masks, float(sched["teacher_temp"][step]))
         except OutOfMemoryStop as e:
             raise PretrainError(str(e)) from None
-        micro = run_step.micro
-        if dist_info.enabled and not fsdp:  # FSDP reduce-scatters the gradients in the backward
-            _all_reduce_grads(params, world)
+        if self.run.dist_info.enabled and not parts.fsdp:  # FSDP reduce-scatters the gradients in the backward
+            _all_reduce_grads(parts.params, self.run.dist_info.world_size)
         if step < cfg.freeze_last_layer_steps:
             for hname in ("dino_head", "ibot_head"):
                 meta.student[hname].last_layer.weight.grad = None
         # on FSDP's DTensor gradients this is the norm of the whole gradient (shard norms reduced over ranks)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else torch.zeros(())
+        grad_norm = torch.nn.utils.clip_grad_norm_(parts.params, cfg.grad_clip) if cfg.grad_clip else torch.zeros(())
         optimizer.step()
-        meta.update_teacher(float(mom_s[step]))
-        step += 1
-        if gram_refresh_due(cfg, step):
+        meta.update_teacher(float(sched["momentum"][step]))
+        self.step += 1
+        if gram_refresh_due(cfg, self.step):
             meta.refresh_gram()
-            log(f"Gram teacher refreshed from the EMA teacher at step {step}")
-        n_img += cfg.batch_size
-        for k, v in stats_sum.items():
-            acc.setdefault(k, []).append(v)
-        # ---- collapse monitor (every step; stats are all-rank already)
-        reason = collapse_check(stats_sum, collapse, cfg, step)
-        if reason and main:
-            collapse["warned"] = {"step": step, "reason": reason}
-            progress.event("collapse_warning", step=step, reason=reason,
-                           teacher_feature_std=stats_sum["teacher_feature_std"],
-                           prototype_usage=stats_sum["prototype_usage"],
-                           teacher_entropy=stats_sum["teacher_entropy"])
-            status.update(collapse=collapse["warned"])
-            log(f"WARNING: possible collapse at step {step}: {reason}")
-        if step % cfg.log_every == 0 or step == total:
-            now = time.perf_counter()
-            rec = {"kind": "step", "step": step, "epoch": round(sampler.epoch(step), 4),
-                   **{k: float(np.mean(v)) for k, v in acc.items()}, "lr": float(lr_s[step - 1]),
-                   "weight_decay": float(wd_s[step - 1]), "momentum": float(mom_s[step - 1]),
-                   "teacher_temp": float(tt_s[step - 1]), "grad_norm": float(grad_norm),
-                   "images_per_s": round(n_img / max(now - t_last, 1e-9), 3), "micro_batch": micro,
-                   "global_size": aug.global_size,
-                   "gpu_memory_gb": peak_gpu_memory_gb(device)}
-            write_metrics(rec)
-            if main:
-                progress.event("step", **{k: v for k, v in rec.items() if k != "kind"}, total=total)
-                status.update(step=step, metrics={k: rec[k] for k in ("loss", "dino", "ibot", "teacher_entropy",
-                                                                     "teacher_feature_std", "images_per_s",
-                                                                     "gpu_memory_gb")})
-                if not json_progress_enabled(progress):
-                    log(f"step {step}/{total} loss {rec['loss']:.4f} (dino {rec['dino']:.3f} ibot {rec['ibot']:.3f}"
-                        f"{' gram %.4f' % rec['gram'] if 'gram' in rec else ''}) lr {rec['lr']:.2e} "
-                        f"{rec['images_per_s']:.1f} img/s")
-            t_last, n_img, acc = now, 0, {}
-        if cfg.probe_every and step % cfg.probe_every == 0:
-            run_probe()
-        stop = D.any_true(stopper.requested, dist_info, device)
-        if (step % cfg.checkpoint_every == 0 or is_kept(cfg, step)) and step < total and not stop:
-            checkpoint()
-        if stop:
-            state_name = "stopped"
-            if main:
-                status.update(state="stopping", step=step)
-            break
-    stopper.restore()
-    if state_name == "finished" and probe is not None and cfg.probe_every and step % cfg.probe_every:
-        run_probe()
-    checkpoint()
-    checksum = float(sum(D.full_tensor(p.detach()).double().sum().item() for p in meta.student.parameters()))
-    checksums = D.all_gather_object(checksum, dist_info)
-    final = {}
-    if main:
-        plot_curves(metrics_path, run_dir / "curves.png")
-        final = status.update(state=state_name, step=step, rank_checksums=checksums, collapse=collapse["warned"])
-        if state_name == "stopped":
-            progress.event("stopped", step=step, signal=stopper.signal, checkpoint=str(latest))
-            log(f"stopped by {stopper.signal} at step {step}; continue with --resume")
-        else:
-            progress.event("finished", step=step, backbone=str(run_dir / "backbone"), rank_checksums=checksums,
-                           collapse=collapse["warned"])
-            log(f"finished: {step} steps; backbone package in {run_dir / 'backbone'}")
-    # every rank leaves together: no rank tears down its process group (and the sharded modules on it) while
-    # another is still writing the end of the run
-    D.barrier(dist_info)
-    return final
+            self.run.log(f"Gram teacher refreshed from the EMA teacher at step {self.step}")
+        return stats, grad_norm, global_size
 
+    def _after_step(self, stats: dict, grad_norm: torch.Tensor, global_size: int) -> None:
+        """The collapse monitor (every step; the statistics are all-rank already), a metrics record every
+        `log_every` steps and at the end, the probe every `probe_every` steps."""
+        self.n_img += self.cfg.batch_size
+        for k, v in stats.items():
+            self.acc.setdefault(k, []).append(v)
+        self._watch_collapse(stats)
+        if self.step % self.cfg.log_every == 0 or self.step == self.total:
+            self._record(grad_norm, global_size)
+        if self.cfg.probe_every and self.step % self.cfg.probe_every == 0:
+            self.probe()
 
-def json_progress_enabled(progress: Progress) -> bool:
-    return progress.json_lines
+    def _watch_collapse(self, stats: dict) -> None:
+        run, step = self.run, self.step
+        reason = collapse_check(stats, self.collapse, self.cfg, step)
+        if not (reason and run.main):
+            return
+        self.collapse["warned"] = {"step": step, "reason": reason}
+        run.progress.event("collapse_warning", step=step, reason=reason,
+                           teacher_feature_std=stats["teacher_feature_std"], prototype_usage=stats["prototype_usage"],
+                           teacher_entropy=stats["teacher_entropy"])
+        run.status.update(collapse=self.collapse["warned"])
+        run.log(f"WARNING: possible collapse at step {step}: {reason}")
 
+    def _record(self, grad_norm: torch.Tensor, global_size: int) -> None:
+        """The statistics since the last record (means) and this step's schedule values: metrics.jsonl, a `step`
+        event, status.json and (without --json-progress) a log line."""
+        run, step, sched = self.run, self.step, self.parts.schedules
+        now = time.perf_counter()
+        rec = {"kind": "step", "step": step, "epoch": round(self.parts.sampler.epoch(step), 4),
+               **{k: float(np.mean(v)) for k, v in self.acc.items()},
+               **{k: float(sched[k][step - 1]) for k in ("lr", "weight_decay", "momentum", "teacher_temp")},
+               "grad_norm": float(grad_norm), "images_per_s": round(self.n_img / max(now - self.t_last, 1e-9), 3),
+               "micro_batch": self.micro_step.micro, "global_size": global_size,
+               "gpu_memory_gb": peak_gpu_memory_gb(run.device)}
+        run.write_metrics(rec)
+        self.t_last, self.n_img, self.acc = now, 0, {}
+        if not run.main:
+            return
+        run.progress.event("step", **{k: v for k, v in rec.items() if k != "kind"}, total=self.total)
+        run.status.update(step=step, metrics={k: rec[k] for k in ("loss", "dino", "ibot", "teacher_entropy",
+                                                                  "teacher_feature_std", "images_per_s",
+                                                                  "gpu_memory_gb")})
+        if not run.json_progress:
+            run.log(f"step {step}/{self.total} loss {rec['loss']:.4f} (dino {rec['dino']:.3f} ibot {rec['ibot']:.3f}"
+                    f"{' gram %.4f' % rec['gram'] if 'gram' in rec else ''}) lr {rec['lr']:.2e} "
+                    f"{rec['images_per_s']:.1f} img/s")
+
+    def probe(self) -> None:
+        """The dense probe on the EMA teacher, on every rank (a sharded teacher needs them all for its forward);
+        rank 0 records it."""
+        probe, run = self.parts.probe, self.run
+        if probe is None:
+            return
+        t0 = time.perf_counter()
+        res = probe(self.parts.meta.teacher["backbone"], run.device)
+        if not run.main:
+            return
+        run.write_metrics({"kind": "probe", "step": self.step, **res, "data": probe.info["source"],
+                           "seconds": round(time.perf_counter() - t0, 2)})
+        run.progress.event("probe", step=self.step, **res)
+        run.status.update(metrics=res)
+
+    def checkpoint(self) -> None:
+        """checkpoints/latest.pt (full state, gathered on rank 0: every rank takes part), a kept snapshot every
+        `keep_every` steps, the EMA teacher's backbone exported to RUN_DIR/backbone, curves.png."""
+        parts, run, cfg, step = self.parts, self.run, self.cfg, self.step
+        model_sd, optim_sd = full_state(parts.meta, parts.optimizer)
+        if run.main:
+            state = {"format": FORMAT, "step": step, "stage": cfg.stage, "model_config": parts.mcfg.to_dict(),
+                     "meta": model_sd, "optimizer": optim_sd, "rng": rng_states(), "micro_batch": self.micro_step.micro,
+                     "collapse": self.collapse, "data_position": {"step": step, "seed": cfg.seed},
+                     "config": cfg.to_dict()}
+            with atomic_path(parts.latest, suffix=".pt") as tmp:
+                torch.save(state, tmp)
+            if is_kept(cfg, step):
+                keep_snapshot(parts.latest, step)
+            from .export import export_backbone
+            prefix = "teacher.backbone."
+            export_backbone(run.run_dir / "backbone", {k[len(prefix):]: v for k, v in model_sd.items()
+                                                       if k.startswith(prefix)},
+                            parts.mcfg, cfg.name or run.run_dir.name, stage=cfg.stage, step=step,
+                            base=parts.base_info, data=parts.index.summary())
+            run.progress.event("checkpoint", step=step, path=str(parts.latest), backbone=str(run.run_dir / "backbone"))
+            plot_curves(run.metrics_path, run.run_dir / "curves.png")
+        D.barrier(run.dist_info)
+
+    def finish(self, stopped: bool) -> dict:
+        """The run's end: the last probe (when the last step had none), the last checkpoint, every rank's weight
+        checksum, the final status and event. Returns the final status ({} on ranks other than 0)."""
+        run, cfg = self.run, self.cfg
+        if not stopped and cfg.probe_every and self.step % cfg.probe_every:
+            self.probe()
+        self.checkpoint()
+        checksums = run.rank_checksums(self.parts.meta.student.parameters())
+        if run.main:
+            plot_curves(run.metrics_path, run.run_dir / "curves.png")
+        warned = self.collapse["warned"]
+        final = run.finish(stopped, self.step, self.parts.latest, {"rank_checksums": checksums, "collapse": warned},
+                           {"backbone": str(run.run_dir / "backbone"), "rank_checksums": checksums,
+                            "collapse": warned})
+        # every rank leaves together: no rank tears down its process group (and the sharded modules on it) while
+        # another is still writing the end of the run
+        D.barrier(run.dist_info)
+        return final

@@ -25,7 +25,8 @@ from typing import Callable
 
 import torch
 
-from ..train import distributed as D
+from .. import distributed as D
+from ..runs.batch import halve_micro_batch
 from .meta_arch import KOLEO_CROPS, SSLMetaArch, StepTargets
 
 
@@ -76,11 +77,10 @@ class MicroBatchStep:
                 return result
             self.meta.student.zero_grad(set_to_none=True)
             result = None
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if self.micro <= 1:
+            halved = halve_micro_batch(self.micro, self.device)
+            if halved is None:
                 raise OutOfMemoryStop(self._stop_message(what))
-            self.micro = max(1, self.micro // 2)
+            self.micro = halved
             if self.on_halve is not None:
                 self.on_halve(self.micro)
 

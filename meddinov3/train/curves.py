@@ -2,43 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 from pathlib import Path
 
-
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    out = []
-    p = Path(path)
-    if not p.exists():
-        return out
-    for line in p.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill
-    return out
-
-
-def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend, or None when matplotlib is not installed (a Slicer Python
-    without it still trains; the Slicer module plots metrics.jsonl itself)."""
-    try:
-        import matplotlib
-    except ImportError:
-        if not getattr(pyplot, "warned", False):
-            print("[meddinov3] matplotlib is not installed: curves.png is not drawn (metrics.jsonl has the data)",
-                  file=sys.stderr)
-            pyplot.warned = True
-        return None
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
+from ..runs.metrics import pyplot, read_metrics
 
 
 def plot_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLike) -> Path | None:
+    """Draw `out_path` (PNG) from the fine-tuning records of `metrics_path`; None without matplotlib."""
     plt = pyplot()
     if plt is None:
         return None

@@ -12,7 +12,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,10 +27,11 @@ from ..data.prefetch import Prefetcher
 from ..data.sampler import PatchSampler
 from ..config import JsonOptions
 from ..files import atomic_path, write_json
-from ..memory import BatchDoesNotFit, MicroBatchChoice, size_micro_batch
-from ..progress import (Progress, RunFolderError, RunStatus, StopRequest, absolute_path, absolute_paths, is_finished,
-                        open_run, peak_gpu_memory_gb, report_failure)
-from . import distributed as D
+from .. import distributed as D
+from ..memory import MicroBatchChoice, peak_gpu_memory_gb
+from ..runs.batch import amp_dtype, amp_name, fit_micro_batch as fit_run_micro_batch, halve_micro_batch, oom_event, \
+    start_micro_batch
+from ..runs.session import RunKind, RunSession, versions
 from .checkpoint import load_state, save_state, set_rng_states
 from .curves import plot_curves
 from .losses import DiceCELoss
@@ -274,13 +274,6 @@ def spec_path(ref):
     return ref
 
 
-def amp_dtype(cfg: TrainConfig, device: torch.device):
-    mode = cfg.amp
-    if mode == "auto":
-        mode = "bf16" if device.type == "cuda" else "none"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[mode]
-
-
 def forward_loss(model, criterion, adt, device_type: str, compile: bool = False):
     """`(images, labels) -> loss`: the network under autocast, then the loss; `compile`: one torch.compile'd function
     (dynamic=False). The function is compiled, not the module, so state_dicts keep their keys (no `_orig_mod.`).
@@ -309,23 +302,8 @@ def fit_micro_batch(model, net, optimizer, criterion, adt, patch, per_rank: int,
         scaler.scale(run(x, y)).backward()
 
     params = [p for p in net.parameters() if p.requires_grad]
-    try:
-        fit = size_micro_batch(net, params, optimizer, forward_backward, per_rank, device, cfg.micro_batch,
-                               f"batch_size {cfg.batch_size}", grad_copies=1 if dist_info.enabled else 0,
-                               gather=lambda obj: D.all_gather_object(obj, dist_info))
-    except BatchDoesNotFit as e:
-        raise TrainError(str(e)) from None
-    log(f"micro-batch {fit.micro_batch} x {fit.accumulation} accumulation: {fit.reason}")
-    return fit
-
-
-def versions() -> dict:
-    import timm
-
-    from .. import __version__
-    return {"meddinov3": __version__, "torch": torch.__version__, "timm": timm.__version__, "numpy": np.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "cuda": torch.version.cuda if torch.cuda.is_available() else None}
+    return fit_run_micro_batch(net, params, optimizer, forward_backward, per_rank, device, cfg.micro_batch,
+                               cfg.batch_size, dist_info, 1 if dist_info.enabled else 0, TrainError, log)
 
 
 def package_postprocessing(cfg: TrainConfig, ds: Dataset) -> list[dict]:
@@ -405,55 +383,26 @@ def validate(net, spec, ds: Dataset, names: list[str], device, tta: bool = False
     return {"dice": dice, "mean_dice": float(np.mean(scored)) if scored else 0.0, "cases": cases, "summary": summary}
 
 
+TRAIN_RUN = RunKind("train", TrainConfig, TrainError, (TrainError, DatasetError), output="model",
+                    total=lambda cfg: cfg.total_steps, quiet_with_json=True,
+                    longer="to train longer, start a new run with --base {run_dir} (it keeps the decoder)")
+
+
 def train(cfg: TrainConfig, resume: bool = False, json_progress: bool = False, stream=None,
           explicit: dict | None = None) -> dict:
     """Run (or resume) training into `cfg.out`. Returns the final status dict. Raises TrainError/DatasetError.
 
     `explicit`: with `resume`, the options the user gave (refused when they differ from the saved ones).
     """
-    try:
-        dist_info, device = D.init(cfg.device)
-    except D.DeviceError as e:
-        raise TrainError(f"--device {cfg.device}: {e}") from None
-    main = dist_info.is_main
-    run_dir = absolute_path(cfg.out)
-    progress = Progress(json_lines=json_progress, stream=stream, desc="training", enabled=main)
-    startup_stop = StopRequest(immediate=True)
-
-    def log(msg: str) -> None:
-        if main and not json_progress:
-            print(f"[meddinov3 train] {msg}", file=sys.stderr, flush=True)
-
-    latest = run_dir / "checkpoints" / "latest.pt"
-    try:
-        opened, error = D.decide_on_main(lambda: open_run(
-            run_dir, TrainConfig.SECTION, resume,
-            absolute_paths(explicit or {}, TrainConfig.PATHS, TrainConfig.PATHS_IF_EXISTING),
-            longer=f"to train longer, start a new run with --base {run_dir} (it keeps the decoder)"),
-            (RunFolderError,), dist_info)
-        if error:
-            raise TrainError(error)
-        saved, previous = opened
-        if resume:
-            cfg = TrainConfig.from_dict({**saved, "device": cfg.device})
-            if is_finished(previous):
-                log(f"{run_dir} already finished ({previous['step']} steps): nothing to do")
-                progress.event("finished", step=previous["step"], already_finished=True, model=str(run_dir / "model"))
-                return previous
-        else:
-            cfg = TrainConfig.from_dict(absolute_paths(cfg.to_dict(), TrainConfig.PATHS, TrainConfig.PATHS_IF_EXISTING))
-        status = RunStatus(run_dir, cfg.total_steps, "train", previous if resume else None) if main else None
-        startup_stop.install()  # from here a signal outside the loop abandons the start-up: state "stopped"
-        with report_failure(status, progress, (TrainError, DatasetError)):
-            return _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, log)
-        return status.data if main else {}  # stopped during the start-up
-    finally:
-        startup_stop.restore()
-        progress.close()
-        D.cleanup(dist_info)
+    with RunSession(TRAIN_RUN, cfg, resume, json_progress, stream, explicit) as run:
+        if run.finished:
+            return run.previous
+        return _train(run.cfg, resume, run.dist_info, run.device, run.run_dir, run.run_dir / "checkpoints" / "latest.pt",
+                      run.progress, run.status, run.log, run)
+    return run.result()  # stopped during the start-up
 
 
-def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, log) -> dict:
+def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, log, run) -> dict:
     main = dist_info.is_main
     if main:
         status.update(state="starting")
@@ -498,7 +447,7 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
     optimizer = make_optimizer(net, cfg)
     total = cfg.total_steps
     scheduler = make_scheduler(optimizer, total, cfg.steps_per_epoch if cfg.lr_per_epoch else None)
-    adt = amp_dtype(cfg, device)
+    adt = amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=adt == torch.float16)
     criterion = DiceCELoss(*cfg.loss_weights)
     aug_cfg = cfg.augment_config
@@ -506,7 +455,7 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
     if batch_size % world:
         raise TrainError(f"batch_size {batch_size} is not divisible by the {world} processes")
     per_rank = batch_size // world
-    micro = min(cfg.micro_batch or per_rank, per_rank)
+    micro = start_micro_batch(cfg.micro_batch, per_rank)
     sampler = PatchSampler(cache.cases, aug_cfg.sampled_patch(patch), per_rank, cfg.foreground_oversampling, cfg.seed,
                            dist_info.rank, world, cfg.case_sampling)
     pad_value = float(np.median([c.pad_value for c in cache.cases]))
@@ -522,7 +471,7 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
             scaler.load_state_dict(state["scaler"])
         set_rng_states(state["rng"])
         step, best = int(state["step"]), state["best"]
-        micro = min(state.get("micro_batch", micro), micro)
+        micro = start_micro_batch(micro, per_rank, state.get("micro_batch"))
         log(f"resumed from {latest} at step {step}")
     model = net
     if dist_info.enabled:
@@ -530,19 +479,16 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
         model = DDP(net, device_ids=[device] if device.type == "cuda" else None)
     fit = fit_micro_batch(model, net, optimizer, criterion, adt, patch, per_rank, cfg, device, dist_info, log)
     micro = min(micro, fit.micro_batch)
-    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path = run.metrics_path
+    run.restart_metrics(step)
     if main:
         status.update(batch=fit.to_dict())
-        if resume:  # drop records past the checkpoint (they will be produced again)
-            from .curves import read_metrics
-            kept = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= step]
-            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         full = {"train": cfg.to_dict(), "resolved": {
             "model": mcfg.to_dict(), "patch_size": list(patch), "spacing": list(cache.spacing),
             "normalization": cache.normalization, "statistics": cache.statistics, "cache": str(cache.folder),
             "total_steps": total, "batch_size": batch_size, "per_rank_batch": per_rank, "world_size": world,
             "device": str(device),
-            "amp": str(adt).replace("torch.", "") if adt else "fp32", "frozen_parameters": n_frozen,
+            "amp": amp_name(adt), "frozen_parameters": n_frozen,
             "augment": aug_cfg.to_dict(), "base": base_info, "batch": fit.to_dict(), "training_cases": train_names,
             "validation_cases": val_names}, "data": ds.summary(), "versions": versions()}
         if not resume:
@@ -554,13 +500,9 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
                                                     "training_cases": train_names, "validation_cases": val_names,
                                                     "seed": cfg.seed, "total_steps": total})
 
-    stopper = StopRequest().install()
+    run.stopper.install()
     step_fn = forward_loss(model, criterion, adt, device.type, cfg.compile)
-
-    def write_metrics(record: dict) -> None:
-        if main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+    write_metrics = run.write_metrics
 
     def checkpoint(path: Path, kind: str) -> None:
         if main:
@@ -654,10 +596,8 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
                         raise
                     optimizer.zero_grad(set_to_none=True)
                     loss = None
-                    torch.cuda.empty_cache()
-                    micro = max(1, micro // 2)
-                    progress.event("oom", step=step, micro_batch=micro,
-                                   accumulation=math.ceil(per_rank / micro))
+                    micro = halve_micro_batch(micro, device)
+                    oom_event(progress, step, micro, per_rank)
                     log(f"CUDA out of memory: micro-batch halved to {micro} (gradient accumulation keeps the batch)")
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
@@ -687,7 +627,7 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
                         log(f"step {step}/{total} loss {record['loss']:.4f} lr {record['lr_decoder']:.2e} "
                             f"{record['images_per_s']:.1f} images/s")
                 t_last, n_img, loss_acc, loss_n = now, 0, 0.0, 0
-            stop = D.any_true(stopper.requested, dist_info, device)
+            stop = run.stop_requested()
             if step % cfg.checkpoint_every == 0 and step < total and not stop:
                 checkpoint(latest, "latest")
             if step % cfg.steps_per_epoch == 0 and main:
@@ -696,10 +636,9 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
                 run_validation()
             if stop:
                 state_name = "stopped"
-                if main:
-                    status.update(state="stopping", step=step)
+                run.mark_stopping(step)
                 break
-    stopper.restore()
+    run.stopper.restore()
 
     checkpoint(latest, "latest")
     if state_name == "finished":
@@ -709,22 +648,13 @@ def _train(cfg, resume, dist_info, device, run_dir, latest, progress, status, lo
         elif main:
             export(net.state_dict(), None)
             plot_curves(metrics_path, run_dir / "curves.png")
-    # every rank's weights, to show DDP kept them identical
-    checksum = float(sum(p.detach().double().sum().item() for p in net.parameters()))
-    checksums = D.all_gather_object(checksum, dist_info)
-    final = {}
+    checksums = run.rank_checksums(net.parameters())  # every rank's weights, to show DDP kept them identical
     if main:
         if state_name == "finished" and best["step"] is not None and not (run_dir / "model").exists():
             export(load_state(run_dir / "checkpoints" / "best.pt")["model"], best["dice"])
         if state_name == "stopped" and not (run_dir / "model").exists():  # stopped before any validation: usable
             export(net.state_dict(), None)  # as --model / --base now (its provenance says how far it trained)
         plot_curves(metrics_path, run_dir / "curves.png")
-        final = status.update(state=state_name, step=step, metrics={"best": best}, rank_checksums=checksums)
-        if state_name == "stopped":
-            progress.event("stopped", step=step, signal=stopper.signal, checkpoint=str(latest))
-            log(f"stopped by {stopper.signal} at step {step}; resume with --resume")
-        else:
-            progress.event("finished", step=step, best=best, model=str(run_dir / "model"),
-                           rank_checksums=checksums, images_per_s=images_per_s)
-            log(f"finished: {step} steps; model package in {run_dir / 'model'}")
-    return final
+    return run.finish(state_name == "stopped", step, latest, {"metrics": {"best": best}, "rank_checksums": checksums},
+                      {"best": best, "model": str(run_dir / "model"), "rank_checksums": checksums,
+                       "images_per_s": images_per_s})

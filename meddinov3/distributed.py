@@ -1,4 +1,5 @@
-"""torchrun / DDP plumbing: rank discovery, process group, rank-0-only writing helpers."""
+"""torchrun / DDP plumbing shared by training, pretraining and cohort segmentation: rank discovery, process group,
+rank-0 decisions, collectives that are no-ops in a single process."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..engine import resolve_device
+from .engine import resolve_device
 
 
 @dataclass
