@@ -347,9 +347,10 @@ def test_bound_widgets_can_be_connected(module):
     """Bindings that Slicer 5.6's `connectGui` accepts (parameterNodeWrapper/guiConnectors.py): a QComboBox only
     for a field annotated with `Choice`, a ctkPathLineEdit only for a pathlib.Path field; a ctkDoubleSpinBox is
     connectable from Slicer 5.8 only. Anything else raises when the module panel opens."""
-    source = require_module_file(module).read_text(encoding="utf-8")
+    require_module_file(module)
     annotations = {}
-    for node in ast.walk(ast.parse(source)):
+    # the parameter-node class may live in the module file or its Lib (MedDINOv3SegmentLib/parameters.py)
+    for node in (n for path in module_python_files(module) for n in ast.walk(ast.parse(path.read_text("utf-8")))):
         if isinstance(node, ast.ClassDef) and "parameterNodeWrapper" in {ast.unparse(d) for d in node.decorator_list}:
             annotations.update({item.target.id: ast.unparse(item.annotation) for item in node.body
                                 if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)})

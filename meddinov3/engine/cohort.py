@@ -344,7 +344,8 @@ def segment_cohort(inputs: Sequence[str | os.PathLike], output_folder: str | os.
     """
     from ..volumes import list_inputs
     from .outputs import check_not_input, input_files
-    from .pipeline import _load, resolve_device, segment_file
+    from ..checkpoints import load_model
+    from .pipeline import resolve_device, segment_file
 
     created = info is None and not dist.is_initialized()
     if info is None:
@@ -359,7 +360,7 @@ def segment_cohort(inputs: Sequence[str | os.PathLike], output_folder: str | os.
     sources = input_files([c.input for c in cases]) if any(c.output.exists() for c in cases) else []
     for case in cases:
         check_not_input(case.output, sources)  # an output that is its input is never "finished"
-    loaded = _load(model, dev, folds)
+    loaded = load_model(model, device=dev, folds=folds)
 
     def segment_case(case: CohortCase) -> dict:
         return segment_file(case.input, case.output, loaded, probabilities_path=case.extras[0] if case.extras else None,

@@ -24,10 +24,9 @@ from scipy import ndimage
 from ..volumes import Orientation, direction_of_code
 from .inference import SlicePredictor
 from .preprocess import make_normalizer, resampled_shape, target_spacing
+from .stages import Cancelled, check_model_slice, is_cancelled
 
 ANISO_THRESHOLD = 3.0  # nnU-Net's ANISO_THRESHOLD: spacing ratio above which z is resampled separately
-DEFAULT_RESAMPLING_DATA = {"order": 3, "order_z": 0, "force_separate_z": None}  # nnU-Net's planner defaults
-DEFAULT_RESAMPLING_PROBABILITIES = {"order": 1, "order_z": 0, "force_separate_z": None}
 
 
 # ---------------------------------------------------------------------------------------------- layout
@@ -179,11 +178,9 @@ def predict_stored(image: sitk.Image, networks, spec, device: torch.device, out:
     computes them. Returns (float16 probabilities (classes, z, y, x) or None, stats).
 
     `training_orientation` overrides the package's (`spec.nnunet["training_orientation"]`); `fast` runs at the
-    model's fast in-plane spacing. `cancel()` True between batches raises `pipeline.Cancelled`; `source` names the
+    model's fast in-plane spacing. `cancel()` True between batches raises `stages.Cancelled`; `source` names the
     image in errors.
     """
-    from .pipeline import Cancelled, _cancelled, check_model_slice
-
     t0 = time.perf_counter()
     plans = spec.nnunet
     layout = StoredLayout.of(image, plans["transpose_forward"],
@@ -215,7 +212,7 @@ def predict_stored(image: sitk.Image, networks, spec, device: torch.device, out:
     Z = model_in.shape[0]
     t_model = 0.0
     for start in range(0, Z, per_batch):
-        if _cancelled(cancel):
+        if is_cancelled(cancel):
             raise Cancelled("segmentation cancelled")
         zs = slice(start, min(Z, start + per_batch))
         t1 = time.perf_counter()
