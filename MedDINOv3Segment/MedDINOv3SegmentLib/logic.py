@@ -73,7 +73,7 @@ def buildCommand(inputPath, outputPath, model: str, device: str | None = None, f
     """
     options = segmentOptions(options, device=device, fast=fast, tta=tta, roiBox=roiBox, keepLargest=keepLargest,
                              fillHoles=fillHoles, batchSize=batchSize, modelPostprocessing=modelPostprocessing)
-    command = [python or python_executable(), "-m", "meddinov3.cli.main", "segment", str(inputPath),
+    command = [python or python_executable(), "-m", "meddinov3.cli", "segment", str(inputPath),
                "-o", str(outputPath), "--model", str(model), *options.to_argv(), "--json-progress", "--overwrite"]
     if statisticsPath is not None:
         command += ["--statistics", str(statisticsPath)]

@@ -439,7 +439,7 @@ def test_command_line_of_the_child(headless_slicer):
     assert python_executable() == launcher
     command = buildCommand("in.nrrd", "out.seg.nrrd", "demo-liver-ct", device="cuda:1", fast=True, tta=True,
                            roiBox=[1, 2, 3, 4, 5, 6], keepLargest=True, fillHoles=True, batchSize=8)
-    assert command[:8] == [launcher, "-m", "meddinov3.cli.main", "segment", "in.nrrd", "-o", "out.seg.nrrd",
+    assert command[:8] == [launcher, "-m", "meddinov3.cli", "segment", "in.nrrd", "-o", "out.seg.nrrd",
                            "--model"]
     joined = " ".join(command)
     for flag in ("--device cuda:1", "--fast", "--tta", "--roi 1,2,3,4,5,6", "--keep-largest", "--fill-holes",
