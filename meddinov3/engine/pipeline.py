@@ -136,12 +136,9 @@ def segment_image(image: sitk.Image | np.ndarray, model, options: SegmentOptions
     output = LabelOutput.allocate(image, box, classes)
     orient = Orientation.of(region)
     if loaded.spec.slicing == "stored":
-        probs, stats = predict_stored(region, loaded.networks, loaded.spec, device, output.roi,
-                                      bg_index=output.bg_index, tta=options.tta, batch_size=options.batch_size,
-                                      compile=options.compile, fast=options.fast,
-                                      return_probabilities=return_probabilities,
-                                      training_orientation=options.training_orientation, progress=progress,
-                                      cancel=cancel, source=source)
+        probs, stats = predict_stored(region, loaded.networks, loaded.spec, device, output.roi, options,
+                                      bg_index=output.bg_index, return_probabilities=return_probabilities,
+                                      progress=progress, cancel=cancel, source=source)
     else:
         probs, stats = _predict_canonical(region, loaded, device, options, output, return_probabilities, progress,
                                           cancel, source, t_start)
