@@ -1,22 +1,20 @@
 """MedDINOv3 Segment: segment CT volumes with MedDINOv3 models (module, Widget, Logic, Test).
 
 The work happens in `MedDINOv3SegmentLib` (Logic, child process, node conversions, model listing); this file
-is glue: module metadata, the parameter node, a thin Widget, and the self-test Slicer runs with ctest.
+is glue: module metadata, a thin Widget, and the self-test Slicer runs with ctest (the parameter node is in
+`MedDINOv3SegmentLib.parameters`).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Annotated, Optional
 
 import qt
 import slicer
 import vtk
 from slicer.i18n import tr as _
-from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget
-from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
 from MedDINOv3SegmentLib.dependencies import DependenciesSection, fillDeviceSelector, findProblems
 from MedDINOv3SegmentLib.errors import MedDINOv3SegmentCancelled, MedDINOv3SegmentError
@@ -40,28 +38,6 @@ class MedDINOv3Segment(ScriptedLoadableModule):
         self.parent.acknowledgementText = _(
             "MedDINOv3: Li et al., How to adapt vision foundation models for medical image segmentation? "
             "arXiv 2509.02379. DINOv3 by Meta AI.")
-
-
-@parameterNodeWrapper
-class MedDINOv3SegmentParameterNode:
-    """Settings of the Segment panel, saved with the scene.
-
-    model: the model selector's text (see MedDINOv3SegmentWidget.modelReference); device: the device selector's text.
-    batchSize: 0 = automatic. uncertainty: also make an uncertainty map (overlay, Next unsure slice).
-    """
-
-    inputVolume: vtkMRMLScalarVolumeNode
-    model: str = ""
-    device: str = "Auto"
-    fast: bool = False
-    tta: bool = False
-    roi: Optional[vtkMRMLMarkupsROINode] = None
-    outputSegmentation: Optional[vtkMRMLSegmentationNode] = None
-    modelPostprocessing: bool = True
-    keepLargest: bool = False
-    fillHoles: bool = False
-    batchSize: Annotated[int, WithinRange(0, 512)] = 0
-    uncertainty: bool = False
 
 
 class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -125,10 +101,7 @@ class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        if self._complete is not None:
-            self._complete.cancel()
+        self.logic.cancelAll()  # the panel's segmentation and completion, and tasks started from the console
         if self._timer is not None:
             self._timer.stop()
         self._disconnectParameterNode()  # before removeObservers(): removing its observer again only warns
@@ -142,10 +115,7 @@ class MedDINOv3SegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._disconnectParameterNode()
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        if self._complete is not None:
-            self._complete.cancel()
+        self.logic.cancelAll()  # their results could go nowhere
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:

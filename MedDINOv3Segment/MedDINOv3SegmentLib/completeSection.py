@@ -74,10 +74,6 @@ class CompleteSection:
         selector.toolTip = tooltip
         return selector
 
-    def cancel(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-
     def _undoSaver(self, segmentationNode):
         """The Segment Editor's saveStateForUndo when it edits this segmentation (one undo step), else None."""
         widget = getattr(slicer.modules, "SegmentEditorWidget", None)

@@ -9,6 +9,7 @@ Usable from Slicer's Python console; never touches widgets::
     while task.poll(): time.sleep(0.1)                                         # the Widget uses a QTimer
     task.cancel()
     task.statisticsTableNode, task.uncertaintyVolumeNode, task.unsureSlices   # after success
+    logic.segment(volumeNode, "demo-liver-ct", options=SegmentOptions(folds=("0",), tta=True))  # every option
 
 The scene is changed only when a segmentation succeeded, and only on the thread that calls `poll()`.
 """
@@ -27,32 +28,53 @@ from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 
 from . import models, nodes, results
 from .errors import MedDINOv3SegmentCancelled, MedDINOv3SegmentError
+from .parameters import MedDINOv3SegmentParameterNode
 from .worker import ChildProcess, child_environment, errorMessageFromChild, python_executable
 
-DEVICES_HELP = "auto, cpu, cuda, cuda:N"
+from meddinov3.options import SegmentOptions  # torch-free: usable before PyTorch is installed
+
+# the Logic's keyword arguments (camelCase, as Slicer's API) -> `SegmentOptions` fields
+OPTION_KEYWORDS = {"device": "device", "fast": "fast", "tta": "tta", "roiBox": "roi", "keepLargest": "keep_largest",
+                   "fillHoles": "fill_holes", "batchSize": "batch_size", "modelPostprocessing": "postprocess"}
 
 
-def buildCommand(inputPath, outputPath, model: str, device: str = "auto", fast: bool = False, tta: bool = False,
-                 roiBox: list[int] | None = None, keepLargest: bool = False, fillHoles: bool = False,
-                 batchSize: int | str = "auto", python: str | None = None, modelPostprocessing: bool = True,
-                 statisticsPath=None, uncertaintyPath=None) -> list[str]:
-    """The `meddinov3 segment` command line the child runs (`modelPostprocessing`: the package's own clean-up;
-    `statisticsPath` / `uncertaintyPath`: also write per-segment statistics / the uncertainty map there)."""
+def segmentOptions(options: SegmentOptions | None = None, **keywords) -> SegmentOptions:
+    """`options` (default: the defaults) with the Logic's keyword arguments that are not None applied.
+
+    Keywords are `OPTION_KEYWORDS`' names; `device` "" and `batchSize` 0, "0" or "" mean automatic (the panel's
+    values), a numeric string is a number. Raises MedDINOv3SegmentError for a value the command could not take."""
+    unknown = set(keywords) - set(OPTION_KEYWORDS)
+    if unknown:
+        raise TypeError(f"unknown segmentation option(s): {', '.join(sorted(unknown))}")
+    given = {OPTION_KEYWORDS[name]: value for name, value in keywords.items() if value is not None}
+    if given.get("device") == "":
+        given["device"] = "auto"
+    if given.get("batch_size") in (0, "0", ""):
+        given["batch_size"] = "auto"
+    elif isinstance(given.get("batch_size"), str) and given["batch_size"].isdigit():
+        given["batch_size"] = int(given["batch_size"])
+    try:
+        return SegmentOptions.merged(options, **given)
+    except ValueError as e:
+        raise MedDINOv3SegmentError(str(e)) from None
+
+
+def buildCommand(inputPath, outputPath, model: str, device: str | None = None, fast: bool | None = None,
+                 tta: bool | None = None, roiBox: list[int] | None = None, keepLargest: bool | None = None,
+                 fillHoles: bool | None = None, batchSize: int | str | None = None, python: str | None = None,
+                 modelPostprocessing: bool | None = None, statisticsPath=None, uncertaintyPath=None,
+                 options: SegmentOptions | None = None) -> list[str]:
+    """The `meddinov3 segment` command line the child runs.
+
+    `options` (`meddinov3.options.SegmentOptions`) with the keyword options that are not None applied (see
+    `segmentOptions`; `modelPostprocessing`: the package's own clean-up); `statisticsPath` / `uncertaintyPath`:
+    also write per-segment statistics / the uncertainty map there; `python`: the child's interpreter (default
+    `worker.python_executable()`). Returns the argv list, flags as `SegmentOptions.to_argv` writes them.
+    """
+    options = segmentOptions(options, device=device, fast=fast, tta=tta, roiBox=roiBox, keepLargest=keepLargest,
+                             fillHoles=fillHoles, batchSize=batchSize, modelPostprocessing=modelPostprocessing)
     command = [python or python_executable(), "-m", "meddinov3.cli", "segment", str(inputPath),
-               "-o", str(outputPath), "--model", str(model), "--device", str(device or "auto"),
-               "--batch-size", str(batchSize or "auto"), "--json-progress", "--overwrite"]
-    if fast:
-        command.append("--fast")
-    if tta:
-        command.append("--tta")
-    if roiBox is not None:
-        command += ["--roi", ",".join(str(int(v)) for v in roiBox)]
-    if keepLargest:
-        command.append("--keep-largest")
-    if fillHoles:
-        command.append("--fill-holes")
-    if not modelPostprocessing:
-        command.append("--no-postprocessing")
+               "-o", str(outputPath), "--model", str(model), *options.to_argv(), "--json-progress", "--overwrite"]
     if statisticsPath is not None:
         command += ["--statistics", str(statisticsPath)]
     if uncertaintyPath is not None:
@@ -207,8 +229,7 @@ class MedDINOv3SegmentLogic(ScriptedLoadableModuleLogic):
         self.pythonExecutable: str | None = None
 
     def getParameterNode(self):
-        from MedDINOv3Segment import MedDINOv3SegmentParameterNode
-
+        """The module's saved panel settings (`parameters.MedDINOv3SegmentParameterNode`)."""
         return MedDINOv3SegmentParameterNode(super().getParameterNode())
 
     # -- models ---------------------------------------------------------------------------------
@@ -218,6 +239,8 @@ class MedDINOv3SegmentLogic(ScriptedLoadableModuleLogic):
         return models.listModels(segmentableOnly=segmentableOnly)
 
     def modelInfo(self, reference: str) -> dict:
+        """What the model panel shows for `reference` (a listed reference, a path or a manifest name): the
+        `availableModels` row plus `path`; no weights are read. MedDINOv3SegmentError for an unknown model."""
         return models.modelInfo(reference)
 
     def registerModel(self, path) -> str:
@@ -230,15 +253,18 @@ class MedDINOv3SegmentLogic(ScriptedLoadableModuleLogic):
 
     # -- segmentation ---------------------------------------------------------------------------
 
-    def segment(self, inputVolumeNode, model: str, outputSegmentationNode=None, device: str = "auto",
-                fast: bool = False, tta: bool = False, roiNode=None, keepLargest: bool = False,
-                fillHoles: bool = False, batchSize: int | str = "auto", onProgress: Callable | None = None,
-                modelPostprocessing: bool = True, uncertainty: bool = False):
-        """Segment and wait. Returns the segmentation node; raises MedDINOv3SegmentError."""
-        task = self.segmentAsync(inputVolumeNode, model, outputSegmentationNode, device=device, fast=fast, tta=tta,
-                                 roiNode=roiNode, keepLargest=keepLargest, fillHoles=fillHoles, batchSize=batchSize,
-                                 onProgress=onProgress, modelPostprocessing=modelPostprocessing,
-                                 uncertainty=uncertainty)
+    def segment(self, inputVolumeNode, model: str, outputSegmentationNode=None, device: str | None = None,
+                fast: bool | None = None, tta: bool | None = None, roiNode=None, keepLargest: bool | None = None,
+                fillHoles: bool | None = None, batchSize: int | str | None = None, onProgress: Callable | None = None,
+                modelPostprocessing: bool | None = None, uncertainty: bool = False,
+                options: SegmentOptions | None = None):
+        """Segment and wait (processing Slicer's events). Arguments as `segmentAsync`'s.
+
+        Returns the segmentation node; raises MedDINOv3SegmentError (MedDINOv3SegmentCancelled when cancelled)."""
+        options = segmentOptions(options, device=device, fast=fast, tta=tta, keepLargest=keepLargest,
+                                 fillHoles=fillHoles, batchSize=batchSize, modelPostprocessing=modelPostprocessing)
+        task = self.segmentAsync(inputVolumeNode, model, outputSegmentationNode, roiNode=roiNode,
+                                 onProgress=onProgress, uncertainty=uncertainty, options=options)
         try:
             while task.poll():
                 time.sleep(0.05)
@@ -250,18 +276,30 @@ class MedDINOv3SegmentLogic(ScriptedLoadableModuleLogic):
             raise task.error
         return task.result
 
-    def segmentAsync(self, inputVolumeNode, model: str, outputSegmentationNode=None, device: str = "auto",
-                     fast: bool = False, tta: bool = False, roiNode=None, keepLargest: bool = False,
-                     fillHoles: bool = False, batchSize: int | str = "auto", onProgress: Callable | None = None,
-                     onFinished: Callable | None = None, modelPostprocessing: bool = True,
-                     uncertainty: bool = False) -> SegmentTask:
+    def segmentAsync(self, inputVolumeNode, model: str, outputSegmentationNode=None, device: str | None = None,
+                     fast: bool | None = None, tta: bool | None = None, roiNode=None,
+                     keepLargest: bool | None = None, fillHoles: bool | None = None,
+                     batchSize: int | str | None = None, onProgress: Callable | None = None,
+                     onFinished: Callable | None = None, modelPostprocessing: bool | None = None,
+                     uncertainty: bool = False, options: SegmentOptions | None = None) -> SegmentTask:
         """Start segmenting; returns a SegmentTask at once (call its `poll()` regularly, or `cancel()`).
 
-        `outputSegmentationNode`: None creates a new node on success; a node has its segments replaced. Either way
-        the node gets the input volume's parent transform and its grid as reference geometry.
-        `modelPostprocessing`: apply the clean-up steps the model package declares (False: the raw labels).
-        Per-segment statistics are always computed (`task.statisticsTableNode`); `uncertainty`: also an uncertainty
-        volume (normalised entropy, percent) and the slices ordered from the least confident.
+        Args:
+            inputVolumeNode: a scalar volume node (not a label map) with image data.
+            model: a model reference as `availableModels()` lists it (name, path or hf: reference).
+            outputSegmentationNode: None creates a new node on success; a node has its segments replaced. Either
+                way the node gets the input volume's parent transform and its grid as reference geometry.
+            options: every segmentation option (`meddinov3.options.SegmentOptions`: device, fast, tta, folds,
+                batch size, post-processing, ...); default: the defaults. The keyword options override single
+                fields when not None: `device` ("auto", "cpu", "cuda:N", "mps"), `fast`, `tta`, `keepLargest`,
+                `fillHoles`, `batchSize` (0 or "auto": sized from the free memory), `modelPostprocessing` (the
+                clean-up steps the model package declares; False: the raw labels).
+            roiNode: a markups ROI node: only the voxels inside it are segmented (overrides `options.roi`).
+            onProgress: called with each progress event (dict) of the child, inside `poll()`.
+            onFinished: called as `onFinished(node, error)` when the task ends (node None on failure).
+            uncertainty: also an uncertainty volume (normalised entropy, percent) and the slices ordered from the
+                least confident; per-segment statistics are always computed (`task.statisticsTableNode`).
+
         Input problems raise MedDINOv3SegmentError here; later problems reach `onFinished(None, error)`.
         """
         if inputVolumeNode is None:
@@ -275,17 +313,15 @@ class MedDINOv3SegmentLogic(ScriptedLoadableModuleLogic):
             raise MedDINOv3SegmentError("The output must be a segmentation node.")
         if inputVolumeNode.GetImageData() is None:
             raise MedDINOv3SegmentError("The input volume has no image data.")
-        if batchSize in (None, 0, "0", ""):
-            batchSize = "auto"
-        roiBox = nodes.roiToVoxelBox(roiNode, inputVolumeNode) if roiNode is not None else None
+        options = segmentOptions(options, device=device, fast=fast, tta=tta, keepLargest=keepLargest,
+                                 fillHoles=fillHoles, batchSize=batchSize, modelPostprocessing=modelPostprocessing,
+                                 roiBox=nodes.roiToVoxelBox(roiNode, inputVolumeNode) if roiNode is not None else None)
 
         workDir = Path(tempfile.mkdtemp(prefix="meddinov3-segment-"))
         try:
             inputPath = nodes.exportVolume(inputVolumeNode, workDir / "input.nrrd")
             outputPath = workDir / "output.seg.nrrd"
-            command = buildCommand(inputPath, outputPath, model, device=device, fast=fast, tta=tta, roiBox=roiBox,
-                                   keepLargest=keepLargest, fillHoles=fillHoles, batchSize=batchSize,
-                                   python=self.pythonExecutable, modelPostprocessing=modelPostprocessing,
+            command = buildCommand(inputPath, outputPath, model, options=options, python=self.pythonExecutable,
                                    statisticsPath=workDir / "statistics.json",
                                    uncertaintyPath=workDir / "uncertainty.nrrd" if uncertainty else None)
             logging.info("MedDINOv3: %s", " ".join(command))
@@ -303,7 +339,8 @@ class MedDINOv3SegmentLogic(ScriptedLoadableModuleLogic):
         results.jumpSlicesTo(slicer.mrmlScene, ras)
 
     def cancelAll(self) -> None:
-        """Cancel every running task (module cleanup, scene close)."""
+        """Cancel every running task of this Logic: segmentations and completions, started by the panel or from the
+        Python console. The Widget calls it on module cleanup and scene close, so no child outlives them."""
         for task in list(self._tasks):
             task.cancel()
 

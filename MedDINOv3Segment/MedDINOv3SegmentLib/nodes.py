@@ -89,14 +89,6 @@ def roiToVoxelBox(roiNode, volumeNode) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _parseColor(text: str) -> tuple[float, float, float] | None:
-    try:
-        values = [float(v) for v in text.split()]
-    except ValueError:
-        return None
-    return tuple(values[:3]) if len(values) >= 3 else None
-
-
 def readImageFile(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict]:
     """(voxels (k, j, i), IJK->RAS 4x4, header fields) of a 3D one-component image file the child wrote."""
     import SimpleITK as sitk
@@ -120,27 +112,25 @@ def readImageFile(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict
 def readSegmentationFile(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """(labels (k, j, i), IJK->RAS 4x4, segments) of a one-layer .seg.nrrd or a label map file.
 
-    Segments: dicts with `labelValue`, `name`, `color` (0-1 RGB or None) and `terminology` (Slicer's
-    serialised terminology entry or None), in file order. A plain label map gives one per non-zero value.
+    Segments: dicts with `labelValue`, `name`, `color` (0-1 RGB or None), `terminology` (Slicer's serialised
+    terminology entry or None) and `id`, in file order, read by slicerio (the child writes the file with it, so it
+    is in the Python that ran the child). A plain label map gives one per non-zero value.
     """
-    labels, matrix, meta = readImageFile(path)
+    labels, matrix, _ = readImageFile(path)
     segments = []
-    index = 0
-    while f"Segment{index}_LabelValue" in meta or f"Segment{index}_Name" in meta:
-        prefix = f"Segment{index}_"
-        tags = {}
-        for item in meta.get(prefix + "Tags", "").split("|"):
-            key, _, value = item.partition(":")
-            if key:
-                tags[key] = value
-        segments.append({
-            "labelValue": int(meta.get(prefix + "LabelValue", index + 1)),
-            "name": meta.get(prefix + "Name", f"Segment_{index + 1}"),
-            "color": _parseColor(meta.get(prefix + "Color", "")),
-            "terminology": meta.get(prefix + "Terminology") or tags.get("TerminologyEntry") or None,
-            "id": meta.get(prefix + "ID", ""),
-        })
-        index += 1
+    if str(path).lower().endswith(".nrrd"):
+        import slicerio
+        from slicerio.segmentation import terminology_entry_to_string
+
+        for index, segment in enumerate(slicerio.read_segmentation(str(path), skip_voxels=True)["segments"]):
+            color, terminology = segment.get("color"), segment.get("terminology")
+            segments.append({
+                "labelValue": int(segment.get("labelValue", index + 1)),
+                "name": segment.get("name", f"Segment_{index + 1}"),
+                "color": tuple(color[:3]) if color and len(color) >= 3 else None,
+                "terminology": terminology_entry_to_string(terminology) if terminology else None,
+                "id": segment.get("id", ""),
+            })
     if not segments:
         segments = [{"labelValue": int(v), "name": f"Label_{int(v)}", "color": None, "terminology": None, "id": ""}
                     for v in np.unique(labels) if v != 0]

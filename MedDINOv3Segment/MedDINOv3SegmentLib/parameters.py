@@ -1,4 +1,38 @@
-"""Parameter node <-> GUI binding shared by the MedDINOv3 modules' Widgets (no Qt import: works on any widget)."""
+"""The Segment panel's parameter node, and the parameter node <-> GUI binding shared by the MedDINOv3 modules'
+Widgets (no Qt import: works on any widget).
+
+The parameter-node class lives here, in the Lib, so that the Logic (`getParameterNode`) never imports the module
+file: imports point one way, module file -> Lib -> core.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+
+
+@parameterNodeWrapper
+class MedDINOv3SegmentParameterNode:
+    """Settings of the Segment panel, saved with the scene.
+
+    model: the model selector's text (see MedDINOv3SegmentWidget.modelReference); device: the device selector's text.
+    batchSize: 0 = automatic. uncertainty: also make an uncertainty map (overlay, Next unsure slice).
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    model: str = ""
+    device: str = "Auto"
+    fast: bool = False
+    tta: bool = False
+    roi: Optional[vtkMRMLMarkupsROINode] = None
+    outputSegmentation: Optional[vtkMRMLSegmentationNode] = None
+    modelPostprocessing: bool = True
+    keepLargest: bool = False
+    fillHoles: bool = False
+    batchSize: Annotated[int, WithinRange(0, 512)] = 0
+    uncertainty: bool = False
 
 
 def connectGui(parameterNode, ui) -> int:

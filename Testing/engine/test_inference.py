@@ -178,7 +178,7 @@ def test_fast_mode_runs_every_nth_slice_and_interpolates():
 
 def test_fast_mode_never_interpolates_across_skipped_air():
     """Runs of slices are handled separately: each run's last slice is predicted, the air gap stays background."""
-    from meddinov3.engine.pipeline import _SliceInterpolator, predicted_slices
+    from meddinov3.engine.stages import _SliceInterpolator, predicted_slices
 
     todo = np.array([0, 1, 2, 3, 4, 5, 6, 20, 21, 22, 23])
     run = predicted_slices(todo, 3)

@@ -156,11 +156,9 @@ def test_batch_folder_skips_earlier_seg_nrrd_results(tmp_path, ct, pkg, capsys):
 
 
 def test_repeated_fold_runs_once():
-    from argparse import Namespace
+    from meddinov3.options import SegmentOptions
 
-    from meddinov3.cli.segment import _parse
-
-    assert _parse(Namespace(folds="0, 0,1,0", batch_size="auto", roi=None))[0] == ["0", "1"]
+    assert SegmentOptions.from_argv(["--folds", "0, 0,1,0"]).folds == ("0", "1")
 
 
 def test_failed_probabilities_write_keeps_both_previous_outputs(tmp_path, ct, pkg, monkeypatch):

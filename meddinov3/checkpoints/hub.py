@@ -1,21 +1,20 @@
 """Model references that live elsewhere: `hf:ORG/REPO[/FILE][@REVISION]` and the model manifest.
 
 Downloads go through huggingface_hub (its cache, revision pinning, offline mode); every file named in the
-manifest is checked against its sha256. Machines without internet import files with `meddinov3 models import`,
-which stores them under the user's model store where the resolver finds them by checksum, or by the reference
-whose file they are named after while the manifest has no checksum for it.
+manifest is checked against its sha256. Machines without internet import files with `meddinov3 models import`
+(`store.py`), which stores them under the user's model store where the resolver finds them by checksum, or by the
+reference whose file they are named after while the manifest has no checksum for it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..catalog import imported_model_path, load_manifest, manifest_entry
-from ..files import atomic_path, read_json, write_json
+from ..catalog import manifest_entry
+from ..files import read_json, write_json
 from ..resources import user_dir
 from .safe_load import CheckpointError
 
@@ -26,6 +25,8 @@ class ModelNotAvailable(CheckpointError):
 
 @dataclass(frozen=True)
 class HubRef:
+    """A parsed `hf:ORG/REPO[/FILE][@REVISION]`: a whole repository when `filename` is None."""
+
     repo_id: str
     filename: str | None
     revision: str | None
@@ -36,6 +37,8 @@ class HubRef:
 
 
 def parse_hf_ref(ref: str) -> HubRef:
+    """`hf:ORG/REPO[/FILE][@REVISION]` -> HubRef. ValueError for a string that is no hf: reference, CheckpointError
+    for one without ORG/REPO."""
     if not ref.startswith("hf:"):
         raise ValueError(f"{ref!r} is not an hf: reference")
     body, _, revision = ref[3:].partition("@")
@@ -46,6 +49,7 @@ def parse_hf_ref(ref: str) -> HubRef:
 
 
 def sha256_of(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in `chunk`-byte blocks (weights files are large)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -54,6 +58,7 @@ def sha256_of(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 
 def is_offline(offline: bool | None = None) -> bool:
+    """`offline` when given, else whether HF_HUB_OFFLINE or MEDDINOV3_OFFLINE is set (1, true, yes)."""
     if offline is not None:
         return offline
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or \
@@ -78,6 +83,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def imports_dir() -> Path:
+    """Where imported offline copies of manifest files live, by checksum (`store.import_model` writes them)."""
     return user_dir() / "imports"
 
 
@@ -106,7 +112,12 @@ def _verified_ok(path: Path, sha256: str) -> bool:
 
 def resolve_hf(ref: str, offline: bool | None = None, cache_dir: str | os.PathLike | None = None,
                progress: bool = True) -> Path:
-    """Local path of an hf: reference: the imported copy, the huggingface_hub cache, or a download."""
+    """Local path of an hf: reference: the imported copy, the huggingface_hub cache, or a download.
+
+    A file named in the manifest is checked against its sha256 (CheckpointError when it does not match; a file
+    downloaded just now is then deleted). `offline` (default: `is_offline()`): never download; ModelNotAvailable
+    when the file is not here. `cache_dir`: huggingface_hub's cache (default HF_HUB_CACHE). Returns the file, or
+    the snapshot folder of a reference without a file name."""
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -158,103 +169,3 @@ def resolve_hf(ref: str, offline: bool | None = None, cache_dir: str | os.PathLi
         raise CheckpointError(f"{path}: sha256 does not match the manifest entry for {ref}; the file is corrupt "
                               "or not the published one. Delete it and download again.")
     return path
-
-
-@dataclass(frozen=True)
-class ImportResult:
-    """Where an import went and how the file was recognised, so the command line can say whether it was verified."""
-
-    path: Path
-    name: str  # what `resolve` finds it by: the manifest entry's or the imported model's name
-    sha256: str | None = None  # of a single file
-    entry: dict | None = None  # the manifest entry whose offline copy the file became
-    matched_by: str | None = None  # "sha256" (verified), "file name" or "name" (the entry has no checksum)
-
-
-def _manifest_match(src: Path, digest: str, name: str | None) -> tuple[dict, str] | None:
-    """(entry, matched by) of the manifest entry a downloaded file is a copy of: by sha256, else by name: the file is
-    named like the file of the entry's hf: reference, or `name` is the entry's name (a renamed download). Any other
-    `name` means the user's own model, which a common file name such as model.pth must not turn into an entry's."""
-    entries = [e for e in load_manifest() if e["ref"].startswith("hf:")]
-    for entry in entries:
-        if entry.get("sha256") == digest:
-            return entry, "sha256"
-    files = [e for e in entries if parse_hf_ref(e["ref"]).filename]
-    if name is None:
-        named = [e for e in files if Path(parse_hf_ref(e["ref"]).filename).name == src.name]
-    else:
-        named = [e for e in files if e["name"] == name]
-    if len(named) > 1:
-        raise CheckpointError(f"{src}: its name matches the files of several manifest models "
-                              f"({', '.join(e['name'] for e in named)}); pass --name with the one it is")
-    if not named:
-        return None
-    entry = named[0]
-    if entry.get("sha256"):
-        raise CheckpointError(f"{src}: named as the file of manifest model {entry['name']} ({entry['ref']}) but its "
-                              f"sha256 {digest} is not the published one; the file is corrupt or a different one")
-    return entry, "file name" if name is None else "name"
-
-
-def _check_import_name(name: str) -> None:
-    """An imported model's name is one folder of the store, and must not hide a manifest model of that name."""
-    if not name or name.startswith(".") or "/" in name or "\\" in name or name != name.strip():
-        raise CheckpointError(f"--name {name!r}: not usable as a model name (no path separators, no leading dot)")
-    entry = manifest_entry(name)
-    if entry is not None and not entry["ref"].startswith("hf:"):
-        raise CheckpointError(f"{name}: the name of a model of the manifest ({entry['ref']}); choose another --name")
-
-
-def _check_importable(src: Path) -> None:
-    """A file or folder that no command could load is refused before anything is copied."""
-    from .loader import read_model
-
-    read_model(src.resolve(), offline=True)  # its errors name the file and the problem
-
-
-def import_model(path: str | os.PathLike, name: str | None = None) -> ImportResult:
-    """Copy a downloaded file or model folder into the user's store.
-
-    A file that matches a manifest entry (by sha256, or by name while the entry has no checksum: see
-    `_manifest_match`) becomes that entry's offline copy: its hf: reference then resolves without network. Anything
-    else is stored under `models/<name>` and listed as imported; a single file is then the model, not its folder.
-    """
-    src = Path(path)
-    if not src.exists():
-        raise CheckpointError(f"{src}: no such file or folder")
-    if name is not None:
-        _check_import_name(name)
-    _check_importable(src)
-    digest = None
-    if src.is_file():
-        digest = sha256_of(src)
-        match = _manifest_match(src, digest, name)
-        if match is not None:
-            entry, matched_by = match
-            hub = parse_hf_ref(entry["ref"])
-            if matched_by == "sha256":
-                dest = imports_dir() / digest / Path(hub.filename or src.name).name
-            else:
-                dest = unverified_import_path(hub)
-            with atomic_path(dest) as tmp:
-                shutil.copyfile(src, tmp)
-            return ImportResult(dest, entry["name"], digest, entry, matched_by)
-    dest = user_dir() / "models" / (name or src.name.split(".")[0])
-    if name is None:
-        _check_import_name(dest.name)
-    if dest.exists():
-        raise FileExistsError(f"{dest}: a model with this name was already imported; choose another --name")
-    tmp = dest.with_name(f".{dest.name}.importing")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if src.is_dir():
-        shutil.copytree(src, tmp)
-    else:
-        tmp.mkdir(parents=True)
-        shutil.copyfile(src, tmp / src.name)
-    os.replace(tmp, dest)
-    return ImportResult(imported_model_path(dest), dest.name, digest)
-
-
-def import_file(path: str | os.PathLike, name: str | None = None) -> Path:
-    """Where `import_model` stored the file or folder (the model reference callers list and load)."""
-    return import_model(path, name).path

@@ -59,7 +59,20 @@ def resolve(ref: str | os.PathLike, offline: bool | None = None) -> Path:
                        "model manifest or among imported or registered models; `meddinov3 models list` shows them)")
 
 
+def run_package(ref: str | os.PathLike) -> str | os.PathLike | Path:
+    """The model package a training or pretraining run folder exported (its `model/`, else `backbone/`), for
+    `--base RUN_FOLDER`; any other reference unchanged."""
+    path = Path(os.fspath(ref)).expanduser()
+    if path.is_dir() and not is_package(path):
+        for sub in RUN_OUTPUT_FOLDERS:
+            if is_package(path / sub):
+                return path / sub
+    return ref
+
+
 def detect_format(path: Path) -> str:
+    """"package", "nnunet" or "checkpoint" (a .pth whose layout is known only once loaded) for a resolved path;
+    CheckpointError saying what a folder lacks (and which package a run folder holds)."""
     if path.is_dir():
         if is_package(path):
             return "package"
@@ -102,18 +115,20 @@ def _read_pth(path: Path) -> tuple[str, ModelSpec, list[dict]]:
 
 def read_model(ref: str | os.PathLike, folds: list[str] | None = None, offline: bool | None = None
                ) -> tuple[str, ModelSpec, list[dict], Path]:
-    """(format, spec, state dicts in `MedDINOv3` naming (one per fold), resolved path); no network built."""
+    """Read any layout without building a network: `load_model`, `convert`, `describe` and imports share it.
+
+    Args:
+        ref: a path, `hf:` reference or model name (see `resolve`).
+        folds: fold names to read (package and nnU-Net folders; CheckpointError for an unknown one); None: all.
+        offline: never download.
+
+    Returns (format: one of FORMATS, spec, state dicts in `MedDINOv3` naming (one per fold), resolved path).
+    """
     path = resolve(ref, offline=offline)
     fmt = detect_format(path)
     if fmt == "package":
         pkg = path if path.is_dir() else path.parent
-        spec = read_spec(pkg)
-        if folds is not None:
-            missing = [f for f in folds if f not in spec.folds]
-            if missing:
-                raise CheckpointError(f"{pkg}: no fold(s) {', '.join(missing)} (has {', '.join(spec.folds)})")
-            keep = [spec.folds.index(f) for f in folds]
-            spec = spec.replace(weights=[spec.weights[i] for i in keep], folds=list(folds))
+        spec, _ = read_spec(pkg).with_folds(folds, pkg)
         return fmt, spec, read_weights(pkg, spec), pkg
     if fmt == "nnunet":
         spec, sds = read_nnunet_folder(path, folds)
@@ -131,16 +146,38 @@ class LoadedModel:
     format: str
     path: Path
 
+    def with_folds(self, folds: list[str] | None) -> "LoadedModel":
+        """The same networks restricted to `folds` (None: this model itself); nothing is read or copied."""
+        if folds is None:
+            return self
+        spec, keep = self.spec.with_folds(folds, self.path)
+        return LoadedModel(spec, [self.networks[i] for i in keep], self.format, self.path)
+
 
 def network_from_state_dict(cfg: ModelConfig, state_dict: dict, source: str) -> MedDINOv3:
+    """`build_model(cfg)` with `state_dict` loaded strictly (CheckpointError naming `source` for missing or
+    unexpected keys); on the CPU, in train mode."""
     net = build_model(cfg)
     load_strict(net, state_dict, source)
     return net
 
 
-def load_model(ref: str | os.PathLike, device: str | torch.device = "cpu", folds: list[str] | None = None,
-               offline: bool | None = None) -> LoadedModel:
-    """Load a segmentation model (any layout) onto `device`, in eval mode."""
+def load_model(ref: str | os.PathLike | LoadedModel, device: str | torch.device = "cpu",
+               folds: list[str] | None = None, offline: bool | None = None) -> LoadedModel:
+    """Load a segmentation model of any layout onto `device`, in eval mode.
+
+    Args:
+        ref: a path (package, nnU-Net result folder, .pth), `hf:` reference or model name (see `resolve`); or an
+            already `LoadedModel`, returned restricted to `folds` (its networks stay where they are).
+        device: where the networks go.
+        folds: fold names to load (their probabilities are averaged); None: every fold.
+        offline: never download (default: `HF_HUB_OFFLINE` / `MEDDINOV3_OFFLINE`).
+
+    Returns a `LoadedModel`: the spec (classes, spacing, normalisation, ...) and one network per fold. Raises
+    CheckpointError for a pretrained backbone (no decoder) or an unknown fold, UnknownModel for an unknown `ref`.
+    """
+    if isinstance(ref, LoadedModel):
+        return ref.with_folds(folds)
     fmt, spec, sds, path = read_model(ref, folds=folds, offline=offline)
     if spec.kind != "segmentation":
         raise CheckpointError(f"{path}: this is a pretrained backbone without a segmentation decoder; fine-tune it "
@@ -153,14 +190,9 @@ def load_backbone(ref: str | os.PathLike, offline: bool | None = None) -> tuple[
     """Backbone weights (keys without `backbone.`) and architecture of any layout, for `train/pretrain --base`.
 
     A training or pretraining run folder is accepted too: its exported `model/` or `backbone/` package is used.
+    Returns (architecture, backbone state dict, spec of the source).
     """
-    path = Path(os.fspath(ref)).expanduser()
-    if path.is_dir() and not is_package(path):
-        for sub in ("model", "backbone"):
-            if is_package(path / sub):
-                ref = path / sub
-                break
-    fmt, spec, sds, path = read_model(ref, folds=None, offline=offline)
+    fmt, spec, sds, path = read_model(run_package(ref), folds=None, offline=offline)
     backbone = strip_prefix(sds[0], "backbone.")
     return spec.config, backbone, spec
 

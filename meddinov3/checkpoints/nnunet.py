@@ -23,6 +23,9 @@ from .package import ClassInfo, ModelSpec
 from .safe_load import CheckpointError, safe_torch_load
 
 CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_best.pth")
+# nnU-Net's planner defaults, for plans without `resampling_fn_*_kwargs` (read here, used by `engine.nnunet_mode`)
+DEFAULT_RESAMPLING_DATA = {"order": 3, "order_z": 0, "force_separate_z": None}
+DEFAULT_RESAMPLING_PROBABILITIES = {"order": 1, "order_z": 0, "force_separate_z": None}
 
 
 def is_nnunet_folder(path: str | Path) -> bool:
@@ -166,8 +169,6 @@ def read_nnunet_folder(folder: str | Path, folds: list[str] | None = None
 
 def _resampling(cfg: dict, which: str, source: str) -> dict:
     """{order, order_z, force_separate_z} of the plans' `resampling_fn_<which>` (nnU-Net's defaults if absent)."""
-    from ..engine.nnunet_mode import DEFAULT_RESAMPLING_DATA, DEFAULT_RESAMPLING_PROBABILITIES
-
     fn = cfg.get(f"resampling_fn_{which}", "resample_data_or_seg_to_shape")
     if fn != "resample_data_or_seg_to_shape":
         raise CheckpointError(f"{source}: resampling_fn_{which} {fn!r} is not supported (only nnU-Net's default "

@@ -80,6 +80,20 @@ class ModelSpec:
     license: str = ""
     provenance: dict = field(default_factory=dict)
 
+    def with_folds(self, folds: list[str] | None, source) -> tuple["ModelSpec", list[int]]:
+        """This spec restricted to `folds` (in that order) and their indices in `self.folds` (None: every fold).
+
+        The one place a fold selection is checked, whether the weights are still to be read (`read_model`) or the
+        networks already built (`LoadedModel.with_folds`). CheckpointError naming `source` for an unknown fold."""
+        if folds is None:
+            return self, list(range(len(self.folds)))
+        missing = [f for f in folds if f not in self.folds]
+        if missing:
+            raise CheckpointError(f"{source}: no fold(s) {', '.join(missing)} (has {', '.join(self.folds)})")
+        keep = [self.folds.index(f) for f in folds]
+        weights = [self.weights[i] for i in keep] if len(self.weights) == len(self.folds) else self.weights
+        return self.replace(weights=weights, folds=list(folds)), keep
+
     def to_dict(self) -> dict:
         return {
             "format": PACKAGE_FORMAT,

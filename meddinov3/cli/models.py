@@ -34,8 +34,7 @@ def import_report(result) -> list[str]:
 
 
 def run(args) -> int:
-    from ..checkpoints import resolve
-    from ..checkpoints.hub import import_model
+    from ..checkpoints import import_model, resolve
 
     if args.models_verb == "list":
         rows = list_models()

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..options import SegmentOptions, add_arguments
+
 FORMATS = ("nii.gz", "nrrd", "seg.nrrd", "dicom-seg")
 # (argparse name, flag, file suffix in an output folder) of the files written beside each label map
 SIDE_FLAGS = (("save_probabilities", "--save-probabilities", "npz"), ("statistics", "--statistics", "json"),
@@ -25,14 +27,6 @@ def add_parser(sub) -> None:
                    help="output .nii.gz/.nrrd label map, .seg.nrrd or .dcm (DICOM SEG); a folder when there are "
                         "several inputs")
     p.add_argument("--model", required=True, help="model package, nnU-Net result folder, hf: reference or name")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
-    p.add_argument("--fast", action="store_true",
-                   help="for CPUs: lower in-plane resolution (the model's fast spacing or 2x), and only every n-th thin "
-                   "slice through the network (the slices between are interpolated)")
-    p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (up to 4 passes)")
-    p.add_argument("--folds", default="all", help="'all' or comma-separated fold names (probabilities averaged)")
-    p.add_argument("--batch-size", default="auto", help="slices/tiles per forward pass: auto or a number")
-    p.add_argument("--roi", help="voxel box x0,y0,z0,x1,y1,z1 (end exclusive); outside is background")
     p.add_argument("--save-probabilities", metavar="FILE.npz",
                    help="also save float16 class probabilities (several inputs: a folder, one NAME.npz per input); "
                         "they are the model's, before post-processing (the .npz lists the steps the labels had), "
@@ -48,48 +42,22 @@ def add_parser(sub) -> None:
                    help="file type written into the -o folder when there are several inputs (default nii.gz); "
                         "dicom-seg: a DICOM Segmentation (.dcm; any -o ending in .dcm is one) referencing the "
                         "input DICOM series")
-    p.add_argument("--keep-largest", action="store_true", help="keep the largest connected component per label")
-    p.add_argument("--fill-holes", action="store_true", help="fill holes per label")
-    p.add_argument("--no-postprocessing", dest="postprocess", action="store_false",
-                   help="skip the post-processing the model package declares (model.json 'postprocessing')")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the network (CUDA)")
-    p.add_argument("--training-orientation", metavar="CODE",
-                   help="nnU-Net result folders (and their conversions): how the training files were stored, e.g. RAS "
-                        "(NIfTI) or LPS (DICOM-derived); inputs stored otherwise are reoriented to it before slicing "
-                        "and the labels back (default: the package's setting, else the input's array as stored, "
-                        "like nnUNetv2_predict)")
-    p.add_argument("--reference-precision", action="store_true",
-                   help="compute RoPE in bf16 as the reference MedDINOv3 code does (fidelity checks; default fp32)")
+    add_arguments(p)  # every SegmentOptions field: --device, --fast, --tta, --folds, --batch-size, --roi, ...
     p.add_argument("--json-progress", action="store_true", help="one JSON event per line on stdout")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing outputs (a folder of inputs otherwise skips the cases already done)")
     p.set_defaults(run=run)
 
 
-def _parse(args):
+def _options(args):
+    """The `SegmentOptions` of the parsed arguments, checked (one error line naming the flag)."""
     from .main import CommandError
 
-    folds = None if args.folds in (None, "", "all") else [f.strip() for f in args.folds.split(",") if f.strip()]
-    if folds is not None:
-        folds = list(dict.fromkeys(folds))  # "0,0" runs fold 0 once
-    if args.batch_size == "auto":
-        batch = "auto"
-    else:
-        try:
-            batch = int(args.batch_size)
-            if batch < 1:
-                raise ValueError
-        except ValueError:
-            raise CommandError(f"--batch-size must be 'auto' or a positive integer, got {args.batch_size!r}") from None
-    roi = None
-    if args.roi:
-        try:
-            roi = [int(v) for v in args.roi.split(",")]
-        except ValueError:
-            roi = []
-        if len(roi) != 6:
-            raise CommandError(f"--roi needs six integers x0,y0,z0,x1,y1,z1, got {args.roi!r}")
-    return folds, batch, roi
+    try:
+        options = SegmentOptions.from_args(args)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    return options.replace(training_orientation=_orientation(options.training_orientation))
 
 
 def _orientation(code: str | None) -> str | None:
@@ -150,8 +118,8 @@ def _file_name(path: Path) -> bool:
 
 
 def run(args) -> int:
+    """One input, or a cohort (`_run_cohort`); every check before the model is loaded. Returns the exit code."""
     from ..engine import segment_file
-    from ..engine.outputs import check_not_input, check_output, check_writable, input_files
     from ..progress import Progress
     from ..volumes import InputError, list_inputs
     from .main import CommandError, device_option, failure_reported
@@ -160,8 +128,7 @@ def run(args) -> int:
     progress = Progress(json_lines=args.json_progress, desc="segment", enabled=int(os.environ.get("RANK", "0")) == 0)
     started = time.perf_counter()
     with failure_reported(progress):
-        folds, batch, roi = _parse(args)
-        orientation = _orientation(args.training_orientation)
+        options = _options(args)
         try:
             inputs = list_inputs(args.inputs)
         except InputError as e:
@@ -172,38 +139,22 @@ def run(args) -> int:
             raise CommandError("under torchrun, segment shares a cohort out over the processes: give a folder of "
                                "scans (or several inputs) and an output folder")
         outputs, side_outputs = _outputs(inputs, args, batch_mode)
-        sources = input_files(inputs) if any(o.exists() for o in outputs) else []
-        try:
-            for o, side in zip(outputs, side_outputs):
-                check_not_input(o, sources)
-                if not batch_mode:  # a cohort skips the cases whose outputs exist: only its folders must take files
-                    check_output(o, args.overwrite)
-                    side.check(args.overwrite)
-            if batch_mode:
-                check_writable(outputs[0])
-                # the side folders' rules (a statistics folder must exist, all must take files); existing files are
-                # not refused here: a finished case is skipped, an unfinished one is checked by `segment_file`
-                side_outputs[0].check(overwrite=True)
-        except ValueError as e:
-            raise CommandError(str(e)) from None
+        _check_outputs(inputs, outputs, side_outputs, batch_mode, args.overwrite)
         info, device = _join(args.device) if batch_mode else (None, device_option(args.device))
         from ..checkpoints import load_model
 
-        model = load_model(args.model, device=device, folds=folds)
-        if orientation and model.spec.slicing != "stored":
+        options = options.replace(device=str(device))
+        model = load_model(args.model, device=device, folds=options.folds)
+        if options.training_orientation and model.spec.slicing != "stored":
             raise CommandError(f"{args.model}: --training-orientation is for nnU-Net result folders and packages "
                                "converted from them; this model slices the engine's canonical view")
         progress.event("started", inputs=[str(p) for p in inputs], outputs=[str(o) for o in outputs],
                        model=str(model.path), device=str(device))
 
         def segment_one(inp, out, side, case_progress):
-            result = segment_file(inp, out, model, probabilities_path=side.probabilities,
+            result = segment_file(inp, out, model, options, probabilities_path=side.probabilities,
                                   statistics_path=side.statistics, uncertainty_path=side.uncertainty,
-                                  overwrite=args.overwrite, progress=case_progress, device=device, fast=args.fast,
-                                  tta=args.tta, batch_size=batch, roi=roi, keep_largest=args.keep_largest,
-                                  fill_holes=args.fill_holes, postprocess=args.postprocess,
-                                  compile=args.compile, training_orientation=orientation,
-                                  reference_precision=args.reference_precision)
+                                  overwrite=args.overwrite, progress=case_progress)
             omitted = result.stats.get("dicom_seg_omitted")
             if omitted:
                 print(f"meddinov3 segment: note: {out}: empty classes left out of the DICOM SEG: {', '.join(omitted)}",
@@ -229,6 +180,29 @@ def run(args) -> int:
         progress.close()
         progress.event("done", seconds=round(time.perf_counter() - started, 2), count=1)
         return 0
+
+
+def _check_outputs(inputs: list[Path], outputs: list[Path], side_outputs: list, batch_mode: bool,
+                   overwrite: bool) -> None:
+    """Refuse, before any work, outputs that are inputs, or that exist without `overwrite` (one input), or folders
+    that cannot take the files (a cohort)."""
+    from ..engine.outputs import check_not_input, check_output, check_writable, input_files
+    from .main import CommandError
+
+    sources = input_files(inputs) if any(o.exists() for o in outputs) else []
+    try:
+        for o, side in zip(outputs, side_outputs):
+            check_not_input(o, sources)
+            if not batch_mode:  # a cohort skips the cases whose outputs exist: only its folders must take files
+                check_output(o, overwrite)
+                side.check(overwrite)
+        if batch_mode:
+            check_writable(outputs[0])
+            # the side folders' rules (a statistics folder must exist, all must take files); existing files are
+            # not refused here: a finished case is skipped, an unfinished one is checked by `segment_file`
+            side_outputs[0].check(overwrite=True)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
 
 
 def _join(device: str):

@@ -2,7 +2,7 @@
 
 from .inference import SlicePredictor, gaussian_weights, tile_starts
 from .outputs import write_labels, write_probabilities
-from .pipeline import Cancelled, SegmentationResult, resolve_device, segment_file, segment_image
+from .pipeline import Cancelled, SegmentationResult, SegmentOptions, resolve_device, segment_file, segment_image
 
-__all__ = ["Cancelled", "SegmentationResult", "SlicePredictor", "gaussian_weights", "resolve_device",
-           "segment_file", "segment_image", "tile_starts", "write_labels", "write_probabilities"]
+__all__ = ["Cancelled", "SegmentOptions", "SegmentationResult", "SlicePredictor", "gaussian_weights",
+           "resolve_device", "segment_file", "segment_image", "tile_starts", "write_labels", "write_probabilities"]

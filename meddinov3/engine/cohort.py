@@ -327,11 +327,11 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
             writer.writerows(rows)
 
 
-def segment_cohort(inputs: Sequence[str | os.PathLike], output_folder: str | os.PathLike, model, *,
-                   device: str | torch.device = "auto", output_format: str = "nii.gz",
+def segment_cohort(inputs: Sequence[str | os.PathLike], output_folder: str | os.PathLike, model,
+                   options: SegmentOptions | None = None, *, output_format: str = "nii.gz",
                    probabilities_folder: str | os.PathLike | None = None, overwrite: bool = False,
                    csv_path: str | os.PathLike | None = None, progress=None, info: D.DistInfo | None = None,
-                   folds: list[str] | None = None, **options) -> CohortReport:
+                   **option_fields) -> CohortReport:
     """Segment a cohort into `output_folder` (NAME.<output_format>, NAME.npz in `probabilities_folder`), by this
     process alone or, under torchrun, shared out over every rank (each calls it with the same arguments).
 
@@ -339,31 +339,36 @@ def segment_cohort(inputs: Sequence[str | os.PathLike], output_folder: str | os.
     reference (path, hf:, name) or a `LoadedModel` (on this rank's device). `info`: rank and world; default: join
     the torchrun job from its environment (`join_cohort`: cuda:LOCAL_RANK per rank), else one process.
     Finished cases (all outputs present) are skipped unless `overwrite`. `csv_path`: default
-    `output_folder/cohort.csv`. `options`: `segment_image`'s (fast, tta, batch_size, roi, postprocess, ...).
+    `output_folder/cohort.csv`. `options` / `option_fields`: as `segment_image`'s (device, folds, fast, tta,
+    batch_size, roi, postprocess, ...). Returns the CohortReport (a row per case; the CSV's).
     Raises InputError / ValueError for unusable inputs or names before any work.
     """
+    from ..checkpoints import load_model
+    from ..options import SegmentOptions
     from ..volumes import list_inputs
     from .outputs import check_not_input, input_files
-    from .pipeline import _load, resolve_device, segment_file
+    from .pipeline import resolve_device, segment_file
 
+    options = SegmentOptions.merged(options, **option_fields)
     created = info is None and not dist.is_initialized()
     if info is None:
         try:
-            info, dev = join_cohort(str(device))
+            info, dev = join_cohort(options.device)
         except D.DeviceError as e:
             raise ValueError(str(e)) from None
     else:
-        dev = resolve_device(device)
+        dev = resolve_device(options.device)
     cases = cohort_cases(list_inputs(inputs), output_folder, output_format,
                          [(probabilities_folder, "npz")] if probabilities_folder else [])
     sources = input_files([c.input for c in cases]) if any(c.output.exists() for c in cases) else []
     for case in cases:
         check_not_input(case.output, sources)  # an output that is its input is never "finished"
-    loaded = _load(model, dev, folds)
+    loaded = load_model(model, device=dev, folds=options.folds)
+    options = options.replace(device=str(dev))
 
     def segment_case(case: CohortCase) -> dict:
-        return segment_file(case.input, case.output, loaded, probabilities_path=case.extras[0] if case.extras else None,
-                            overwrite=overwrite, device=dev, **options).stats
+        return segment_file(case.input, case.output, loaded, options, overwrite=overwrite,
+                            probabilities_path=case.extras[0] if case.extras else None).stats
 
     report = run_cohort(cases, segment_case, info, overwrite,
                         Path(output_folder) / CSV_NAME if csv_path is None else csv_path, progress)

@@ -21,13 +21,13 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
+from ..options import SegmentOptions
 from ..volumes import Orientation, direction_of_code
 from .inference import SlicePredictor
 from .preprocess import make_normalizer, resampled_shape, target_spacing
+from .stages import Cancelled, check_model_slice, is_cancelled
 
 ANISO_THRESHOLD = 3.0  # nnU-Net's ANISO_THRESHOLD: spacing ratio above which z is resampled separately
-DEFAULT_RESAMPLING_DATA = {"order": 3, "order_z": 0, "force_separate_z": None}  # nnU-Net's planner defaults
-DEFAULT_RESAMPLING_PROBABILITIES = {"order": 1, "order_z": 0, "force_separate_z": None}
 
 
 # ---------------------------------------------------------------------------------------------- layout
@@ -171,28 +171,25 @@ def resample(data: np.ndarray, new_shape, current_spacing, new_spacing, order: i
 # ---------------------------------------------------------------------------------------------- prediction
 
 
-def predict_stored(image: sitk.Image, networks, spec, device: torch.device, out: np.ndarray, bg_index: int = 0,
-                   tta: bool = False, batch_size="auto", compile=None, fast: bool = False,
-                   return_probabilities: bool = False, training_orientation: str | None = None, progress=None,
+def predict_stored(image: sitk.Image, networks, spec, device: torch.device, out: np.ndarray,
+                   options: SegmentOptions, bg_index: int = 0, return_probabilities: bool = False, progress=None,
                    cancel=None, source="<image>") -> tuple[np.ndarray | None, dict]:
     """Class indices of `image` written into `out` ((z, y, x) of the image, its dtype) the way nnUNetv2_predict
     computes them. Returns (float16 probabilities (classes, z, y, x) or None, stats).
 
-    `training_orientation` overrides the package's (`spec.nnunet["training_orientation"]`); `fast` runs at the
-    model's fast in-plane spacing. `cancel()` True between batches raises `pipeline.Cancelled`; `source` names the
-    image in errors.
+    `options.training_orientation` overrides the package's (`spec.nnunet["training_orientation"]`);
+    `options.fast` runs at the model's fast in-plane spacing; `options.tta`, `batch_size` and `compile` go to the
+    `SlicePredictor`. `cancel()` True between batches raises `stages.Cancelled`; `source` names the image in errors.
     """
-    from .pipeline import Cancelled, _cancelled, check_model_slice
-
     t0 = time.perf_counter()
     plans = spec.nnunet
     layout = StoredLayout.of(image, plans["transpose_forward"],
-                             training_orientation or plans.get("training_orientation"))
+                             options.training_orientation or plans.get("training_orientation"))
     data = layout.to_layout(sitk.GetArrayViewFromImage(image))
     box = nonzero_box(data)
     cropped = normalize_volume(np.array(data[box], dtype=np.float32), spec.normalization)
     spacing = layout.spacing
-    target = (spacing[0],) + tuple(target_spacing(spec, spacing[1:], fast))
+    target = (spacing[0],) + tuple(target_spacing(spec, spacing[1:], options.fast))
     model_hw = resampled_shape(cropped.shape[1:], spacing[1:], target[1:])
     check_model_slice(source, cropped.shape[1:], spacing[1:], model_hw, target[1:])
     model_in = resample(cropped[None], (cropped.shape[0], *model_hw), spacing, target, **plans["resampling_data"])[0]
@@ -209,13 +206,13 @@ def predict_stored(image: sitk.Image, networks, spec, device: torch.device, out:
         probs[bg_index] = 1.0
         probs_view = layout.to_layout(probs)[(slice(None),) + box]
 
-    predictor = SlicePredictor(networks, spec, device, tta=tta, batch_size=batch_size, compile=compile,
-                               return_logits=True)
+    predictor = SlicePredictor(networks, spec, device, tta=options.tta, batch_size=options.batch_size,
+                               compile=options.compile, return_logits=True)
     per_batch = max(1, predictor.resolve_batch_size(model_hw) // predictor.tiles_per_slice(model_hw))
     Z = model_in.shape[0]
     t_model = 0.0
     for start in range(0, Z, per_batch):
-        if _cancelled(cancel):
+        if is_cancelled(cancel):
             raise Cancelled("segmentation cancelled")
         zs = slice(start, min(Z, start + per_batch))
         t1 = time.perf_counter()
