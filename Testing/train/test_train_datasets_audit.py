@@ -114,7 +114,7 @@ def test_unknown_device_is_a_train_error(ds_folder, tmp_path):
 
 
 def test_unknown_device_is_a_pretrain_error(ds_folder, tmp_path):
-    """`pretrain` shares the device check (train.distributed.init -> engine.resolve_device)."""
+    """`pretrain` shares the device check (distributed.init -> engine.resolve_device)."""
     from meddinov3.pretrain.loop import PretrainConfig, PretrainError, pretrain
 
     for device in ("cuda:77", "gpu"):
