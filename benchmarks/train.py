@@ -32,7 +32,8 @@ from meddinov3.data.prefetch import Prefetcher  # noqa: E402
 from meddinov3.data.sampler import PatchSampler  # noqa: E402
 from meddinov3.model import build_model  # noqa: E402
 from meddinov3.train.losses import DiceCELoss  # noqa: E402
-from meddinov3.train.loop import TrainConfig, forward_loss  # noqa: E402
+from meddinov3.train import TrainConfig  # noqa: E402
+from meddinov3.train.loop import forward_loss  # noqa: E402
 from meddinov3.train.optim import make_optimizer  # noqa: E402
 
 

@@ -49,6 +49,11 @@ class Progress:
         self._bar = None
         self._start = time.monotonic()
 
+    @property
+    def shows_bar(self) -> bool:
+        """Whether a tqdm bar shows the progress (log lines that repeat it would only break it up)."""
+        return self._use_bar
+
     def event(self, name: str, **fields: Any) -> dict:
         record = {"event": name, "time": round(time.time(), 3), **jsonable(fields)}
         if self.json_lines:

@@ -61,7 +61,7 @@ def test_splits_file_round_trip_and_checks(tmp_path):
 
 def test_recipes_load_and_set_what_they_claim():
     from meddinov3.model import build_model
-    from meddinov3.train.loop import build_network
+    from meddinov3.train.plan import build_network
 
     train_cli, args = _parse(["--recipe", "reference", "--size", "tiny"])
     cfg = train_cli.build_config(args)
@@ -114,7 +114,7 @@ def test_recipe_and_fold_errors_are_one_line(tmp_path):
 
 
 def test_nnunet_batch_rule():
-    from meddinov3.train.loop import nnunet_batch_size
+    from meddinov3.train.plan import nnunet_batch_size
 
     big = [(300, 512, 512)] * 3
     assert nnunet_batch_size(big, 100, (512, 512)) == 12                 # the 2D plans' batch for 512 x 512
@@ -193,7 +193,8 @@ def phantom5(tmp_path_factory):
 
 def test_resolution_scales_spacing_by_patch_over_resolution(phantom5, tmp_path):
     from meddinov3.data import SliceCache, load_dataset
-    from meddinov3.train.loop import TrainConfig, prepare_cache
+    from meddinov3.train import TrainConfig
+    from meddinov3.train.plan import prepare_cache
 
     ds = load_dataset(phantom5)
     names = [c.name for c in ds.cases]

@@ -114,7 +114,7 @@ def test_unknown_device_is_a_train_error(ds_folder, tmp_path):
 
 
 def test_unknown_device_is_a_pretrain_error(ds_folder, tmp_path):
-    """`pretrain` shares the device check (train.distributed.init -> engine.resolve_device)."""
+    """`pretrain` shares the device check (distributed.init -> engine.resolve_device)."""
     from meddinov3.pretrain.loop import PretrainConfig, PretrainError, pretrain
 
     for device in ("cuda:77", "gpu"):
@@ -130,7 +130,9 @@ def test_dataset_json_names_its_folder(ds_folder):
     assert ds.format == "nnunet" and ds.source == str(ds_folder) and len(ds.cases) == 2
 
 
-def test_a_declared_class_absent_from_every_training_case_is_warned(ds_folder, tmp_path, capsys):
+def test_a_declared_class_absent_from_every_training_case_is_warned(ds_folder, tmp_path, caplog):
+    import logging
+
     from meddinov3.train import train
 
     meta = json.loads((ds_folder / "dataset.json").read_text())
@@ -141,12 +143,14 @@ def test_a_declared_class_absent_from_every_training_case_is_warned(ds_folder, t
     cfg = TrainConfig(data=str(ds_folder), out=str(tmp_path / "run"), size="tiny", model={"depth": 1}, steps=1,
                       batch_size=1, val_fraction=0, patch_size=[32, 32], device="cpu",
                       cache_dir=str(tmp_path / "cache"))
-    train(cfg)
-    assert "WARNING: label(s) 'pancreas' (6) have no voxels in any training case" in capsys.readouterr().err
+    with caplog.at_level(logging.WARNING, logger="meddinov3"):  # the command line prints it as
+        train(cfg)  # "[meddinov3 train] WARNING: label(s) ..." (Testing/core/test_logging.py)
+    assert ("meddinov3.train.loop", logging.WARNING, "label(s) 'pancreas' (6) have no voxels in any training case") \
+        in caplog.record_tuples
 
 
 def test_unknown_validation_case_lists_the_cases(ds_folder):
-    from meddinov3.train.loop import split_cases
+    from meddinov3.train import split_cases
 
     ds = load_dataset(ds_folder)
     with pytest.raises(TrainError, match=r"\['nope'\] are not in the dataset \(cases: case0, case1\)$"):

@@ -17,7 +17,7 @@ from meddinov3.data.prefetch import Prefetcher
 from meddinov3.data.sampler import PatchSampler
 from meddinov3.train import TrainConfig, train
 from meddinov3.train.checkpoint import load_state
-from meddinov3.train.curves import read_metrics
+from meddinov3.runs import read_metrics
 
 from ._datasets import cached_cases, phantom_dataset
 

@@ -12,7 +12,7 @@ from meddinov3.data.sampler import PatchSampler
 from meddinov3.model import build_model
 from meddinov3.train.losses import DiceCELoss, dice_per_class, soft_dice
 from meddinov3.train.optim import freeze_blocks, make_optimizer, make_scheduler
-from meddinov3.train.loop import TrainConfig
+from meddinov3.train import TrainConfig
 
 from ._datasets import cached_cases
 
@@ -111,9 +111,10 @@ def test_repeated_set_options_accumulate():
         assert (cfg.seed, cfg.log_every, cfg.checkpoint_every) == (3, 7, 11)
 
 
-def test_curves_are_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):
+def test_curves_are_skipped_without_matplotlib(tmp_path, monkeypatch, caplog):
     """A Python without matplotlib (a bare Slicer) still trains: curves.png is skipped with one message."""
     import json
+    import logging
     import sys
 
     from meddinov3.pretrain.loop import plot_curves as plot_pretrain_curves
@@ -125,7 +126,9 @@ def test_curves_are_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):
     assert curves.plot_curves(metrics, tmp_path / "with.png") == tmp_path / "with.png"
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
     monkeypatch.setattr(curves.pyplot, "warned", False, raising=False)
-    assert curves.plot_curves(metrics, tmp_path / "without.png") is None
-    plot_pretrain_curves(metrics, tmp_path / "pretrain.png")
+    with caplog.at_level(logging.WARNING, logger="meddinov3"):
+        assert curves.plot_curves(metrics, tmp_path / "without.png") is None
+        plot_pretrain_curves(metrics, tmp_path / "pretrain.png")
     assert not (tmp_path / "without.png").exists() and not (tmp_path / "pretrain.png").exists()
-    assert capsys.readouterr().err.count("matplotlib is not installed") == 1
+    assert [r.getMessage() for r in caplog.records].count(
+        "matplotlib is not installed: curves.png is not drawn (metrics.jsonl has the data)") == 1

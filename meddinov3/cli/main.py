@@ -126,7 +126,9 @@ def _join_negative_values(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     from ..checkpoints import CheckpointError
+    from .logs import configure_logging
 
+    configure_logging()  # log lines of the core package to stderr (the library itself only logs)
     args = build_parser().parse_args(_join_negative_values(sys.argv[1:] if argv is None else list(argv)))
     try:
         code = int(args.run(args) or 0)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from pathlib import Path
 
 from ..files import read_json
@@ -13,6 +13,9 @@ from .status import RunStatus, killed_message, run_state, running_pid
 # (MedDINOv3TrainLib/jobs.py), the options it passes with --config and the dataset it exported from the scene
 # (MedDINOv3TrainLib/logic.py startJob)
 JOB_FILES = ("job.json", "log.txt", "job_config.json", "dataset")
+
+
+logger = logging.getLogger(__name__)
 
 
 class RunFolderError(Exception):
@@ -69,5 +72,5 @@ def _saved_options(run_dir: Path, section: str, explicit: dict | None, longer: s
 
 def _announce_killed(run_dir: Path, previous: dict | None, killed: bool) -> dict | None:
     if killed:
-        print(f"[meddinov3] {killed_message(run_dir, previous)}: resuming", file=sys.stderr, flush=True)
+        logger.info(f"{killed_message(run_dir, previous)}: resuming")
     return previous

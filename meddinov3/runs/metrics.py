@@ -8,9 +8,11 @@ what is not a complete JSON object.
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 
 def parse_records(text: str) -> list[dict]:
@@ -79,8 +81,7 @@ def pyplot():
         import matplotlib
     except ImportError:
         if not getattr(pyplot, "warned", False):
-            print("[meddinov3] matplotlib is not installed: curves.png is not drawn (metrics.jsonl has the data)",
-                  file=sys.stderr)
+            logger.warning("matplotlib is not installed: curves.png is not drawn (metrics.jsonl has the data)")
             pyplot.warned = True
         return None
     matplotlib.use("Agg", force=False)

@@ -8,8 +8,8 @@ and ends the process group whatever happens. What differs between the two is a `
 from __future__ import annotations
 
 import contextlib
+import logging
 import platform
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -160,9 +160,10 @@ class RunSession:
     # ---- during the run
 
     def log(self, message: str) -> None:
-        """A log line on stderr, from rank 0 only."""
+        """An information line of the run (logger "meddinov3.<kind>.loop"), from rank 0 only; none under
+        --json-progress for a kind that is `quiet_with_json` (its events carry the same)."""
         if self.main and not (self.kind.quiet_with_json and self.json_progress):
-            print(f"[meddinov3 {self.kind.name}] {message}", file=sys.stderr, flush=True)
+            logging.getLogger(f"meddinov3.{self.kind.name}.loop").info(message)
 
     def restart_metrics(self, step: int) -> None:
         """Rank 0 of a resumed run: metrics.jsonl cut back to the checkpoint's `step` (the rest is done again)."""

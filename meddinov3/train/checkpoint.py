@@ -15,6 +15,7 @@ import torch
 
 from ..checkpoints.safe_load import CheckpointError, safe_torch_load
 from ..files import atomic_path
+from .config import TrainError
 
 FORMAT = "meddinov3-train-state"
 
@@ -56,8 +57,6 @@ def save_state(path: str | os.PathLike, *, model, optimizer, scheduler, scaler, 
 
 def load_state(path: str | os.PathLike) -> dict:
     """A training checkpoint, on the CPU; TrainError (one line naming the file) for a refused or foreign file."""
-    from .loop import TrainError  # here: loop imports this module
-
     try:
         state = safe_torch_load(path, numpy_arrays=True)
     except CheckpointError as e:
