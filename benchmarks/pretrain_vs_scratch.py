@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--pretrain-steps", type=int, default=200)
     ap.add_argument("--finetune-steps", type=int, default=60)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--out-dim", type=int, default=None,
+                    help="DINO/iBOT head prototypes (default: the project's, 32 per Sinkhorn row; 2026-11-27 used 1024)")
     a = ap.parse_args()
     from meddinov3.cli.demo import export_dataset
 
@@ -76,7 +78,7 @@ def one_seed(a, root: Path, ds: Path, seed: int) -> dict:
             "data": str(ds / "imagesTr" / "liver117_train_0000.nii.gz"), "out": str(run), "size": "tiny",
             "model": {"depth": 2, "patch_size": 8}, "device": "cpu", "steps": a.pretrain_steps, "batch_size": 8,
             "seed": seed,
-            "head": {"out_dim": 1024, "hidden_dim": 256, "bottleneck_dim": 64, "nlayers": 3},
+            "head": {"out_dim": a.out_dim, "hidden_dim": 256, "bottleneck_dim": 64, "nlayers": 3},
             "global_size": 64, "local_size": 32, "n_local": 2, "lr": 1e-3, "warmup_steps": 20,
             "teacher_temp_warmup_steps": 50, "log_every": 10, "probe_every": 50, "checkpoint_every": 100})
         pretrain(cfg, resume=(run / "config.json").exists())
@@ -84,7 +86,9 @@ def one_seed(a, root: Path, ds: Path, seed: int) -> dict:
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     probes = [x for x in recs if x["kind"] == "probe"]
     steps = [x for x in recs if x["kind"] == "step"]
+    resolved = json.loads((run / "config.json").read_text())
     res = {"pretrain": {"steps": a.pretrain_steps, "seconds": pre_s, "first_loss": steps[0]["loss"],
+                        "out_dim": resolved["pretrain"]["head"]["out_dim"],
                         "last_loss": steps[-1]["loss"],
                         "probe": [(p["step"], round(p["probe_dice"], 4), round(p["probe_accuracy"], 4)) for p in probes]},
            "finetune_steps": a.finetune_steps}

@@ -5,7 +5,6 @@ and the model package's description."""
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +109,7 @@ def prepare_cache(ds: Dataset, train_names: list[str], root: Path, cfg: TrainCon
 def build_network(cfg: TrainConfig, n_classes: int, class_names: list[str], log) -> tuple[torch.nn.Module, dict]:
     """The network (from scratch, a backbone of any layout, or a previous package) and what was loaded."""
     from ..checkpoints import CheckpointError, load_backbone, read_model
+    from ..checkpoints.loader import run_package
     from ..checkpoints.convert import load_strict
     from ..config import model_config
     from ..model import build_model
@@ -132,7 +132,7 @@ def build_network(cfg: TrainConfig, n_classes: int, class_names: list[str], log)
     info = {"base": str(cfg.base), "base_name": spec.name, "base_kind": spec.kind, "decoder": "new"}
     if spec.kind == "segmentation" and spec.config.num_classes == n_classes and \
             [c.name for c in spec.classes] == class_names:
-        _, _, sds, _ = read_model(spec_path(cfg.base))
+        _, _, sds, _ = read_model(run_package(cfg.base))
         dec = {k[len("decoder."):]: v for k, v in sds[0].items() if k.startswith("decoder.")}
         net.decoder.load_state_dict(dec)
         info["decoder"] = "kept"
@@ -140,18 +140,6 @@ def build_network(cfg: TrainConfig, n_classes: int, class_names: list[str], log)
         log(f"base model classes {[c.name for c in spec.classes]} differ from the dataset's {class_names}: "
             "new decoder")
     return net, info
-
-
-def spec_path(ref):
-    from ..checkpoints.package import is_package
-
-    p = Path(os.fspath(ref)).expanduser()
-    if p.is_dir() and not is_package(p):
-        for sub in ("model", "backbone"):
-            if is_package(p / sub):
-                return p / sub
-    return ref
-
 
 
 def package_postprocessing(cfg: TrainConfig, ds: Dataset) -> list[dict]:
