@@ -330,17 +330,16 @@ def test_demo_model_segments_reoriented_liver_ct(tmp_path):
     assert dice > 0.8, dice
 
 
-def test_module_entry_points_report_a_verbs_error(tmp_path):
-    """`python -m meddinov3.cli` (torchrun, the Slicer modules) runs the one imported `meddinov3.cli.main`: a verb's
-    CommandError is its one-line error and exit code 2, not a traceback. Running `meddinov3.cli.main` itself as
-    `__main__` (a second copy of the module, whose CommandError no verb raises) is refused with the command to use."""
+@pytest.mark.parametrize("module", ["meddinov3.cli", "meddinov3.cli.main"])
+def test_module_entry_points_report_a_verbs_error(tmp_path, module):
+    """`python -m meddinov3.cli` (the Slicer modules) and `python -m meddinov3.cli.main` (torchrun's `-m`, issue 20's
+    cohort command): a verb's CommandError is its one-line error and exit code 2, not a traceback. main.py run as
+    `__main__` is a second copy of that module: the verbs' CommandError must still be the class it catches."""
     existing = tmp_path / "summary.json"
     existing.write_text("{}")
     command = ["evaluate", str(tmp_path), str(tmp_path), "-o", str(existing)]
-    r = subprocess.run([sys.executable, "-m", "meddinov3.cli", *command], capture_output=True, text=True, cwd=REPO,
+    r = subprocess.run([sys.executable, "-m", module, *command], capture_output=True, text=True, cwd=REPO,
                        timeout=300)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         f"meddinov3 evaluate: error: {existing}: already exists (use --overwrite to replace it)"], r.stderr
-    r = subprocess.run([sys.executable, "-m", "meddinov3.cli.main", *command], capture_output=True, text=True,
-                       cwd=REPO, timeout=300)
-    assert r.returncode == 1 and "python -m meddinov3.cli" in r.stderr and existing.read_text() == "{}"
+    assert existing.read_text() == "{}"

@@ -172,7 +172,8 @@ def test_two_ranks_resume_after_a_rank_was_killed(tmp_path, scans, pkg):
     finished = {p.name: p.stat().st_mtime_ns for p in out.glob("case*.nii.gz")}
     assert 1 <= len(finished) < len(SLICES)
 
-    r = subprocess.run(_torchrun("-m", "meddinov3.cli", "segment", scans, "-o", out, "--model", pkg,
+    # the README's cohort command: `torchrun ... -m meddinov3.cli.main segment ...`
+    r = subprocess.run(_torchrun("-m", "meddinov3.cli.main", "segment", scans, "-o", out, "--model", pkg,
                                  "--device", "cpu", "--json-progress"),
                        cwd=REPO, env=ENV, capture_output=True, text=True, errors="replace", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from .common import CommandError, device_option, failure_reported
 
 
 def add_parser(sub) -> None:
@@ -32,7 +33,6 @@ def run(args) -> int:
     from ..engine.outputs import check_not_input, check_output, input_files, write_labels
     from ..progress import Progress
     from ..volumes import InputError, read_image
-    from .main import CommandError, device_option, failure_reported
 
     progress = Progress(json_lines=args.json_progress, desc="complete")
     started = time.perf_counter()

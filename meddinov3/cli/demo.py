@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from .common import CommandError, device_option
 
 DEMO_MODEL = "demo-liver-ct"
 LABELS = {"background": 0, "liver": 1, "tumour": 2}
@@ -122,7 +123,6 @@ def run(args) -> int:
     from ..files import atomic_path
     from ..phantom import load_liver_ct
     from ..train.losses import dice_per_class
-    from .main import CommandError, device_option
 
     try:
         if args.export_dataset:

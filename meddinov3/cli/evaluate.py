@@ -7,6 +7,7 @@ The file is nnU-Net v2's summary.json format (see `meddinov3.evaluation`).
 """
 
 from __future__ import annotations
+from .common import CommandError
 
 
 def add_parser(sub) -> None:
@@ -26,7 +27,6 @@ def run(args) -> int:
 
     from ..evaluation import EvaluationError, evaluate_folders, labels_from_dataset_json, to_json
     from ..files import atomic_path
-    from .main import CommandError
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:

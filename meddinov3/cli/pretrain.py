@@ -14,6 +14,7 @@ Every `probe_every` steps a ridge probe on the teacher's frozen patch features s
 from __future__ import annotations
 
 import sys
+from .common import CommandError, config_from_args
 
 
 def add_parser(sub) -> None:
@@ -50,7 +51,6 @@ def flags(args) -> dict:
 
 def build_config(args):
     from ..pretrain.config import PretrainConfig
-    from .main import config_from_args
 
     return config_from_args(PretrainConfig, args, flags(args))
 
@@ -58,7 +58,6 @@ def build_config(args):
 def run(args) -> int:
     from ..pretrain.data import PretrainDataError
     from ..pretrain.loop import PretrainError, pretrain
-    from .main import CommandError
 
     from .train import explicit_options
 

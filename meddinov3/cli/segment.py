@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from ..options import SegmentOptions, add_arguments
+from .common import CommandError, device_option, failure_reported
 
 FORMATS = ("nii.gz", "nrrd", "seg.nrrd", "dicom-seg")
 # (argparse name, flag, file suffix in an output folder) of the files written beside each label map
@@ -51,7 +52,6 @@ def add_parser(sub) -> None:
 
 def _options(args):
     """The `SegmentOptions` of the parsed arguments, checked (one error line naming the flag)."""
-    from .main import CommandError
 
     try:
         options = SegmentOptions.from_args(args)
@@ -63,7 +63,6 @@ def _options(args):
 def _orientation(code: str | None) -> str | None:
     """--training-orientation, checked (one error line naming the problem)."""
     from ..volumes import check_orientation_code
-    from .main import CommandError
 
     if code is None:
         return None
@@ -78,7 +77,6 @@ def _outputs(inputs: list[Path], args, batch_mode: bool) -> tuple[list[Path], li
     (`engine.cohort.cohort_cases`)."""
     from ..engine.cohort import cohort_cases
     from ..engine.side_outputs import SideOutputs
-    from .main import CommandError
 
     out = Path(args.output)
     sides = {flag: Path(getattr(args, name)) if getattr(args, name) else None for name, flag, _ in SIDE_FLAGS}
@@ -122,7 +120,6 @@ def run(args) -> int:
     from ..engine import segment_file
     from ..progress import Progress
     from ..volumes import InputError, list_inputs
-    from .main import CommandError, device_option, failure_reported
 
     under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     progress = Progress(json_lines=args.json_progress, desc="segment", enabled=int(os.environ.get("RANK", "0")) == 0)
@@ -187,7 +184,6 @@ def _check_outputs(inputs: list[Path], outputs: list[Path], side_outputs: list, 
     """Refuse, before any work, outputs that are inputs, or that exist without `overwrite` (one input), or folders
     that cannot take the files (a cohort)."""
     from ..engine.outputs import check_not_input, check_output, check_writable, input_files
-    from .main import CommandError
 
     sources = input_files(inputs) if any(o.exists() for o in outputs) else []
     try:
@@ -209,7 +205,6 @@ def _join(device: str):
     """(rank/world, this rank's device): the torchrun job's when there is one (`engine.cohort.join_cohort`)."""
     from ..engine.cohort import join_cohort
     from ..distributed import DeviceError
-    from .main import CommandError
 
     try:
         return join_cohort(device)

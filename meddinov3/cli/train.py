@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from .common import CommandError, config_from_args
 
 
 def add_parser(sub) -> None:
@@ -67,7 +68,6 @@ def flags(args) -> dict:
 
 def recipe(args) -> dict:
     from ..train.recipes import recipe_options
-    from .main import CommandError
 
     if not getattr(args, "recipe", None):  # `pretrain` shares explicit_options and has no --recipe
         return {}
@@ -79,9 +79,6 @@ def recipe(args) -> dict:
 
 def build_config(args):
     from ..train import TrainConfig
-    from .main import config_from_args
-
-    from .main import CommandError
 
     if args.splits and (args.val_fraction is not None or args.val_cases):
         raise CommandError("--splits chooses the validation cases: drop --val-fraction / --val-cases")
@@ -110,7 +107,6 @@ def explicit_options(args, cfg, flags: dict) -> dict:
 def run(args) -> int:
     from ..data import DatasetError
     from ..train import TrainError, train
-    from .main import CommandError
 
     cfg = build_config(args)
     try:
