@@ -81,11 +81,12 @@ def _umask() -> int:
 def write_json(path: str | os.PathLike, data) -> None:
     """Write JSON atomically (status files are polled by other processes while being rewritten)."""
     with atomic_path(path, suffix=".json") as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
 def read_json(path: str | os.PathLike):
-    with open(path) as f:
+    """The JSON in `path` (UTF-8 whatever the locale: names and descriptions may hold any character)."""
+    with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 

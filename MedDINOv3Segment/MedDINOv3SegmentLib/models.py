@@ -8,9 +8,10 @@ Registering and importing validate the model with the core, which needs them.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
+
+from meddinov3.files import read_json
 
 from .errors import MedDINOv3SegmentError
 
@@ -30,9 +31,9 @@ def _core(what: str):
 
 
 def _readJson(path: Path) -> dict:
+    """The JSON object in `path`, or {} for a missing, unreadable or non-object file (a listing never raises)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = read_json(path)
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
