@@ -96,7 +96,7 @@ def test_drop_path_keeps_dinov3s_batch_subset():
 
 
 def test_recipe_and_fold_errors_are_one_line(tmp_path):
-    from meddinov3.cli.main import CommandError
+    from meddinov3.cli.common import CommandError
 
     train_cli, args = _parse(["--recipe", "nope"])
     with pytest.raises(CommandError, match="--recipe nope: no such file or recipe .*reference, reference-896"):
