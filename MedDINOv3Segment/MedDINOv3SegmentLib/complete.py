@@ -25,7 +25,7 @@ import numpy as np
 from . import nodes
 from .errors import MedDINOv3SegmentError
 from .logic import SegmentTask
-from .worker import ChildProcess, child_environment, python_executable
+from .worker import ChildProcess, python_executable
 
 
 def buildCompleteCommand(imagePath, labelsPath, outputPath, model: str = "", device: str = "auto",
@@ -98,7 +98,7 @@ class CompleteTask(SegmentTask):
 
         if not Path(self.outputPath).is_file():
             raise MedDINOv3SegmentError("The completion process finished without writing a result.")
-        voxels, fileIjkToRas, _ = nodes.readSegmentationFile(self.outputPath)
+        voxels, fileIjkToRas, _ = nodes.readImageFile(self.outputPath)  # `complete` writes a plain label map
         labels = nodes.arrayOnVolumeGrid(voxels, fileIjkToRas, self.inputVolumeNode)
         if self.beforeModify is not None:
             self.beforeModify()
@@ -139,7 +139,7 @@ def completeAsync(logic, volumeNode, segmentationNode, segmentIds: list[str], mo
         command = buildCompleteCommand(inputPath, labelsPath, outputPath, model, device, timeBudget, extrapolate,
                                        python=logic.pythonExecutable)
         logging.info("MedDINOv3: %s", " ".join(command))
-        process = ChildProcess(command, env=child_environment(), cwd=str(workDir))
+        process = ChildProcess(command, cwd=str(workDir))
     except BaseException:
         shutil.rmtree(workDir, ignore_errors=True)
         raise

@@ -97,7 +97,6 @@ def versionTuple(version: str) -> tuple[int, ...]:
 def installedVersion(name: str) -> str | None:
     """Version of package `name` in this Python: None when it cannot be imported, "" when it can but has no
     metadata (then it is accepted as it is). Imports nothing."""
-    importlib.invalidate_caches()  # see what pip installed since the last look
     try:
         if importlib.util.find_spec(name) is None:
             return None
@@ -112,6 +111,7 @@ def installedVersion(name: str) -> str | None:
 def findProblems(requirements: list[Requirement] | None = None,
                  versionOf: Callable[[str], str | None] = installedVersion) -> list[Problem]:
     """Requirements (default: the extension's list) that are not installed or older than their minimum."""
+    importlib.invalidate_caches()  # see what pip installed since the last look (once: it rebuilds path caches)
     problems = []
     for requirement in readRequirements() if requirements is None else requirements:
         installed = versionOf(requirement.name)

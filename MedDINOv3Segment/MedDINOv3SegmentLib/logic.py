@@ -29,7 +29,7 @@ from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 from . import models, nodes, results
 from .errors import MedDINOv3SegmentCancelled, MedDINOv3SegmentError
 from .parameters import MedDINOv3SegmentParameterNode
-from .worker import ChildProcess, child_environment, errorMessageFromChild, python_executable
+from .worker import ChildProcess, errorMessageFromChild, python_executable
 
 from meddinov3.options import SegmentOptions  # torch-free: usable before PyTorch is installed
 
@@ -325,7 +325,7 @@ class MedDINOv3SegmentLogic(ScriptedLoadableModuleLogic):
                                    statisticsPath=workDir / "statistics.json",
                                    uncertaintyPath=workDir / "uncertainty.nrrd" if uncertainty else None)
             logging.info("MedDINOv3: %s", " ".join(command))
-            process = ChildProcess(command, env=child_environment(), cwd=str(workDir))
+            process = ChildProcess(command, cwd=str(workDir))
         except BaseException:
             shutil.rmtree(workDir, ignore_errors=True)
             raise

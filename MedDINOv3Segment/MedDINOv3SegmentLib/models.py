@@ -91,10 +91,7 @@ def listModels(segmentableOnly: bool = True) -> list[dict]:
     """Rows for the model selector: manifest, imported, trained (registered packages) and nnU-Net folders."""
     from meddinov3 import catalog, resources
 
-    try:
-        entries = {e["name"]: e for e in catalog.load_manifest()}
-    except FileNotFoundError:
-        entries = {}
+    entries = {e["name"]: e for e in catalog.load_manifest()}
     rows = []
     for item in catalog.list_models():
         source, ref = item["source"], str(item["ref"])

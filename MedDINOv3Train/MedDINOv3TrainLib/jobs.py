@@ -35,7 +35,6 @@ from meddinov3.files import read_json, write_json
 from meddinov3.processes import kill_process_tree, own_group_options, process_alive, signal_process_tree
 from meddinov3.runs import MetricsFollower, run_process_alive, run_state
 
-ACTIVE_STATES = ("starting", "running", "stopping")
 FINAL_STATES = ("finished", "stopped", "failed", "killed")
 MODES = ("finetune", "pretrain")
 

@@ -30,19 +30,6 @@ from .jobs import _CHILDREN, MODES, TrainJob, TrainJobError, findJobs, jobsRoot,
 CLI_OPTIONS = ("stage", "steps", "epochs", "device")
 
 
-def _childProcessHelpers():
-    """(`python_executable`, `child_environment`) for the training process: the Segment module's worker finds
-    PythonSlicer inside Slicer; without the Segment module (plain Python) the core's helpers run the interpreter
-    that runs this."""
-    from meddinov3 import processes
-
-    try:
-        from MedDINOv3SegmentLib.worker import python_executable
-    except ImportError:  # the Segment module is not on sys.path (plain Python use)
-        python_executable = processes.python_executable
-    return python_executable, processes.child_environment
-
-
 try:
     from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic as _LogicBase
 except ImportError:  # plain Python (no Slicer): the Logic still exports nothing but runs jobs
@@ -103,11 +90,17 @@ class MedDINOv3TrainLogic(_LogicBase):
     # -- jobs -------------------------------------------------------------------------------------
 
     def _python(self) -> str:
-        python_executable, _ = _childProcessHelpers()
+        """The training process's Python: the Segment module's worker finds PythonSlicer inside Slicer; without the
+        Segment module (plain Python) the core's helper runs the interpreter that runs this."""
+        try:
+            from MedDINOv3SegmentLib.worker import python_executable
+        except ImportError:  # the Segment module is not on sys.path (plain Python use)
+            from meddinov3.processes import python_executable
         return self.pythonExecutable or python_executable()
 
     def _environment(self) -> dict:
-        _, child_environment = _childProcessHelpers()
+        from meddinov3.processes import child_environment
+
         return {**child_environment(), **{k: str(v) for k, v in self.childEnvironment.items()}}
 
     def _track(self, job: TrainJob) -> TrainJob:
