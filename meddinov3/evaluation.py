@@ -27,14 +27,17 @@ class EvaluationError(ValueError):
 def case_metrics(reference: np.ndarray, prediction: np.ndarray, labels: list[int],
                  ignore_label: int | None = None) -> dict[int, dict]:
     """{label: {metric: value}} of one case; `reference` and `prediction` integer arrays of one shape."""
-    use = reference != ignore_label if ignore_label is not None else np.ones(reference.shape, bool)
+    use = reference != ignore_label if ignore_label is not None else None  # None: every voxel counts
+    counted = int(np.count_nonzero(use)) if use is not None else reference.size
     out = {}
     for label in labels:
-        ref, pred = (reference == label) & use, (prediction == label) & use
+        ref, pred = reference == label, prediction == label
+        if use is not None:
+            ref, pred = ref & use, pred & use
         tp = int(np.count_nonzero(ref & pred))
         fp = int(np.count_nonzero(pred)) - tp
         fn = int(np.count_nonzero(ref)) - tp
-        tn = int(np.count_nonzero(use)) - tp - fp - fn
+        tn = counted - tp - fp - fn
         denom = tp + fp + fn
         out[label] = {"Dice": 2 * tp / (2 * tp + fp + fn) if denom else math.nan,
                       "IoU": tp / denom if denom else math.nan,

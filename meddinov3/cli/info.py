@@ -19,8 +19,7 @@ def describe_run(run_dir: Path, offline: bool | None = None) -> dict:
     """A run folder's status.json as readers should see it (a dead "running" process is "killed", with what to
     do), and the description of the model it exported, if any."""
     from ..checkpoints import describe
-    from ..catalog import RUN_OUTPUT_FOLDERS
-    from ..checkpoints.package import is_package
+    from ..checkpoints.loader import run_package
     from ..runs import RunStatus, killed_message, run_state
 
     status = RunStatus.read(run_dir) or {}
@@ -28,8 +27,8 @@ def describe_run(run_dir: Path, offline: bool | None = None) -> dict:
               "step": status.get("step"), "total": status.get("total"), "error": status.get("error")}
     if report["state"] == "killed":
         report["message"] = killed_message(run_dir, status)
-    model = next((run_dir / sub for sub in RUN_OUTPUT_FOLDERS if is_package(run_dir / sub)), None)
-    report["model"] = describe(model, offline=offline) if model is not None else None
+    model = run_package(run_dir)  # run_dir itself when it exported no package
+    report["model"] = describe(model, offline=offline) if model is not run_dir else None
     return report
 
 
