@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..checkpoints.convert import strip_prefix
 from ..config import ModelConfig
 from ..files import atomic_path, write_json
 from .. import distributed as D
@@ -133,8 +134,7 @@ def gram_teacher_weights(source: str) -> dict:
     checkpoint = _base_run_checkpoint(source) if path.is_dir() else path if path.is_file() else None
     state = _read_state(checkpoint, other_ok=True) if checkpoint is not None else None
     if state is not None:
-        prefix = "teacher.backbone."
-        return {k[len(prefix):]: v for k, v in state["meta"].items() if k.startswith(prefix)}
+        return strip_prefix(state["meta"], "teacher.backbone.")
     try:
         return load_backbone(source)[1]
     except Exception as e:  # noqa: BLE001 - any unusable Gram teacher is the user's to fix
@@ -717,10 +717,7 @@ class _Steps:
             if is_kept(cfg, step):
                 keep_snapshot(parts.latest, step)
             from .export import export_backbone
-            prefix = "teacher.backbone."
-            export_backbone(run.run_dir / "backbone", {k[len(prefix):]: v for k, v in model_sd.items()
-                                                       if k.startswith(prefix)},
-                            parts.mcfg, cfg.name or run.run_dir.name, stage=cfg.stage, step=step,
+            export_backbone(run.run_dir / "backbone", strip_prefix(model_sd, "teacher.backbone."), parts.mcfg, cfg.name or run.run_dir.name, stage=cfg.stage, step=step,
                             base=parts.base_info, data=parts.index.summary())
             run.progress.event("checkpoint", step=step, path=str(parts.latest), backbone=str(run.run_dir / "backbone"))
             plot_curves(run.metrics_path, run.run_dir / "curves.png")
@@ -733,9 +730,7 @@ class _Steps:
         if not stopped and cfg.probe_every and self.step % cfg.probe_every:
             self.probe()
         self.checkpoint()
-        checksums = run.rank_checksums(self.parts.meta.student.parameters())
-        if run.main:
-            plot_curves(run.metrics_path, run.run_dir / "curves.png")
+        checksums = run.rank_checksums(self.parts.meta.student.parameters())  # curves.png: drawn by checkpoint()
         warned = self.collapse["warned"]
         final = run.finish(stopped, self.step, self.parts.latest, {"rank_checksums": checksums, "collapse": warned},
                            {"backbone": str(run.run_dir / "backbone"), "rank_checksums": checksums,

@@ -464,7 +464,6 @@ class FineTuning:
                     self.run_validation(final=True)
             elif self.main:
                 self.export(self.net.state_dict(), None)
-                plot_curves(self.session.metrics_path, run_dir / "curves.png")
         best = self.best
         checksums = self.session.rank_checksums(self.net.parameters())  # every rank's: DDP kept them identical
         if self.main:

@@ -97,8 +97,11 @@ def prepare_cache(ds: Dataset, train_names: list[str], root: Path, cfg: TrainCon
         spacing = [float(s) * p / cfg.resolution for s, p in zip(spacing, patch)]
         log(f"resolution {cfg.resolution}: spacing {[round(s, 4) for s in spacing]} mm (patch {list(patch)} -> "
             f"{[cfg.resolution] * 2})")
-    folder = build_cache(train_ds, root, spacing if cfg.resolution else cfg.spacing, cfg.normalization, cfg.seed, log,
-                         cfg.image_resampling)
+    if first is not None and not cfg.resolution:  # the cache built above is this one
+        folder = first.folder
+    else:
+        folder = build_cache(train_ds, root, spacing if cfg.resolution else cfg.spacing, cfg.normalization, cfg.seed,
+                             log, cfg.image_resampling)
     batch = cfg.batch_size
     if batch == "nnunet":
         batch = nnunet_batch_size([c.image.shape for c in first.cases], len(ds.cases), patch)
@@ -110,7 +113,7 @@ def build_network(cfg: TrainConfig, n_classes: int, class_names: list[str], log)
     """The network (from scratch, a backbone of any layout, or a previous package) and what was loaded."""
     from ..checkpoints import CheckpointError, load_backbone, read_model
     from ..checkpoints.loader import run_package
-    from ..checkpoints.convert import load_strict
+    from ..checkpoints.convert import load_strict, strip_prefix
     from ..config import model_config
     from ..model import build_model
 
@@ -133,7 +136,7 @@ def build_network(cfg: TrainConfig, n_classes: int, class_names: list[str], log)
     if spec.kind == "segmentation" and spec.config.num_classes == n_classes and \
             [c.name for c in spec.classes] == class_names:
         _, _, sds, _ = read_model(run_package(cfg.base))
-        dec = {k[len("decoder."):]: v for k, v in sds[0].items() if k.startswith("decoder.")}
+        dec = strip_prefix(sds[0], "decoder.")
         net.decoder.load_state_dict(dec)
         info["decoder"] = "kept"
     elif spec.kind == "segmentation":
