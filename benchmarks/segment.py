@@ -74,11 +74,10 @@ class RssSampler(threading.Thread):
         self.peak, self.stop = 0, threading.Event()
 
     def run(self):
-        import psutil
+        from meddinov3.memory import proc_status  # /proc/self/status: no psutil (the project does not need it)
 
-        proc = psutil.Process()
         while not self.stop.is_set():
-            self.peak = max(self.peak, proc.memory_info().rss)
+            self.peak = max(self.peak, proc_status("VmRSS") or 0)
             time.sleep(0.02)
 
 

@@ -68,7 +68,7 @@ def _meminfo() -> dict[str, int]:
         return {"MemTotal": int(vm.total), "MemAvailable": int(vm.available)}
 
 
-def _proc_status(key: str) -> int | None:
+def proc_status(key: str) -> int | None:
     """A `kB` field of /proc/self/status (VmRSS, VmHWM, VmSize, VmData) in bytes; None where there is none."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -114,7 +114,7 @@ def _rlimit_room() -> tuple[int, str] | None:
     rooms = []
     for name, used_key in (("RLIMIT_AS", "VmSize"), ("RLIMIT_DATA", "VmData")):
         soft, _ = resource.getrlimit(getattr(resource, name))
-        used = _proc_status(used_key)
+        used = proc_status(used_key)
         if soft != resource.RLIM_INFINITY and used is not None:
             rooms.append((soft - used, f"{name} {gib(soft)} - {used_key} {gib(used)}"))
     return min(rooms) if rooms else None
@@ -182,11 +182,11 @@ def peak_growth(fn: Callable[[], None], device: torch.device) -> int | None:
     if device.type != "cpu":
         return None
     release_host_memory()
-    before = _proc_status("VmRSS")
+    before = proc_status("VmRSS")
     if before is None or not _reset_host_peak():
         return None
     fn()
-    return max(0, (_proc_status("VmHWM") or before) - before)
+    return max(0, (proc_status("VmHWM") or before) - before)
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ LIMITED = """
 import resource, sys
 import meddinov3.pretrain.loop  # the heavy imports (torch, timm) belong to the baseline
 from meddinov3.cli.main import main
-from meddinov3.memory import _proc_status
-limit = _proc_status("VmData") + int(float(sys.argv[1]) * 2**30)
+from meddinov3.memory import proc_status
+limit = proc_status("VmData") + int(float(sys.argv[1]) * 2**30)
 resource.setrlimit(resource.RLIMIT_DATA, (limit, resource.RLIM_INFINITY))
 sys.exit(main(sys.argv[2:]))
 """

@@ -13,7 +13,7 @@ import torch
 
 from meddinov3.config import model_config
 from meddinov3.engine.inference import auto_batch_size
-from meddinov3.memory import _proc_status
+from meddinov3.memory import proc_status
 
 GIB = 2**30
 WEIGHTS_GB, PER_SLICE_GB = 0.4, 0.6
@@ -73,7 +73,7 @@ def test_cpu_batch_shrinks_to_the_host_memory_left(vit_b):
     try:
         batches = []
         for room_gb in (1.5, 3.5):
-            limit = _proc_status("VmData") + int(room_gb * GIB)
+            limit = proc_status("VmData") + int(room_gb * GIB)
             resource.setrlimit(resource.RLIMIT_DATA, (limit, saved[1]))
             batches.append(auto_batch_size(torch.device("cpu"), vit_b, (512, 512)))
     finally:
