@@ -1,6 +1,6 @@
 """`complete_image`: a few painted slices -> the whole structure, on the image's exact grid.
 
-Per run: the shape prior (signed distances interpolated between painted slices), per-voxel inputs (3D image
+Per run: the shape prior (signed distances interpolated between painted slices, structure by structure), per-voxel inputs (3D image
 features, the prior, the distance to the nearest painted slice, optional backbone features) on the painted region's
 box, a small head fitted on the painted slices within the time budget, its probabilities on the unpainted slices,
 each label kept to its own painted slice range (unless `extrapolate`), painted slices copied voxel for voxel.
@@ -63,8 +63,9 @@ def _foreground_window(volume: np.ndarray, labels: np.ndarray, slices) -> tuple[
 
 
 def image_features(volume: np.ndarray, labels: np.ndarray, painted: PaintedSlices, spacing) -> np.ndarray:
-    """(7, S, P, L) float32 features of a canonical (sub-)volume: intensity robust-scaled, windowed on the painted
-    structures, smoothed at 1, 2, 4 mm, gradient magnitude at 1 and 3 mm (3D: neighbouring slices count)."""
+    """(8, S, P, L) float32 features of a canonical (sub-)volume: intensity robust-scaled, windowed on the painted
+    structures, smoothed at 1, 2, 4 and 8 mm (the last one the surroundings: inside an organ or not), gradient
+    magnitude at 1 and 3 mm (3D: neighbouring slices count)."""
     lo, span = _robust_scale(volume)
     center, width = _foreground_window(volume, labels, painted.slices)
     scaled = (volume.astype(np.float32) - lo) / span
@@ -73,7 +74,7 @@ def image_features(volume: np.ndarray, labels: np.ndarray, painted: PaintedSlice
     def sig(mm: float) -> list[float]:  # sigma in voxels along (S, P, L)
         return [mm / s for s in spacing]
 
-    feats = [scaled, windowed] + [ndimage.gaussian_filter(windowed, sig(mm)) for mm in (1.0, 2.0, 4.0)]
+    feats = [scaled, windowed] + [ndimage.gaussian_filter(windowed, sig(mm)) for mm in (1.0, 2.0, 4.0, 8.0)]
     feats += [ndimage.gaussian_gradient_magnitude(scaled, sig(mm)) for mm in (1.0, 3.0)]
     return np.stack(feats).astype(np.float32)
 
