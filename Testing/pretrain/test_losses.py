@@ -235,7 +235,13 @@ def test_cosine_schedule_endpoints_and_warmup():
     temp = cosine_schedule(0.07, 0.07, 40, warmup_iters=30, start_warmup=0.04)
     assert temp[0] == pytest.approx(0.04) and np.allclose(temp[30:], 0.07)
     assert np.all(np.diff(temp[:31]) > 0)
-    assert len(cosine_schedule(1.0, 0.0, 5, warmup_iters=10)) == 5
+    short = cosine_schedule(1.0, 0.0, 5, warmup_iters=10)  # a run shorter than its warm-up stops in it
+    assert short == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+    half = cosine_schedule(0.5, 0.5, 20, warmup_iters=10, start_warmup=1.0, warmup_shape="cosine")
+    assert half[0] == 1.0 and half[5] == pytest.approx(0.75) and half[10:] == pytest.approx([0.5] * 10)
+    assert np.all(np.diff(half[:11]) < 0)
+    with pytest.raises(ValueError, match="warmup_shape"):
+        cosine_schedule(1.0, 0.0, 5, warmup_shape="step")
 
 
 # ---------------------------------------------------------------- end to end

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -137,8 +138,12 @@ def test_exported_backbone_loads_as_teacher(stage1):
 def test_stage2_gram_and_stage3_highres_reduce_loss(stage1, liver):
     root, _, vol = liver
     out2 = root / "stage2"
-    status, ev = _run(vol, out2, base=str(stage1[0]), stage=2, steps=6, size=None, lr=5e-4)
+    status, ev = _run(vol, out2, base=str(stage1[0]), stage=2, steps=6, size=None, lr=5e-4, local_weight_steps=4)
     assert status["state"] == "finished"
+    # the DINO local-crop weight goes from 1 to 0.5 along a half cosine (here over 4 steps), step by step
+    weights = [e["local_weight"] for e in ev if e["event"] == "step"]
+    assert weights == pytest.approx([1.0, 0.5 + 0.25 * (1 + math.cos(math.pi / 4)), 0.75,
+                                     0.5 + 0.25 * (1 + math.cos(3 * math.pi / 4)), 0.5, 0.5])
     step = next(e for e in ev if e["event"] == "step")
     assert "gram" in step and step["gram"] >= 0
     # stage 2 starts where DINOv3's Gram stage starts, not with stage 1's warm-ups
@@ -394,8 +399,6 @@ def test_exported_backbone_finetunes_with_train(stage1, liver, tmp_path):
 def test_collapse_check_flags_uniform_targets_once_prototypes_train():
     """Uniform teacher targets (entropy ~ log K) are expected while the prototypes are frozen; afterwards they are
     the fixed point in which the DINO term teaches nothing, and the monitor says so once."""
-    import math
-
     from meddinov3.pretrain.loop import PretrainConfig, collapse_check
 
     cfg = PretrainConfig(head={"out_dim": 1024}, warmup_steps=10, freeze_last_layer_steps=20, collapse_patience=3)

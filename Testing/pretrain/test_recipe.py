@@ -39,10 +39,21 @@ def test_stages_2_and_3_do_not_rerun_stage_1s_schedules():
     assert sched["lr"][0] == pytest.approx(3e-5) and sched["lr"][-1] == pytest.approx(3e-5)
     assert sched["teacher_temp"] == pytest.approx([0.07] * 300) and sched["momentum"] == pytest.approx([0.999] * 300)
     assert s2.freeze_last_layer_steps == 0 and s2.loss_weights["gram"] == 2.0 and s2.local_loss_weight == 0.5
+    # the local-crop weight goes from 1 to 0.5 along a half cosine over the stage's first 1000 steps (DINOv3's
+    # dino.local_loss_weight_schedule); a 300-step stage stops on the way
+    assert sched["local_weight"][0] == 1.0 and sched["local_weight"][299] == pytest.approx(
+        0.75 + 0.25 * math.cos(math.pi * 299 / 1000))
+    long = step_schedules(_resolved(stage=2, base="x", steps=3000))["local_weight"]
+    assert long[500] == pytest.approx(0.75) and long[1000:] == pytest.approx([0.5] * 2000)
+    assert step_schedules(_resolved(stage=1))["local_weight"] == pytest.approx([1.0] * 300)
     s3 = _resolved(stage=3, base="x")
     sched = step_schedules(s3)
     assert sched["lr"][0] == 0.0 and sched["lr"][100] == pytest.approx(1.25e-5)
     assert sched["lr"][-1] == pytest.approx(1.25e-5)
+    # along a half cosine (DINOv3's schedules.lr: peak 0, end 1.25e-5, cosine_epochs 10 of 30), not a line
+    assert sched["lr"][50] == pytest.approx(0.5 * 1.25e-5) and sched["lr"][25] == pytest.approx(
+        1.25e-5 * 0.5 * (1 - math.cos(math.pi / 4)))
+    assert sched["local_weight"] == pytest.approx([0.5] * 300)
     assert sched["teacher_temp"][0] == pytest.approx(0.07) and sched["momentum"][0] == pytest.approx(0.999)
     assert s3.freeze_last_layer_steps == 0 and s3.loss_weights["gram"] == 1.5 and s3.local_loss_weight == 0.5
     assert _resolved(stage=1).local_loss_weight == 1.0

@@ -47,6 +47,7 @@ class PretrainConfig(JsonOptions):
     patch_embed_lr: float = 0.2  # lr multiplier of the patch embedding (DINOv3 optim.patch_embed_lr_mult)
     drop_path_rate: float = 0.3  # student stochastic depth, every block (DINOv3 student.drop_path_rate)
     warmup_steps: int | None = None
+    warmup_shape: str | None = None  # "linear" or "cosine" (a half cosine: DINOv3's stage 3)
     weight_decay: float | None = None
     weight_decay_end: float | None = None
     momentum: float | None = None
@@ -62,6 +63,8 @@ class PretrainConfig(JsonOptions):
                                                 "nlayers": 3})
     # DINO pairs of local crops count this much (None: DINOv3's 1 in stage 1, 0.5 in stages 2 and 3)
     local_loss_weight: float | None = None
+    # ... reached from 1 along a half cosine over this many steps (None: 1000 in stage 2, as DINOv3; else 0)
+    local_weight_steps: int | None = None
     # KoLeo counts once per global crop (x2, as DINOv3); "gram" absent: the stage's default (2 / 1.5)
     loss_weights: dict = field(default_factory=lambda: {"dino": 1.0, "ibot": 1.0, "koleo": 0.1})
     global_size: int = 224
@@ -109,7 +112,7 @@ class PretrainConfig(JsonOptions):
         for key in ("seed", "n_local", "probe_every", "keep_every"):
             self.require_number(key, 0)
         for key in ("warmup_steps", "teacher_temp_warmup_steps", "freeze_last_layer_steps", "gram_refresh_every",
-                    "gram_max_refreshes"):
+                    "gram_max_refreshes", "local_weight_steps"):
             self.require_number(key, 0, optional=True)
         self.require_number("micro_batch", 1, optional=True)
         for key in ("grad_clip", "teacher_temp", "student_temp", "highres_scale", "layer_decay", "patch_embed_lr",
@@ -123,6 +126,8 @@ class PretrainConfig(JsonOptions):
             raise ValueError(f"stage must be 1, 2 or 3, got {self.stage}")
         if self.stage >= 2 and self.size is not None and not self.base and not self.gram_teacher:
             raise ValueError(GRAM_FROM_SCRATCH.format(stage=self.stage))
+        if self.warmup_shape not in (None, "linear", "cosine"):
+            raise ValueError(f"warmup_shape must be linear or cosine, got {self.warmup_shape!r}")
         if self.centering not in ("sinkhorn", "centering", "none"):
             raise ValueError(f"centering must be sinkhorn, centering or none, got {self.centering!r}")
         if self.parallel not in ("ddp", "fsdp"):

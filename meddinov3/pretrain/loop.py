@@ -619,6 +619,7 @@ class _Steps:
             g["lr"] = float(sched["lr"][step]) * g["lr_multiplier"]
             if g["name"] == "decay":
                 g["weight_decay"] = float(sched["weight_decay"][step])
+        meta.local_weight = float(sched["local_weight"][step])
         optimizer.zero_grad(set_to_none=True)
         try:
             stats = self.micro_step(batch, masks, float(sched["teacher_temp"][step]))
@@ -670,7 +671,8 @@ class _Steps:
         now = time.perf_counter()
         rec = {"kind": "step", "step": step, "epoch": round(self.parts.sampler.epoch(step), 4),
                **{k: float(np.mean(v)) for k, v in self.acc.items()},
-               **{k: float(sched[k][step - 1]) for k in ("lr", "weight_decay", "momentum", "teacher_temp")},
+               **{k: float(sched[k][step - 1]) for k in ("lr", "weight_decay", "momentum", "teacher_temp",
+                                                         "local_weight")},
                "grad_norm": float(grad_norm), "images_per_s": round(self.n_img / max(now - self.t_last, 1e-9), 3),
                "micro_batch": self.micro_step.micro, "global_size": global_size,
                "gpu_memory_gb": peak_gpu_memory_gb(run.device)}

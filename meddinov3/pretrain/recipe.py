@@ -11,18 +11,20 @@ however short the run (early targets are near uniform, and trainable prototypes 
 | option                     | stage 1                  | stage 2 (Gram anchoring) | stage 3 (high resolution)     |
 |----------------------------|--------------------------|--------------------------|-------------------------------|
 | lr (base, before scaling)  | 1e-3, cosine to 1e-6     | 3e-5 constant            | 0 -> 1.25e-5, then constant   |
-| warmup_steps               | 10 % of steps            | 0                        | 1/3 of steps (*)              |
+| warmup_steps               | 10 % of steps            | 0                        | 1/3 of steps                  |
+| warmup_shape               | linear                   | linear                   | half cosine                   |
 | teacher temperature        | 0.04 -> 0.07 over 30 %   | 0.07                     | 0.07                          |
 | teacher momentum           | 0.992 -> 1 (cosine)      | 0.999                    | 0.999                         |
 | weight decay               | 0.04 -> 0.4 (cosine)     | 0.04                     | 0.04                          |
 | last layer frozen          | 1250 steps (one epoch)   | 0                        | 0                             |
-| DINO local-crop weight     | 1                        | 0.5 (**)                 | 0.5                           |
+| DINO local-crop weight     | 1                        | 1 -> 0.5 (*)             | 0.5                           |
 | Gram loss weight           | -                        | 2.0                      | 1.5                           |
 | Gram teacher refresh       | -                        | every 10k steps, 3 times | never                         |
 | Gram teacher crops         | -                        | 2x the global size       | 1.5x (768/1152 for 512/768)   |
 
-(*) a linear warm-up here; DINOv3 raises the lr along a half cosine over its first 10 of 30 epochs.
-(**) DINOv3 lowers it from 1 along a half cosine over the stage's first 1000 iterations; constant here.
+(*) along a half cosine over the stage's first 1000 steps (``local_weight_steps``), as DINOv3's Gram stage
+(``dino.local_loss_weight_schedule``); stage 3's lr rises the same way over its first third (DINOv3: 10 of 30 epochs,
+``schedules.lr`` with peak 0 and ``cosine_epochs`` 10).
 
 Every stage: lr scaled with the global batch by DINOv3's ``sqrt_wrt_1024`` rule (lr x 4 sqrt(batch / 1024): x1 at
 batch 64), layer-wise lr decay 0.9 and patch-embedding lr x0.2 (``optim.layerwise_decay``, ``patch_embed_lr_mult``),
@@ -40,16 +42,17 @@ import torch
 STAGE_DEFAULTS = {
     1: {"lr": 1e-3, "min_lr": 1e-6, "warmup_steps": ("fraction", 0.1), "warmup_teacher_temp": 0.04,
         "teacher_temp_warmup_steps": ("fraction", 0.3), "momentum": 0.992, "momentum_end": 1.0,
-        "weight_decay": 0.04, "weight_decay_end": 0.4, "freeze_last_layer_steps": 1250, "local_loss_weight": 1.0},
+        "weight_decay": 0.04, "weight_decay_end": 0.4, "freeze_last_layer_steps": 1250, "local_loss_weight": 1.0,
+        "local_weight_steps": 0, "warmup_shape": "linear"},
     2: {"lr": 3e-5, "min_lr": 3e-5, "warmup_steps": 0, "warmup_teacher_temp": 0.07, "teacher_temp_warmup_steps": 0,
         "momentum": 0.999, "momentum_end": 0.999, "weight_decay": 0.04, "weight_decay_end": 0.04,
-        "freeze_last_layer_steps": 0, "local_loss_weight": 0.5, "gram_weight": 2.0, "gram_scale": 2.0,
-        "gram_refresh_every": 10000, "gram_max_refreshes": 3},
+        "freeze_last_layer_steps": 0, "local_loss_weight": 0.5, "local_weight_steps": 1000, "warmup_shape": "linear",
+        "gram_weight": 2.0, "gram_scale": 2.0, "gram_refresh_every": 10000, "gram_max_refreshes": 3},
     3: {"lr": 1.25e-5, "min_lr": 1.25e-5, "warmup_steps": ("fraction", 1 / 3), "warmup_teacher_temp": 0.07,
         "teacher_temp_warmup_steps": 0, "momentum": 0.999, "momentum_end": 0.999, "weight_decay": 0.04,
-        "weight_decay_end": 0.04, "freeze_last_layer_steps": 0, "local_loss_weight": 0.5, "gram_weight": 1.5,
-        "gram_scale": 1.5,
-        "gram_refresh_every": 0, "gram_max_refreshes": 0},
+        "weight_decay_end": 0.04, "freeze_last_layer_steps": 0, "local_loss_weight": 0.5, "local_weight_steps": 0,
+        "warmup_shape": "cosine", "gram_weight": 1.5, "gram_scale": 1.5, "gram_refresh_every": 0,
+        "gram_max_refreshes": 0},
 }
 
 # stage 3, DINOv3's high_res_adapt crops.{global_crops_size, local_crops_size, global_local_crop_pairs_ratios}: one
@@ -140,16 +143,20 @@ def optimizer_groups(student: torch.nn.Module, depth: int, layer_decay: float, p
     return list(groups.values())
 
 
-def step_schedules(cfg, world_batch: int | None = None) -> dict:
+def step_schedules(cfg) -> dict:
     """Per-step arrays (``cfg.steps`` values each) of a run whose stage defaults are resolved
-    (``PretrainConfig.with_stage_defaults``): lr (scaled with the batch), weight_decay, momentum, teacher_temp.
-    Indexed by the step number alone, so a resumed run needs no scheduler state."""
+    (``PretrainConfig.with_stage_defaults``): lr (scaled with the batch), weight_decay, momentum, teacher_temp and
+    local_weight (the DINO local-crop pairs' weight). Indexed by the step number alone, so a resumed run needs no
+    scheduler state."""
     from .schedules import cosine_schedule
 
     total = int(cfg.steps)
-    scale = lr_scale(cfg.lr_scaling, world_batch or cfg.batch_size)
-    return {"lr": cosine_schedule(cfg.lr * scale, cfg.min_lr * scale, total, cfg.warmup_steps),
+    scale = lr_scale(cfg.lr_scaling, cfg.batch_size)
+    return {"lr": cosine_schedule(cfg.lr * scale, cfg.min_lr * scale, total, cfg.warmup_steps,
+                                  warmup_shape=cfg.warmup_shape),
             "weight_decay": cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, total),
             "momentum": cosine_schedule(cfg.momentum, cfg.momentum_end, total),
             "teacher_temp": cosine_schedule(cfg.teacher_temp, cfg.teacher_temp, total, cfg.teacher_temp_warmup_steps,
-                                            start_warmup=cfg.warmup_teacher_temp)}
+                                            start_warmup=cfg.warmup_teacher_temp),
+            "local_weight": cosine_schedule(cfg.local_loss_weight, cfg.local_loss_weight, total,
+                                            cfg.local_weight_steps, start_warmup=1.0, warmup_shape="cosine")}

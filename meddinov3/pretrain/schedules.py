@@ -17,8 +17,12 @@ def cosine_schedule(
     total_iters: int,
     warmup_iters: int = 0,
     start_warmup: float = 0.0,
+    warmup_shape: str = "linear",
 ) -> np.ndarray:
-    """Linear warm-up ``start_warmup -> base`` over ``warmup_iters``, then cosine ``base -> final``.
+    """Warm-up ``start_warmup -> base`` over ``warmup_iters``, then cosine ``base -> final``.
+
+    ``warmup_shape``: "linear", or "cosine" (a half cosine: DINOv3's high-resolution stage raises its lr this way,
+    and its Gram stage lowers the local-crop weight from 1 to 0.5 this way; the ramp may go down).
 
     Returns ``total_iters`` float64 values: ``out[0] == start_warmup`` if there is a warm-up
     (else ``base``), ``out[warmup_iters] == base`` and ``out[-1] == final`` (given two or more
@@ -28,9 +32,13 @@ def cosine_schedule(
     """
     if total_iters < 0 or warmup_iters < 0:
         raise ValueError("total_iters and warmup_iters must be >= 0")
-    warmup_iters = min(warmup_iters, total_iters)
-    warmup = start_warmup + (base - start_warmup) * np.arange(warmup_iters) / max(warmup_iters, 1)
-    n = total_iters - warmup_iters
+    if warmup_shape not in ("linear", "cosine"):
+        raise ValueError(f"warmup_shape must be linear or cosine, got {warmup_shape!r}")
+    ramp = np.arange(warmup_iters) / max(warmup_iters, 1)
+    if warmup_shape == "cosine":
+        ramp = 0.5 * (1.0 - np.cos(math.pi * ramp))
+    warmup = start_warmup + (base - start_warmup) * ramp
+    n = max(total_iters - warmup_iters, 0)
     t = np.arange(n) / max(n - 1, 1)
     cosine = final + 0.5 * (base - final) * (1.0 + np.cos(math.pi * t))
-    return np.concatenate([warmup, cosine]).astype(np.float64)
+    return np.concatenate([warmup, cosine])[:total_iters].astype(np.float64)  # a run shorter than its warm-up stops in it
