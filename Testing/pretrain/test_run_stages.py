@@ -23,7 +23,8 @@ def test_per_rank_batch_splits_the_step_or_says_why_not(batch, world, expected):
 
 def test_resume_position_takes_the_checkpoint_and_keeps_the_smaller_micro_batch(monkeypatch, tmp_path):
     restored = []
-    monkeypatch.setattr(loop, "load_optimizer", lambda meta, optimizer, state: restored.append(("optimizer", state)))
+    monkeypatch.setattr(loop, "load_optimizer",
+                        lambda meta, optimizer, state: restored.append(("optimizer", state)) or True)
     monkeypatch.setattr(loop, "set_rng_states", lambda state: restored.append(("rng", state)))
     run = SimpleNamespace(log=lambda message: None)
     checkpoint = {"optimizer": "O", "rng": "R", "step": 6, "micro_batch": 2, "collapse": {"count": 1, "warned": None}}

@@ -503,7 +503,9 @@ def _resume_position(run: RunSession, parts: _Parts) -> _Start:
     start = _Start(0, start_micro_batch(parts.cfg.micro_batch, parts.per_rank), {"count": 0, "warned": None})
     resumed, parts.resumed = parts.resumed, None
     if resumed is not None:
-        load_optimizer(parts.meta, parts.optimizer, resumed["optimizer"])
+        if not load_optimizer(parts.meta, parts.optimizer, resumed["optimizer"]):
+            run.log("WARNING: the checkpoint's optimiser state groups the parameters as an earlier version did and "
+                    "does not name them: weights, teachers, step and schedules resume, AdamW's moments start afresh")
         set_rng_states(resumed["rng"])
         start = _Start(int(resumed["step"]), start_micro_batch(start.micro, parts.per_rank, resumed["micro_batch"]),
                        resumed["collapse"])

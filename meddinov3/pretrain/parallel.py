@@ -69,20 +69,38 @@ def full_state(meta: SSLMetaArch, optimizer: torch.optim.Optimizer) -> tuple[dic
     """(model state, optimiser state): full CPU tensors on rank 0, empty dicts on the other ranks.
 
     A collective under torch.distributed: every rank calls it. The optimiser state is keyed by parameter id like
-    ``optimizer.state_dict()``.
+    ``optimizer.state_dict()``, with ``names``: each id's parameter name (so a later version that groups the
+    parameters differently still finds each one's moments).
     """
     model = get_model_state_dict(meta, options=_FULL)
     optim = get_optimizer_state_dict(meta.student, optimizer, options=_FULL)
     if not optim:
         return model, optim
-    ids = {n: i for i, n in enumerate(_param_names(meta, optimizer))}
+    names = _param_names(meta, optimizer)
+    ids = {n: i for i, n in enumerate(names)}
     return model, {"state": {ids[n]: s for n, s in optim["state"].items()},
-                   "param_groups": [{**g, "params": [ids[n] for n in g["params"]]} for g in optim["param_groups"]]}
+                   "param_groups": [{**g, "params": [ids[n] for n in g["params"]]} for g in optim["param_groups"]],
+                   "names": names}
 
 
-def load_optimizer(meta: SSLMetaArch, optimizer: torch.optim.Optimizer, state: dict) -> None:
+def _saved_names(state: dict, optimizer: torch.optim.Optimizer, names: list[str], shapes: dict) -> list[str] | None:
+    """Parameter name of each saved id: recorded in the state, or (a checkpoint written before the names were)
+    the current order when the groups have the same sizes and every moment the same shape; None: unknown."""
+    if "names" in state:
+        return list(state["names"])
+    if [len(g["params"]) for g in state["param_groups"]] != [len(g["params"]) for g in optimizer.param_groups]:
+        return None
+    for i, moments in state["state"].items():
+        if any(torch.is_tensor(v) and v.ndim and tuple(v.shape) != shapes[names[i]] for v in moments.values()):
+            return None
+    return names
+
+
+def load_optimizer(meta: SSLMetaArch, optimizer: torch.optim.Optimizer, state: dict) -> bool:
     """Load an ``optimizer.state_dict()``-layout state (every rank holds it whole) into a sharded or plain
-    optimiser; call on every rank.
+    optimiser; call on every rank. Each parameter gets its own moments by name, in this optimiser's groups (their
+    lr multipliers are this version's); False, and nothing loaded, when the state cannot be matched to the
+    parameters (a checkpoint from a version that grouped them differently and did not record names).
 
     Parameters that have never had a gradient (the prototypes during ``freeze_last_layer_steps``) have no saved
     state; they are loaded with a zero state (torch 2.8, the newest on Slicer 5.8's Python 3.9, requires one for
@@ -90,14 +108,21 @@ def load_optimizer(meta: SSLMetaArch, optimizer: torch.optim.Optimizer, state: d
     """
     names = _param_names(meta, optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    saved = {names[i]: s for i, s in state["state"].items()}
+    shapes = {n: tuple(p.shape) for n, p in meta.student.named_parameters()}
+    saved_names = _saved_names(state, optimizer, names, shapes)
+    if saved_names is None:
+        return False
+    saved = {saved_names[i]: s for i, s in state["state"].items() if saved_names[i] in shapes}
     template = next(iter(saved.values()), None)
     stateless = [(name, param) for name, param in zip(names, params) if name not in saved]
     filled = {name: {key: torch.zeros(param.shape if v.ndim else (), dtype=v.dtype) if torch.is_tensor(v) else v
                      for key, v in template.items()} for name, param in stateless} if template else {}
-    by_name = {"state": {**saved, **filled},
-               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
-    set_optimizer_state_dict(meta.student, optimizer, by_name,
+    groups, start = [], 0
+    for g in optimizer.param_groups:
+        groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": names[start:start + len(g["params"])]})
+        start += len(g["params"])
+    set_optimizer_state_dict(meta.student, optimizer, {"state": {**saved, **filled}, "param_groups": groups},
                              options=StateDictOptions(full_state_dict=True, strict=False))
     for _, param in stateless:
         optimizer.state.pop(param, None)
+    return True
