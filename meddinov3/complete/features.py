@@ -39,14 +39,17 @@ def choose_model(model: str | os.PathLike | None) -> tuple[str | None, str]:
     return str(path), f"model: official backbone {OFFICIAL_BACKBONE}"
 
 
-def volume_key(volume: np.ndarray, *parts: str) -> str:
-    """Content hash of a volume (and of `parts`, e.g. the model path): the cache key of its features."""
+def volume_key(volume: np.ndarray) -> str:
+    """Content hash of a volume (shape, dtype, voxels): what a cache entry of this volume is keyed on."""
     h = hashlib.sha256()
     h.update(str((volume.shape, volume.dtype.str)).encode())
     h.update(np.ascontiguousarray(volume).tobytes())
-    for p in parts:
-        h.update(p.encode())
     return h.hexdigest()[:32]
+
+
+def cache_key(volume_hash: str, *parts: str) -> str:
+    """Cache key of something computed from a volume (its `volume_key`) and `parts` (e.g. the model path)."""
+    return hashlib.sha256("\0".join((volume_hash, *parts)).encode()).hexdigest()[:32]
 
 
 def cache_dir() -> Path:
@@ -92,10 +95,12 @@ def backbone_features(volume: np.ndarray, spacing: tuple[float, float, float], m
 
 
 def cached_features(volume: np.ndarray, spacing, model_ref: str, device: torch.device, progress=None,
-                    use_cache: bool = True) -> tuple[np.ndarray, bool]:
-    """`backbone_features`, from the cache when this volume met this model before; (features, came from cache)."""
+                    use_cache: bool = True, volume_hash: str | None = None) -> tuple[np.ndarray, bool]:
+    """`backbone_features`, from the cache when this volume met this model before; (features, came from cache).
+    `volume_hash`: the volume's `volume_key` when the caller has it already (hashing a CT takes a while)."""
     stamp = str(Path(model_ref).stat().st_mtime_ns) if Path(model_ref).exists() else ""
-    path = cache_dir() / f"features-{volume_key(volume, str(model_ref), stamp, str(spacing))}.npy"
+    key = cache_key(volume_hash or volume_key(volume), str(model_ref), stamp, str(spacing))
+    path = cache_dir() / f"features-{key}.npy"
     if use_cache and path.exists():
         try:
             return np.load(path), True

@@ -164,7 +164,7 @@ def complete_image(image: sitk.Image, sparse: sitk.Image, model: str | os.PathLi
     """
     from ..engine import resolve_device
     from ..files import atomic_path
-    from .features import cache_dir, cached_features, choose_model, volume_key
+    from .features import cache_dir, cache_key, cached_features, choose_model, volume_key
 
     t0 = time.perf_counter()
     model_ref, model_note = choose_model(model)
@@ -178,8 +178,10 @@ def complete_image(image: sitk.Image, sparse: sitk.Image, model: str | os.PathLi
     torch.manual_seed(seed)
     dev = resolve_device(device)
     features, from_cache = None, False
+    volume_hash = volume_key(np.asarray(vol_c)) if use_cache else ""
     if model_ref is not None:
-        features, from_cache = cached_features(np.asarray(vol_c), spacing, model_ref, dev, progress, use_cache)
+        features, from_cache = cached_features(np.asarray(vol_c), spacing, model_ref, dev, progress, use_cache,
+                                               volume_hash=volume_hash)
     prior = ShapePrior(lab_c, painted.slices, painted.values, spacing)
     box = _box(lab_c, painted.slices, spacing, whole=extrapolate)
     inputs = SliceInputs(vol_c, lab_c, painted, prior, box, spacing, features)
@@ -191,7 +193,7 @@ def complete_image(image: sitk.Image, sparse: sitk.Image, model: str | os.PathLi
     reference_cm = float(np.median([prior.distance(int(z), exclude=int(z)) for z in painted.slices])) / 10
     head = CompletionHead(inputs.channels, 1 + len(painted.values), inputs.prior_columns, inputs.distance_column,
                           reference_cm).to(dev)
-    head_path = cache_dir() / f"head-{volume_key(np.asarray(vol_c), model_note, str(painted.values), str(inputs.channels))}.pt"
+    head_path = cache_dir() / f"head-{cache_key(volume_hash, model_note, str(painted.values), str(inputs.channels))}.pt"
     warm = use_cache and _warm_start(head, head_path)
     budget = time_budget_s * (WARM_BUDGET_FRACTION if warm else 1.0)
     fit = fit_head(head, train_x, train_y, budget, max_steps, cancel=cancel, progress=progress, seed=seed)
