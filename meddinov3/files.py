@@ -90,6 +90,15 @@ def read_json(path: str | os.PathLike):
         return json.load(f)
 
 
+def read_json_or(path: str | os.PathLike, default=None):
+    """The JSON in `path`, or `default` where there is none (missing, unreadable, not JSON): for files that are
+    listed or polled (model folders, job folders read every second), where a bad file must never raise."""
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return default
+
+
 def absolute_path(path: str | os.PathLike) -> Path:
     """`path` absolute, `~` and `..` resolved, symbolic links kept (what the user named)."""
     return Path(os.path.abspath(os.path.expanduser(path)))

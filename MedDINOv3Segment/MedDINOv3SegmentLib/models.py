@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from meddinov3.files import read_json
+from meddinov3.files import read_json_or
 
 from .errors import MedDINOv3SegmentError
 
@@ -32,10 +32,7 @@ def _core(what: str):
 
 def _readJson(path: Path) -> dict:
     """The JSON object in `path`, or {} for a missing, unreadable or non-object file (a listing never raises)."""
-    try:
-        data = read_json(path)
-    except (OSError, ValueError):
-        return {}
+    data = read_json_or(path, {})
     return data if isinstance(data, dict) else {}
 
 

@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from meddinov3.files import read_json, write_json
+from meddinov3.files import read_json_or, write_json
 from meddinov3.processes import kill_process_tree, own_group_options, process_alive, signal_process_tree
 from meddinov3.runs import MetricsFollower, run_process_alive, run_state
 
@@ -45,16 +45,6 @@ _CHILDREN: dict[str, subprocess.Popen] = {}
 
 class TrainJobError(RuntimeError):
     """A job request that cannot be done (bad folder, job still running...); one-line message."""
-
-
-def _readJson(path: Path):
-    """The JSON in `path`, or None where there is none yet (a job starting, a folder being deleted) or it is not
-    JSON (edited by hand): a job folder is read every second and must never raise. Written with `write_json`
-    (atomic), so a file is never read half-written."""
-    try:
-        return read_json(path)
-    except (OSError, ValueError):
-        return None
 
 
 def jobsRoot() -> Path:
@@ -73,7 +63,7 @@ def registryPath() -> Path:
 
 
 def rememberedFolders() -> list[str]:
-    data = _readJson(registryPath())
+    data = read_json_or(registryPath())
     return [str(p) for p in data] if isinstance(data, list) else []
 
 
@@ -144,7 +134,7 @@ class TrainJob:
         return self.runDir / "log.txt"
 
     def info(self) -> dict:
-        return _readJson(self.jobFile) or {}
+        return read_json_or(self.jobFile) or {}
 
     @property
     def mode(self) -> str:
@@ -215,7 +205,7 @@ class TrainJob:
 
     def rawStatus(self) -> dict | None:
         """The trainer's status.json as written (None before it exists)."""
-        data = _readJson(self.runDir / "status.json")
+        data = read_json_or(self.runDir / "status.json")
         return data if isinstance(data, dict) else None
 
     def status(self) -> dict:
