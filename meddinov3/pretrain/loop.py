@@ -366,23 +366,18 @@ def _run(run: RunSession, hooks: dict) -> dict:
 # ---- prepare
 
 def _prepare(run: RunSession) -> tuple[SliceIndex, ProbeSlices | None]:
-    """The run folder ("starting" in status.json), the probe's labelled slices (a bad --probe-data is reported
-    before the slow part) and the slice index: built by rank 0 (volumes read once into the shared shard store; a
-    resumed run needs only its index), opened by every rank."""
+    """The probe's labelled slices (a bad --probe-data is reported before the slow part) and the slice index: built
+    by rank 0 (volumes read once into the shared shard store; a resumed run needs only its index), opened by every
+    rank."""
     cfg = run.cfg
-    if run.main:
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        run.status.update(state="starting")
     probe_slices = run_probe_slices(cfg.probe_data, run.log) if cfg.probe_every else None
     folder = run.run_dir / "slices"
-    error = None
-    if run.main:
-        try:
-            if not (run.resume and _index_complete(folder)):
-                build_slice_index(collect_volumes(cfg.data), folder, run.log, shards=shard_store(cfg))
-        except PretrainDataError as e:
-            error = str(e)
-    error = D.broadcast_object(error, run.dist_info)
+
+    def decide() -> None:
+        if not (run.resume and _index_complete(folder)):
+            build_slice_index(collect_volumes(cfg.data), folder, run.log, shards=shard_store(cfg))
+
+    _, error = D.decide_on_main(decide, (PretrainDataError,), run.dist_info)
     if error:
         raise PretrainDataError(error)
     return SliceIndex(folder), probe_slices

@@ -79,8 +79,8 @@ class RunSession:
 
     Entering joins the torchrun job and picks the device (`distributed.init`), checks the run folder on rank 0
     (`open_run`), and resolves the options (the saved ones on `resume`, paths absolute: `cfg`). A resumed run that
-    already finished is `finished` (nothing else happens: the body returns `previous`). Otherwise rank 0 keeps
-    status.json (`status`, None elsewhere), a signal during the start-up becomes a clean "stopped" (the `with`
+    already finished is `finished` (nothing else happens: the body returns `previous`). Otherwise rank 0 writes
+    status.json ("starting") and keeps it (`status`, None elsewhere), a signal during the start-up becomes a clean "stopped" (the `with`
     block then ends without a result: return `result()` after it), and an exception is reported into status.json
     and as a `failed` event, then re-raised. Leaving restores the signal handlers, closes the progress bar and
     ends the process group.
@@ -121,6 +121,9 @@ class RunSession:
             if not self.finished:
                 self.status = RunStatus(self.run_dir, self.kind.total(self.cfg), self.kind.name,
                                         self.previous if self.resume else None) if self.main else None
+                if self.main:  # "starting" (with this process's pid) is on disk before any slow work
+                    self.run_dir.mkdir(parents=True, exist_ok=True)
+                    self.status.update()
                 startup_stop.install()  # from here a signal outside the loop abandons the start-up: "stopped"
                 self._stack.enter_context(report_failure(self.status, self.progress, self.kind.user_errors))
         except BaseException:

@@ -158,8 +158,6 @@ class FineTuning:
         """The dataset, its split and the network, checked before the slow work; then the slice cache (built by
         rank 0, opened by every rank) and the global batch size."""
         cfg = self.cfg
-        if self.main:
-            self.session.status.update(state="starting")
         self.ds = load_dataset(cfg.data)
         self.postprocessing = package_postprocessing(cfg, self.ds)
         self.train_names, self.val_names = split_cases(self.ds, cfg)
@@ -175,22 +173,21 @@ class FineTuning:
         if cache_root is None:
             from ..resources import user_dir
             cache_root = user_dir() / "cache" / "slices"
-        error, folder, batch_size = None, None, None
-        if self.main:
-            try:
-                info = check_dataset(ds)
-                absent = [f"{name!r} ({value})" for value, name in ds.class_names()
-                          if value and not any(value in info[n]["values"] for n in self.train_names)]
-                if absent:  # nnU-Net trains on such data too, but the class can only be learnt as absent
-                    logger.warning(f"label(s) {', '.join(absent)} have no voxels in any training case")
-                folder, batch_size = prepare_cache(ds, self.train_names, cache_root, cfg, self.net.config.patch_size,
-                                                   self.log)
-            except (DatasetError, ValueError) as e:
-                error = str(e)
-        error, folder, batch_size = D.broadcast_object((error, str(folder) if folder else None, batch_size),
-                                                       self.dist_info)
+
+        def decide() -> tuple[str, int]:
+            info = check_dataset(ds)
+            absent = [f"{name!r} ({value})" for value, name in ds.class_names()
+                      if value and not any(value in info[n]["values"] for n in self.train_names)]
+            if absent:  # nnU-Net trains on such data too, but the class can only be learnt as absent
+                logger.warning(f"label(s) {', '.join(absent)} have no voxels in any training case")
+            folder, batch_size = prepare_cache(ds, self.train_names, cache_root, cfg, self.net.config.patch_size,
+                                               self.log)
+            return str(folder), batch_size
+
+        decided, error = D.decide_on_main(decide, (DatasetError, ValueError), self.dist_info)
         if error:
             raise DatasetError(error)
+        folder, batch_size = decided
         return SliceCache(Path(folder)), batch_size
 
     def build(self) -> None:
