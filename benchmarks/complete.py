@@ -9,6 +9,8 @@ Then the time and peak memory of the CLI on the whole 128^3 case (first run, rep
     pip install itk-morphologicalcontourinterpolation==2.1.2   # the `benchmark` extra
     python benchmarks/complete.py --budget 10 --ks 5,10,20,30
     python benchmarks/complete.py --budget 10 --no-accuracy --no-timing --loop tumour:20:5   # correction loop PNG
+    # with a model package's decoder, scored on the half of the case the demo model never saw in training
+    python benchmarks/complete.py --budget 10 --no-timing --model demo-liver-ct --score-from-column 64
 """
 
 from __future__ import annotations
@@ -50,8 +52,12 @@ def itk_interpolation(sparse: np.ndarray) -> np.ndarray:
     return itk.array_from_image(out)
 
 
-def accuracy(ct: sitk.Image, labels: np.ndarray, ks: list[int], budget: float) -> list[dict]:
+def accuracy(ct: sitk.Image, labels: np.ndarray, ks: list[int], budget: float, model: str | None = None,
+             first_column: int = 0) -> list[dict]:
+    """Dice of each method on the unpainted slices (and SimpleITK index 0 >= `first_column`); with `model`, a
+    column for Complete with that model (its backbone features and, for a package, its decoder)."""
     rows = []
+    region = (slice(None), slice(None), slice(first_column, None))
     for name, select in STRUCTURES.items():
         truth = select(labels)
         for k in ks:
@@ -59,20 +65,21 @@ def accuracy(ct: sitk.Image, labels: np.ndarray, ks: list[int], budget: float) -
             sparse = np.zeros(truth.shape, np.uint8)
             sparse[painted] = truth[painted]
             others = np.setdiff1d(np.arange(len(truth)), painted)
-            itk_out = itk_interpolation(sparse) != 0
+
+            def score(pred: np.ndarray) -> float:
+                return round(dice(pred[others][region], truth[others][region]), 3)
+
             prior = ShapePrior(sparse, painted[sparse[painted].reshape(len(painted), -1).any(1)], [1], (1.0,) * 3)
-            prior_out = np.stack([prior.labels_at(z) for z in range(len(truth))]) != 0
             ref = sitk.GetImageFromArray(sparse)
             ref.CopyInformation(ct)
-            t0 = time.perf_counter()
-            result = complete_image(ct, ref, model="scratch", time_budget_s=budget, use_cache=False)  # each from scratch
-            seconds = time.perf_counter() - t0
-            ours = sitk.GetArrayFromImage(result.labels) != 0
             row = {"structure": name, "k": k, "painted": int(len(painted)),
-                   "itk": round(dice(itk_out[others], truth[others]), 3),
-                   "prior": round(dice(prior_out[others], truth[others]), 3),
-                   "complete": round(dice(ours[others], truth[others]), 3), "seconds": round(seconds, 1),
-                   "steps": result.stats["fit"]["steps"]}
+                   "itk": score(itk_interpolation(sparse) != 0),
+                   "prior": score(np.stack([prior.labels_at(z) for z in range(len(truth))]) != 0)}
+            for column, ref_model in [("complete", "scratch")] + ([("complete_model", model)] if model else []):
+                t0 = time.perf_counter()
+                result = complete_image(ct, ref, model=ref_model, time_budget_s=budget, use_cache=False)
+                row[column] = score(sitk.GetArrayFromImage(result.labels) != 0)
+                row[f"{column}_seconds"] = round(time.perf_counter() - t0, 1)
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
@@ -158,6 +165,9 @@ def main() -> None:
     parser.add_argument("--no-accuracy", action="store_true")
     parser.add_argument("--loop", metavar="STRUCTURE:K:ROUNDS", help="correction loop, e.g. tumour:20:5")
     parser.add_argument("--loop-png", default="benchmarks/complete_loop.png")
+    parser.add_argument("--model", help="also Complete with this model (backbone or package), e.g. demo-liver-ct")
+    parser.add_argument("--score-from-column", type=int, default=0,
+                        help="score only voxels with SimpleITK index 0 >= N (64: the demo model's held-out half)")
     args = parser.parse_args()
     # a fresh store: the head cache (a repeat on the same volume continues from the last head) starts empty
     os.environ["MEDDINOV3_HOME"] = tempfile.mkdtemp(prefix="meddinov3-bench-")
@@ -166,7 +176,7 @@ def main() -> None:
     print(json.dumps({"load_average": os.getloadavg(), "cpus": os.cpu_count(),
                       "torch_threads": __import__("torch").get_num_threads()}), flush=True)
     if not args.no_accuracy:
-        accuracy(ct, labels, [int(k) for k in args.ks.split(",")], args.budget)
+        accuracy(ct, labels, [int(k) for k in args.ks.split(",")], args.budget, args.model, args.score_from_column)
     if args.loop:
         structure, k, rounds = args.loop.split(":")
         correction_loop(ct, labels, structure, int(k), int(rounds), args.budget, Path(args.loop_png))

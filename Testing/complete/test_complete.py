@@ -9,9 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
+from meddinov3.checkpoints.loader import load_model, resolve
+from meddinov3.cli.demo import DEMO_MODEL
 from meddinov3.cli.main import main
 from meddinov3.complete import complete_image
+from meddinov3.complete.features import decoder_probabilities
+from meddinov3.engine import segment_image
+from meddinov3.options import SegmentOptions
 from meddinov3.volumes import Orientation, reoriented, same_geometry
 from Testing.helpers import load_liver_ct, make_package
 
@@ -134,6 +140,32 @@ def test_backbone_features_are_cached_per_volume(liver_crop, tmp_path):
     second = complete_image(ct, sparse_img, model=str(pkg), time_budget_s=1)
     assert not first.stats["features_cached"] and second.stats["features_cached"]
     assert same_geometry(second.labels, ct)
+
+
+def test_a_model_packages_decoder_gives_the_head_its_classes(liver_crop, tmp_path):
+    """A model package (the shipped demo model) contributes its own segmentation: its class probabilities, in the
+    canonical layout whatever the file's axis order, become inputs of the head; the second run reads them from the
+    cache. A bare backbone has no decoder and contributes none."""
+    ct, _, sparse_img = liver_crop
+    perm, flip = (2, 0, 1), (False, True, False)
+    ct_r, sp_r = reoriented(ct, perm, flip), reoriented(sparse_img, perm, flip)
+    demo = str(resolve(DEMO_MODEL, offline=True))
+    first = complete_image(ct_r, sp_r, model=demo, time_budget_s=1)
+    second = complete_image(ct_r, sp_r, model=demo, time_budget_s=1)
+    assert first.stats["decoder_classes"] == ["liver", "tumour"] and not first.stats["decoder_cached"]
+    assert second.stats["decoder_cached"] and same_geometry(second.labels, ct_r)
+
+    orient = Orientation.of(ct_r)
+    probs, names, _ = decoder_probabilities(ct_r, orient.to_canonical, demo, torch.device("cpu"), "", use_cache=False)
+    engine = segment_image(ct_r, load_model(demo), SegmentOptions(device="cpu", postprocess=False))
+    expected = orient.to_canonical(engine.label_array)
+    background = 255 - probs.astype(np.int32).sum(0)
+    from_probs = np.argmax(np.concatenate([background[None], probs.astype(np.int32)]), axis=0)
+    assert probs.dtype == np.uint8 and probs.shape == (2, *expected.shape)
+    assert (from_probs == expected).mean() > 0.99 and (expected > 0).any()
+
+    backbone = str(make_package(tmp_path / "backbone", kind="backbone"))
+    assert decoder_probabilities(ct_r, orient.to_canonical, backbone, torch.device("cpu"), "")[:2] == (None, [])
 
 
 def _write(image, path):

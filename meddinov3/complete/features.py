@@ -1,8 +1,12 @@
-"""Backbone features of every slice, computed once per volume and cached on disk.
+"""What a model contributes, computed once per volume and cached on disk.
 
-Multi-scale patch tokens (the model's feature blocks, concatenated) of each canonical slice, reduced by PCA to a
-few channels and kept at token resolution as float16 (a 512x512x300 CT at 16 px patches: ~20 MB), so a repeat run
-on the same volume (after corrections) skips the backbone entirely.
+- Backbone features: multi-scale patch tokens (the model's feature blocks, concatenated) of each canonical slice,
+  reduced by PCA to a few channels and kept at token resolution as float16 (a 512x512x300 CT at 16 px patches:
+  ~20 MB).
+- A model package's decoder: its own segmentation of the volume, as class probabilities (uint8, memory-mapped): the
+  head's starting point wherever a painted structure is one of the model's classes (the fit learns which).
+
+A repeat run on the same volume (after corrections) skips the network entirely.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..files import atomic_path, read_json_or, write_json
 from ..resources import user_dir
 
 OFFICIAL_BACKBONE = "meddinov3-vitb16-ct3m"
@@ -50,6 +55,13 @@ def volume_key(volume: np.ndarray) -> str:
 def cache_key(volume_hash: str, *parts: str) -> str:
     """Cache key of something computed from a volume (its `volume_key`) and `parts` (e.g. the model path)."""
     return hashlib.sha256("\0".join((volume_hash, *parts)).encode()).hexdigest()[:32]
+
+
+def model_stamp(model_ref: str) -> str:
+    """The model reference and, for a file or folder, its modification time: a cache key part that changes when the
+    model at that path is replaced."""
+    path = Path(model_ref)
+    return f"{model_ref}@{path.stat().st_mtime_ns}" if path.exists() else str(model_ref)
 
 
 def cache_dir() -> Path:
@@ -98,18 +110,58 @@ def cached_features(volume: np.ndarray, spacing, model_ref: str, device: torch.d
                     use_cache: bool = True, volume_hash: str | None = None) -> tuple[np.ndarray, bool]:
     """`backbone_features`, from the cache when this volume met this model before; (features, came from cache).
     `volume_hash`: the volume's `volume_key` when the caller has it already (hashing a CT takes a while)."""
-    stamp = str(Path(model_ref).stat().st_mtime_ns) if Path(model_ref).exists() else ""
-    key = cache_key(volume_hash or volume_key(volume), str(model_ref), stamp, str(spacing))
+    key = cache_key(volume_hash or volume_key(volume), model_stamp(model_ref), str(spacing))
     path = cache_dir() / f"features-{key}.npy"
-    if use_cache and path.exists():
-        try:
-            return np.load(path), True
-        except (OSError, ValueError):
-            pass  # a damaged cache file is recomputed and replaced
+    cached = _load_cached(path, use_cache)
+    if cached is not None:
+        return cached, True
     feats = backbone_features(volume, spacing, model_ref, device, progress)
     if use_cache:
-        from ..files import atomic_path
-
         with atomic_path(path, suffix=".npy") as tmp:
             np.save(tmp, feats)
     return feats, False
+
+
+def _load_cached(path: Path, use_cache: bool, mmap: bool = False) -> np.ndarray | None:
+    if use_cache and path.exists():
+        try:
+            return np.load(path, mmap_mode="r" if mmap else None)
+        except (OSError, ValueError):
+            pass  # a damaged cache file is recomputed and replaced
+    return None
+
+
+def decoder_probabilities(image, to_canonical, model_ref: str, device: torch.device, volume_hash: str,
+                          progress=None, use_cache: bool = True) -> tuple[np.ndarray | None, list[str], bool]:
+    """(probabilities, class names, came from cache) of a model package's segmentation of `image`.
+
+    `image`: the SimpleITK image; `to_canonical`: maps a (z, y, x) array to the canonical (S, P, L) layout. The
+    probabilities: (foreground classes, S, P, L) uint8 (x 255), memory-mapped from the cache; None (and no
+    names) for a bare backbone, which has no decoder.
+    """
+    from ..checkpoints import CheckpointError
+    from ..checkpoints.loader import load_model, run_package
+    from ..engine import segment_image
+    from ..options import SegmentOptions
+
+    path = cache_dir() / f"decoder-{cache_key(volume_hash, model_stamp(model_ref))}.npy"
+    names_path = path.with_suffix(".json")
+    cached = _load_cached(path, use_cache, mmap=True)
+    names = read_json_or(names_path)
+    if cached is not None and isinstance(names, list) and len(names) == len(cached):
+        return cached, names, True
+    try:
+        model = load_model(run_package(model_ref), device=device, offline=True)
+    except CheckpointError:
+        return None, [], False
+    result = segment_image(image, model, SegmentOptions(device=str(device), postprocess=False), progress=progress,
+                           return_probabilities=True)
+    probs = np.stack([to_canonical(p) for p in result.probabilities[1:]])
+    probs = np.clip(np.rint(probs.astype(np.float32) * 255), 0, 255).astype(np.uint8)
+    names = [c.name for c in result.classes[1:]]
+    if use_cache:
+        with atomic_path(path, suffix=".npy") as tmp:
+            np.save(tmp, probs)
+        write_json(names_path, names)
+        return np.load(path, mmap_mode="r"), names, False
+    return probs, names, False

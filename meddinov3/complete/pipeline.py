@@ -1,8 +1,8 @@
 """`complete_image`: a few painted slices -> the whole structure, on the image's exact grid.
 
-Per run: the shape prior (signed distances interpolated between painted slices, structure by structure), per-voxel inputs (3D image
-features, the prior, the distance to the nearest painted slice, optional backbone features) on the painted region's
-box, a small head fitted on the painted slices within the time budget, its probabilities on the unpainted slices,
+Per run: the shape prior (signed distances interpolated between painted slices, structure by structure), per-voxel
+inputs (3D image features, the prior, the distance to the nearest painted slice, and with a model its backbone's
+features and, for a model package, its decoder's class probabilities) on the painted region's box, a small head fitted on the painted slices within the time budget, its probabilities on the unpainted slices,
 each label kept to its own painted slice range (unless `extrapolate`), painted slices copied voxel for voxel.
 """
 
@@ -81,11 +81,14 @@ def image_features(volume: np.ndarray, labels: np.ndarray, painted: PaintedSlice
 
 class SliceInputs:
     """Per-voxel inputs of one canonical slice on the box: image features, the prior per label (tanh of the signed
-    distance / 5 mm) and optional backbone features (token maps upsampled to the slice)."""
+    distance / 5 mm), and optionally backbone features (token maps upsampled to the slice) and a model package's
+    class probabilities (`decoder`: (classes, S, P, L) uint8, x 255)."""
 
-    def __init__(self, volume, labels, painted: PaintedSlices, prior: ShapePrior, box, spacing, features=None):
+    def __init__(self, volume, labels, painted: PaintedSlices, prior: ShapePrior, box, spacing, features=None,
+                 decoder=None):
         (r0, r1), (c0, c1) = box
         self.prior, self.box, self.features, self.full = prior, box, features, volume.shape[1:]
+        self.decoder = decoder
         self.image = image_features(np.asarray(volume[:, r0:r1, c0:c1]), np.asarray(labels[:, r0:r1, c0:c1]),
                                     painted, spacing)
 
@@ -101,7 +104,8 @@ class SliceInputs:
 
     @property
     def channels(self) -> int:
-        return len(self.image) + len(self.prior.values) + 1 + (0 if self.features is None else self.features.shape[1])
+        extra = (0 if self.features is None else self.features.shape[1]) + (0 if self.decoder is None else len(self.decoder))
+        return len(self.image) + len(self.prior.values) + 1 + extra
 
     def __call__(self, z: int, exclude: int | None = None) -> torch.Tensor:
         """(rows * columns of the box, channels) float32."""
@@ -113,6 +117,8 @@ class SliceInputs:
             f = torch.from_numpy(self.features[z].astype(np.float32))[None]
             f = F.interpolate(f, size=self.full, mode="bilinear", align_corners=False)[0, :, r0:r1, c0:c1]
             x = torch.cat([x, f])
+        if self.decoder is not None:
+            x = torch.cat([x, torch.from_numpy(np.asarray(self.decoder[:, z, r0:r1, c0:c1], np.float32) / 255)])
         return x.reshape(len(x), -1).T
 
 
@@ -154,8 +160,10 @@ def complete_image(image: sitk.Image, sparse: sitk.Image, model: str | os.PathLi
     """Complete the structures painted on a few slices of `image` (SimpleITK images, same grid).
 
     `sparse`: label map; a slice (along S-I, as the engine slices) with any non-zero voxel is painted and all its
-    voxels are truth. `model`: "scratch", a backbone / model package reference (its backbone's features are used),
-    or None: the official backbone when on this machine, else scratch (`stats["model"]` says which).
+    voxels are truth. `model`: "scratch", a backbone (its features are used), a model package (its backbone's
+    features and its decoder's class probabilities: where a painted structure is one of its classes the head starts
+    from the model's answer; `stats["decoder_classes"]`), or None: the official backbone when on this machine, else
+    scratch (`stats["model"]` says which).
     `time_budget_s`: the head's training time (half of it when a head fitted on this volume with the same labels is
     in the cache, `use_cache`: it continues from there). `classes`: ClassInfo names/colours to keep (e.g. a .seg.nrrd's).
     `cancel`: callable returning True to stop (-> engine.Cancelled). Raises InputError on bad input.
@@ -164,7 +172,7 @@ def complete_image(image: sitk.Image, sparse: sitk.Image, model: str | os.PathLi
     """
     from ..engine import resolve_device
     from ..files import atomic_path
-    from .features import cache_dir, cache_key, cached_features, choose_model, volume_key
+    from .features import cache_dir, cache_key, cached_features, choose_model, decoder_probabilities, volume_key
 
     t0 = time.perf_counter()
     model_ref, model_note = choose_model(model)
@@ -177,14 +185,16 @@ def complete_image(image: sitk.Image, sparse: sitk.Image, model: str | os.PathLi
     painted = painted_slices(lab_c, extrapolate, labels_source)
     torch.manual_seed(seed)
     dev = resolve_device(device)
-    features, from_cache = None, False
+    features, from_cache, decoder, decoder_classes, decoder_cached = None, False, None, [], False
     volume_hash = volume_key(np.asarray(vol_c)) if use_cache else ""
     if model_ref is not None:
         features, from_cache = cached_features(np.asarray(vol_c), spacing, model_ref, dev, progress, use_cache,
                                                volume_hash=volume_hash)
+        decoder, decoder_classes, decoder_cached = decoder_probabilities(image, orient.to_canonical, model_ref, dev,
+                                                                         volume_hash, progress, use_cache)
     prior = ShapePrior(lab_c, painted.slices, painted.values, spacing)
     box = _box(lab_c, painted.slices, spacing, whole=extrapolate)
-    inputs = SliceInputs(vol_c, lab_c, painted, prior, box, spacing, features)
+    inputs = SliceInputs(vol_c, lab_c, painted, prior, box, spacing, features, decoder)
     (r0, r1), (c0, c1) = box
     train_x = torch.cat([inputs(int(z), exclude=int(z)) for z in painted.slices]).to(dev)
     to_index = np.zeros(int(max(painted.values)) + 1, dtype=np.int64)
@@ -224,7 +234,8 @@ def complete_image(image: sitk.Image, sparse: sitk.Image, model: str | os.PathLi
     labels = array_to_image(out, image)
     stats = {"model": model_note, "device": str(dev), "painted_slices": [int(s) for s in painted.slices],
              "completed_slices": len(todo), "box": [list(map(int, b)) for b in box], "fit": fit,
-             "features_cached": from_cache, "seconds": round(time.perf_counter() - t0, 2)}
+             "features_cached": from_cache, "decoder_classes": decoder_classes, "decoder_cached": decoder_cached,
+             "seconds": round(time.perf_counter() - t0, 2)}
     return CompletionResult(labels, _classes(painted.values, classes), least, stats)
 
 
