@@ -38,9 +38,16 @@ class CompleteSection:
         self.segmentsSelector.multiSelection = True
         self.segmentsSelector.toolTip = _("Segmentation being painted and the segments to complete")
         form.addRow(_("Segments:"), self.segmentsSelector)
-        self.modelEdit = qt.QLineEdit()
-        self.modelEdit.placeholderText = _("default: official backbone when downloaded, else scratch")
-        form.addRow(_("Model:"), self.modelEdit)
+        self.modelCombo = qt.QComboBox()
+        self.modelCombo.editable = True  # a model folder or hf: reference can be typed in
+        self.modelCombo.toolTip = _(
+            "Default: the official backbone when downloaded, else scratch (a small network fitted on the painted "
+            "slices). A segmentation model also contributes its own answer, which helps most where the painted "
+            "structure is one of its classes.")
+        self._modelReferences = {}
+        self._fillModels()
+        box.contentsCollapsed.connect(lambda collapsed: collapsed or self._fillModels())
+        form.addRow(_("Model:"), self.modelCombo)
         self.budgetSpin = qt.QDoubleSpinBox()
         self.budgetSpin.setRange(1, 600)
         self.budgetSpin.value = 20
@@ -65,6 +72,28 @@ class CompleteSection:
         self.timer.timeout.connect(lambda: self.task is not None and self.task.poll())
         self.completeButton.clicked.connect(self.onComplete)
         self.jumpButton.clicked.connect(self.onJump)
+
+    def _fillModels(self) -> None:
+        """Default, scratch and every model the Segment panel knows (backbones too), keeping the current choice."""
+        current = self.modelCombo.currentText
+        self._modelReferences = {_("Default"): "", "scratch": "scratch"}
+        try:
+            rows = self.logic.availableModels(segmentableOnly=False)
+        except MedDINOv3SegmentError:
+            rows = []  # the core cannot be imported yet: the Dependencies section says so
+        for row in rows:
+            self._modelReferences[f"{row['name']} ({row['source']})"] = row["reference"]
+        wasBlocked = self.modelCombo.blockSignals(True)
+        self.modelCombo.clear()
+        for text in self._modelReferences:
+            self.modelCombo.addItem(text)
+        self.modelCombo.setCurrentText(current or _("Default"))
+        self.modelCombo.blockSignals(wasBlocked)
+
+    def modelReference(self) -> str:
+        """The `meddinov3 complete --model` value of the current choice ("" = the CLI's default; typed text as is)."""
+        text = self.modelCombo.currentText.strip()
+        return self._modelReferences.get(text, text)
 
     def _nodeSelector(self, classes, tooltip):
         selector = slicer.qMRMLNodeComboBox()
@@ -93,7 +122,7 @@ class CompleteSection:
         try:
             self.task = completeAsync(
                 self.logic, self.volumeSelector.currentNode(), segmentation, list(self.segmentsSelector.selectedSegmentIDs()),
-                model=self.modelEdit.text.strip(), device=self.deviceValue(), timeBudget=self.budgetSpin.value,
+                model=self.modelReference(), device=self.deviceValue(), timeBudget=self.budgetSpin.value,
                 extrapolate=self.extrapolateCheck.checked, beforeModify=self._undoSaver(segmentation),
                 onProgress=self._onProgress, onFinished=self._onFinished)
         except MedDINOv3SegmentError as e:

@@ -2,8 +2,9 @@
 
 Per run: the shape prior (signed distances interpolated between painted slices, structure by structure), per-voxel
 inputs (3D image features, the prior, the distance to the nearest painted slice, and with a model its backbone's
-features and, for a model package, its decoder's class probabilities) on the painted region's box, a small head fitted on the painted slices within the time budget, its probabilities on the unpainted slices,
-each label kept to its own painted slice range (unless `extrapolate`), painted slices copied voxel for voxel.
+features and, for a model package, its decoder's class probabilities) on the painted region's box, a small head
+fitted on the painted slices within the time budget, its probabilities on the unpainted slices, each label kept to
+its own painted slice range (unless `extrapolate`), painted slices copied voxel for voxel.
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ class SliceInputs:
 
     @property
     def channels(self) -> int:
-        extra = (0 if self.features is None else self.features.shape[1]) + (0 if self.decoder is None else len(self.decoder))
+        extra = 0 if self.features is None else self.features.shape[1]
+        extra += 0 if self.decoder is None else len(self.decoder)
         return len(self.image) + len(self.prior.values) + 1 + extra
 
     def __call__(self, z: int, exclude: int | None = None) -> torch.Tensor:
@@ -171,8 +173,7 @@ def complete_image(image: sitk.Image, sparse: sitk.Image, model: str | os.PathLi
     first..last painted slice unless `extrapolate`.
     """
     from ..engine import resolve_device
-    from ..files import atomic_path
-    from .features import cache_dir, cache_key, cached_features, choose_model, decoder_probabilities, volume_key
+    from .features import cache_dir, cache_key, choose_model, volume_key
 
     t0 = time.perf_counter()
     model_ref, model_note = choose_model(model)
@@ -185,17 +186,53 @@ def complete_image(image: sitk.Image, sparse: sitk.Image, model: str | os.PathLi
     painted = painted_slices(lab_c, extrapolate, labels_source)
     torch.manual_seed(seed)
     dev = resolve_device(device)
-    features, from_cache, decoder, decoder_classes, decoder_cached = None, False, None, [], False
     volume_hash = volume_key(np.asarray(vol_c)) if use_cache else ""
-    if model_ref is not None:
-        features, from_cache = cached_features(np.asarray(vol_c), spacing, model_ref, dev, progress, use_cache,
-                                               volume_hash=volume_hash)
-        decoder, decoder_classes, decoder_cached = decoder_probabilities(image, orient.to_canonical, model_ref, dev,
-                                                                         volume_hash, progress, use_cache)
+    features, decoder, model_stats = _model_inputs(image, orient, vol_c, spacing, model_ref, dev, volume_hash,
+                                                   progress, use_cache)
     prior = ShapePrior(lab_c, painted.slices, painted.values, spacing)
     box = _box(lab_c, painted.slices, spacing, whole=extrapolate)
     inputs = SliceInputs(vol_c, lab_c, painted, prior, box, spacing, features, decoder)
-    (r0, r1), (c0, c1) = box
+    head_path = cache_dir() / f"head-{cache_key(volume_hash, model_note, str(painted.values), str(inputs.channels))}.pt"
+    head, fit = _fit_head(inputs, lab_c, painted, dev, head_path if use_cache else None, time_budget_s, max_steps,
+                          cancel, progress, seed)
+
+    out = np.zeros(lab.shape, dtype=lab.dtype)
+    out_c = orient.to_canonical(out)  # a view: writing it writes `out`
+    out_c[painted.slices] = lab_c[painted.slices]
+    todo, doubt = _fill_unpainted(out_c, head, inputs, painted, extrapolate, dev)
+    least = None
+    if todo:
+        z = todo[int(doubt.argmax())]
+        least = {"slice": int(z), "point": _slice_centre(image, orient, z, lab_c.shape)}
+    stats = {"model": model_note, "device": str(dev), "painted_slices": [int(s) for s in painted.slices],
+             "completed_slices": len(todo), "box": [list(map(int, b)) for b in box], "fit": fit, **model_stats,
+             "seconds": round(time.perf_counter() - t0, 2)}
+    return CompletionResult(array_to_image(out, image), _classes(painted.values, classes), least, stats)
+
+
+def _model_inputs(image, orient: Orientation, vol_c, spacing, model_ref: str | None, dev, volume_hash: str, progress,
+                  use_cache: bool) -> tuple[np.ndarray | None, np.ndarray | None, dict]:
+    """(backbone features, decoder probabilities, stats) of `model_ref` on the volume; Nones without a model."""
+    from .features import cached_features, decoder_probabilities
+
+    if model_ref is None:
+        return None, None, {"features_cached": False, "decoder_classes": [], "decoder_cached": False}
+    features, features_cached = cached_features(np.asarray(vol_c), spacing, model_ref, dev, progress, use_cache,
+                                                volume_hash=volume_hash)
+    decoder, names, decoder_cached = decoder_probabilities(image, orient.to_canonical, model_ref, dev, volume_hash,
+                                                           progress, use_cache)
+    return features, decoder, {"features_cached": features_cached, "decoder_classes": names,
+                               "decoder_cached": decoder_cached}
+
+
+def _fit_head(inputs: SliceInputs, lab_c, painted: PaintedSlices, dev, head_path, time_budget_s: float,
+              max_steps: int, cancel, progress, seed: int) -> tuple[CompletionHead, dict]:
+    """The head fitted leave-one-out on the painted slices; continued from `head_path` (the last run's head on this
+    volume and labels, with half the budget) when it is there, and saved there; `head_path` None: no cache."""
+    from ..files import atomic_path
+
+    (r0, r1), (c0, c1) = inputs.box
+    prior = inputs.prior
     train_x = torch.cat([inputs(int(z), exclude=int(z)) for z in painted.slices]).to(dev)
     to_index = np.zeros(int(max(painted.values)) + 1, dtype=np.int64)
     to_index[painted.values] = np.arange(1, len(painted.values) + 1)
@@ -203,40 +240,35 @@ def complete_image(image: sitk.Image, sparse: sitk.Image, model: str | os.PathLi
     reference_cm = float(np.median([prior.distance(int(z), exclude=int(z)) for z in painted.slices])) / 10
     head = CompletionHead(inputs.channels, 1 + len(painted.values), inputs.prior_columns, inputs.distance_column,
                           reference_cm).to(dev)
-    head_path = cache_dir() / f"head-{cache_key(volume_hash, model_note, str(painted.values), str(inputs.channels))}.pt"
-    warm = use_cache and _warm_start(head, head_path)
+    warm = head_path is not None and _warm_start(head, head_path)
     budget = time_budget_s * (WARM_BUDGET_FRACTION if warm else 1.0)
     fit = fit_head(head, train_x, train_y, budget, max_steps, cancel=cancel, progress=progress, seed=seed)
     fit["warm_start"] = warm
-    if use_cache:
+    if head_path is not None:
         with atomic_path(head_path, suffix=".pt") as tmp:
             torch.save(head.state_dict(), tmp)
+    return head, fit
 
+
+def _fill_unpainted(out_c: np.ndarray, head: CompletionHead, inputs: SliceInputs, painted: PaintedSlices,
+                    extrapolate: bool, dev) -> tuple[list[int], torch.Tensor]:
+    """Write the head's labels into the unpainted slices of `out_c` (canonical, painted slices already there), one
+    slice at a time (probabilities never exist for the whole volume). Returns (those slices, per slice the number
+    of voxels the head is unsure about)."""
+    (r0, r1), (c0, c1) = inputs.box
     z_lo = 0 if extrapolate else min(r[0] for r in painted.ranges.values())
-    z_hi = lab_c.shape[0] - 1 if extrapolate else max(r[1] for r in painted.ranges.values())
+    z_hi = len(out_c) - 1 if extrapolate else max(r[1] for r in painted.ranges.values())
     done = set(painted.slices.tolist())
     todo = [z for z in range(z_lo, z_hi + 1) if z not in done]
-    out = np.zeros(lab.shape, dtype=lab.dtype)
-    out_c = orient.to_canonical(out)  # a view: writing it writes `out`
-    out_c[painted.slices] = lab_c[painted.slices]
     allowed = _allowed(painted, todo, extrapolate)
     values = torch.tensor([0] + painted.values)
     doubt = torch.zeros(len(todo))
-    for i, z in enumerate(todo):  # one slice at a time: probabilities never exist for the whole volume
+    for i, z in enumerate(todo):
         probs = predict(head, inputs(z).to(dev)).cpu().T.reshape(-1, r1 - r0, c1 - c0) * allowed[i, :, None, None]
         best = probs.max(0)
-        out_c[z, r0:r1, c0:c1] = values[best.indices].numpy().astype(lab.dtype)
-        doubt[i] = (1 - best.values).sum()  # how many voxels the head is unsure about
-    least = None
-    if todo:
-        z = todo[int(doubt.argmax())]
-        least = {"slice": int(z), "point": _slice_centre(image, orient, z, lab_c.shape)}
-    labels = array_to_image(out, image)
-    stats = {"model": model_note, "device": str(dev), "painted_slices": [int(s) for s in painted.slices],
-             "completed_slices": len(todo), "box": [list(map(int, b)) for b in box], "fit": fit,
-             "features_cached": from_cache, "decoder_classes": decoder_classes, "decoder_cached": decoder_cached,
-             "seconds": round(time.perf_counter() - t0, 2)}
-    return CompletionResult(labels, _classes(painted.values, classes), least, stats)
+        out_c[z, r0:r1, c0:c1] = values[best.indices].numpy().astype(out_c.dtype)
+        doubt[i] = (1 - best.values).sum()
+    return todo, doubt
 
 
 def _slice_centre(image: sitk.Image, orient: Orientation, z: int, shape) -> list[float]:

@@ -119,7 +119,8 @@ def load_optimizer(meta: SSLMetaArch, optimizer: torch.optim.Optimizer, state: d
                      for key, v in template.items()} for name, param in stateless} if template else {}
     groups, start = [], 0
     for g in optimizer.param_groups:
-        groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": names[start:start + len(g["params"])]})
+        settings = {k: v for k, v in g.items() if k != "params"}
+        groups.append({**settings, "params": names[start:start + len(g["params"])]})
         start += len(g["params"])
     set_optimizer_state_dict(meta.student, optimizer, {"state": {**saved, **filled}, "param_groups": groups},
                              options=StateDictOptions(full_state_dict=True, strict=False))

@@ -41,4 +41,5 @@ def cosine_schedule(
     n = max(total_iters - warmup_iters, 0)
     t = np.arange(n) / max(n - 1, 1)
     cosine = final + 0.5 * (base - final) * (1.0 + np.cos(math.pi * t))
-    return np.concatenate([warmup, cosine])[:total_iters].astype(np.float64)  # a run shorter than its warm-up stops in it
+    # a run shorter than its warm-up stops in it
+    return np.concatenate([warmup, cosine])[:total_iters].astype(np.float64)
