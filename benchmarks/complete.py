@@ -11,6 +11,8 @@ Then the time and peak memory of the CLI on the whole 128^3 case (first run, rep
     python benchmarks/complete.py --budget 10 --no-accuracy --no-timing --loop tumour:20:5   # correction loop PNG
     # with a model package's decoder, scored on the half of the case the demo model never saw in training
     python benchmarks/complete.py --budget 10 --no-timing --model demo-liver-ct --score-from-column 64
+    # GPU: ViT-B backbone, 512 x 512 x 300, first and repeat run (benchmarks/gpu_check.sh)
+    python benchmarks/complete.py --no-accuracy --no-timing --large 300 --model-size base --device cuda
 """
 
 from __future__ import annotations
@@ -85,12 +87,12 @@ def accuracy(ct: sitk.Image, labels: np.ndarray, ks: list[int], budget: float, m
     return rows
 
 
-def timing(ct: sitk.Image, labels: np.ndarray, budget: float) -> list[dict]:
-    """CLI on the whole case (liver + tumour painted every 10th slice), twice, each a fresh process."""
+def timing(ct: sitk.Image, sparse: np.ndarray, budget: float, model: str = "scratch", device: str = "cpu"
+           ) -> list[dict]:
+    """The CLI on the whole image with `sparse` painted, twice (first, repeat), each a fresh process: seconds, peak
+    RSS and, on CUDA, peak GPU memory."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        sparse = np.zeros(labels.shape, np.uint8)
-        sparse[::10] = labels[::10]
         ref = sitk.GetImageFromArray(sparse)
         ref.CopyInformation(ct)
         img, lab = Path(tmp) / "ct.nii.gz", Path(tmp) / "sparse.nii.gz"
@@ -98,16 +100,44 @@ def timing(ct: sitk.Image, labels: np.ndarray, budget: float) -> list[dict]:
         sitk.WriteImage(ref, str(lab))
         for run in ("first", "repeat"):
             out = Path(tmp) / f"{run}.seg.nrrd"
-            code = ("import resource, sys, time; from meddinov3.cli.main import main; t = time.perf_counter(); "
+            code = ("import resource, sys, time, torch; from meddinov3.cli.main import main; t = time.perf_counter(); "
                     f"rc = main(['complete', {str(img)!r}, '--labels', {str(lab)!r}, '-o', {str(out)!r}, "
-                    f"'--model', 'scratch', '--device', 'cpu', '--time-budget', '{budget}']); "
-                    "print(round(time.perf_counter() - t, 1), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-            res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-            seconds, rss_kb = res.stdout.split()[-2:]
-            row = {"run": run, "seconds": float(seconds), "peak_rss_mb": round(int(rss_kb) / 1024)}
+                    f"'--model', {model!r}, '--device', {device!r}, '--time-budget', '{budget}']); "
+                    "gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0; "
+                    "print(round(time.perf_counter() - t, 1), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, gpu)")
+            res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            if res.returncode:
+                raise SystemExit(res.stderr[-3000:])
+            seconds, rss_kb, gpu = res.stdout.split()[-3:]
+            row = {"run": run, "shape": list(ct.GetSize()), "model": Path(model).name, "device": device,
+                   "seconds": float(seconds), "peak_rss_mb": round(int(rss_kb) / 1024),
+                   "peak_gpu_mb": round(int(gpu) / 2**20)}
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
+
+
+def large_timing(slices: int, model_size: str, device: str, budget: float, every: int = 10) -> list[dict]:
+    """`timing` on a 512 x 512 x `slices` CT (the LiTS case tiled, `segment.big_ct`), liver and tumour painted on
+    every `every`-th slice, with a random backbone of `model_size` (the official one cannot be downloaded here; the
+    time does not depend on the weights)."""
+    import torch
+
+    from meddinov3.checkpoints import ModelSpec, write_package
+    from meddinov3.config import model_config
+    from meddinov3.model import build_model
+    from segment import big_ct
+
+    image, labels, _ = big_ct(slices, with_labels=True)
+    sparse = np.zeros_like(labels)
+    sparse[::every] = labels[::every]
+    torch.manual_seed(0)
+    cfg = model_config(model_size, num_classes=2)
+    spec = ModelSpec(name=f"bench-{model_size}-backbone", config=cfg, classes=[], kind="backbone",
+                     normalization={"scheme": "ct_hu"})
+    with tempfile.TemporaryDirectory() as tmp:
+        pkg = write_package(Path(tmp) / "backbone", spec, [build_model(cfg).state_dict()])
+        return timing(image, sparse, budget, str(pkg), device)
 
 
 def worst_slice(pred: np.ndarray, truth: np.ndarray, candidates: np.ndarray) -> int:
@@ -166,6 +196,10 @@ def main() -> None:
     parser.add_argument("--loop", metavar="STRUCTURE:K:ROUNDS", help="correction loop, e.g. tumour:20:5")
     parser.add_argument("--loop-png", default="benchmarks/complete_loop.png")
     parser.add_argument("--model", help="also Complete with this model (backbone or package), e.g. demo-liver-ct")
+    parser.add_argument("--large", type=int, metavar="SLICES",
+                        help="also time the CLI on a 512 x 512 x SLICES CT with a random backbone (--model-size)")
+    parser.add_argument("--model-size", default="base", choices=["tiny", "small", "base"])
+    parser.add_argument("--device", default="cuda", help="device of the --large timing")
     parser.add_argument("--score-from-column", type=int, default=0,
                         help="score only voxels with SimpleITK index 0 >= N (64: the demo model's held-out half)")
     args = parser.parse_args()
@@ -181,7 +215,11 @@ def main() -> None:
         structure, k, rounds = args.loop.split(":")
         correction_loop(ct, labels, structure, int(k), int(rounds), args.budget, Path(args.loop_png))
     if not args.no_timing:
-        timing(ct, labels, args.budget)
+        sparse = np.zeros(labels.shape, np.uint8)
+        sparse[::10] = labels[::10]  # liver and tumour painted every 10th slice
+        timing(ct, sparse, args.budget)
+    if args.large:
+        large_timing(args.large, args.model_size, args.device, args.budget)
     print(json.dumps({"load_average": os.getloadavg()}), flush=True)
 
 

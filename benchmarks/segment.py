@@ -41,24 +41,29 @@ from meddinov3.model import build_model  # noqa: E402
 from meddinov3.phantom import load_liver_ct, make_phantom_ct  # noqa: E402
 
 
-def big_ct(slices: int) -> tuple[sitk.Image, str]:
+def big_ct(slices: int, with_labels: bool = False):
     """512 x 512 x `slices` CT at 0.75 x 0.75 x 1 mm: a 1 mm 128-slice CT upsampled in-plane (384 px, air around),
-    mirrored and tiled along z. The LiTS liver CT when its package is installed, else the phantom."""
+    mirrored and tiled along z. The LiTS liver CT when its package is installed, else the phantom.
+    Returns (image, source), or (image, labels array (z, y, x) on its grid, source) `with_labels`."""
     try:
-        ct, _ = load_liver_ct()
+        ct, lab = load_liver_ct()
         source = "LiTS liver CT (tiled)"
     except FileNotFoundError:
-        ct, _ = make_phantom_ct((128, 128, 128), spacing=(1.0, 1.0, 1.0), seed=0)
+        ct, lab = make_phantom_ct((128, 128, 128), spacing=(1.0, 1.0, 1.0), seed=0)
         source = "phantom CT (tiled)"
-    arr = sitk.GetArrayFromImage(ct).astype(np.float32)  # (128, 128, 128) at 1 mm
-    t = torch.from_numpy(arr)[:, None]
-    up = torch.nn.functional.interpolate(t, size=(384, 384), mode="bilinear", align_corners=False)[:, 0]
-    canvas = np.full((128, 512, 512), -1000, np.int16)
-    canvas[:, 64:448, 64:448] = up.round().numpy().astype(np.int16)
-    reps = -(-slices // 256)
-    vol = np.concatenate([canvas, canvas[::-1]] * reps)[:slices]
-    image = sitk.GetImageFromArray(vol)
+
+    def tiled(arr: np.ndarray, background: int, mode: str) -> np.ndarray:
+        t = torch.from_numpy(arr.astype(np.float32))[:, None]
+        up = torch.nn.functional.interpolate(t, size=(384, 384), mode=mode,
+                                             **({} if mode == "nearest" else {"align_corners": False}))[:, 0]
+        canvas = np.full((len(arr), 512, 512), background, np.int16)
+        canvas[:, 64:448, 64:448] = up.round().numpy().astype(np.int16)
+        return np.concatenate([canvas, canvas[::-1]] * -(-slices // 256))[:slices]
+
+    image = sitk.GetImageFromArray(tiled(sitk.GetArrayFromImage(ct), -1000, "bilinear"))  # (128, 128, 128) at 1 mm
     image.SetSpacing((0.75, 0.75, 1.0))
+    if with_labels:
+        return image, tiled(sitk.GetArrayFromImage(lab), 0, "nearest").astype(np.uint8), source
     return image, source
 
 

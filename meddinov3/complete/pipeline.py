@@ -17,12 +17,12 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
 from ..checkpoints import CheckpointError, safe_torch_load
 from ..checkpoints.package import ClassInfo
 from ..volumes import Orientation, array_to_image, validate_image
 from .head import CompletionHead, fit_head, predict
+from .image import image_features
 from .prior import ShapePrior
 from .sparse import PaintedSlices, label_array, painted_slices
 
@@ -51,47 +51,18 @@ class CompletionResult:
     stats: dict = field(default_factory=dict)
 
 
-def _robust_scale(volume: np.ndarray) -> tuple[float, float]:
-    sample = volume[:: max(1, volume.shape[0] // 32)]
-    lo, hi = np.percentile(sample, [0.5, 99.5])
-    return float(lo), float(max(hi - lo, 1e-6))
-
-
-def _foreground_window(volume: np.ndarray, labels: np.ndarray, slices) -> tuple[float, float]:
-    """Median and spread of the painted structures' intensities: the head gets a channel windowed on them."""
-    values = volume[slices][labels[slices] != 0]
-    return float(np.median(values)), float(max(np.percentile(values, 95) - np.percentile(values, 5), 1e-6))
-
-
-def image_features(volume: np.ndarray, labels: np.ndarray, painted: PaintedSlices, spacing) -> np.ndarray:
-    """(8, S, P, L) float32 features of a canonical (sub-)volume: intensity robust-scaled, windowed on the painted
-    structures, smoothed at 1, 2, 4 and 8 mm (the last one the surroundings: inside an organ or not), gradient
-    magnitude at 1 and 3 mm (3D: neighbouring slices count)."""
-    lo, span = _robust_scale(volume)
-    center, width = _foreground_window(volume, labels, painted.slices)
-    scaled = (volume.astype(np.float32) - lo) / span
-    windowed = np.clip((volume.astype(np.float32) - center) / width, -3, 3)
-
-    def sig(mm: float) -> list[float]:  # sigma in voxels along (S, P, L)
-        return [mm / s for s in spacing]
-
-    feats = [scaled, windowed] + [ndimage.gaussian_filter(windowed, sig(mm)) for mm in (1.0, 2.0, 4.0, 8.0)]
-    feats += [ndimage.gaussian_gradient_magnitude(scaled, sig(mm)) for mm in (1.0, 3.0)]
-    return np.stack(feats).astype(np.float32)
-
-
 class SliceInputs:
     """Per-voxel inputs of one canonical slice on the box: image features, the prior per label (tanh of the signed
     distance / 5 mm), and optionally backbone features (token maps upsampled to the slice) and a model package's
     class probabilities (`decoder`: (classes, S, P, L) uint8, x 255)."""
 
-    def __init__(self, volume, labels, painted: PaintedSlices, prior: ShapePrior, box, spacing, features=None,
-                 decoder=None):
+    def __init__(self, volume, labels, painted: PaintedSlices, prior: ShapePrior, box, spacing, device,
+                 features=None, decoder=None):
         (r0, r1), (c0, c1) = box
         self.prior, self.box, self.features, self.full = prior, box, features, volume.shape[1:]
-        self.decoder = decoder
+        self.decoder, self.device = decoder, device
         self.image = image_features(np.asarray(volume[:, r0:r1, c0:c1]), np.asarray(labels[:, r0:r1, c0:c1]),
-                                    painted, spacing)
+                                    painted.slices, spacing, device)
 
     @property
     def prior_columns(self) -> slice:
@@ -110,17 +81,19 @@ class SliceInputs:
         return len(self.image) + len(self.prior.values) + 1 + extra
 
     def __call__(self, z: int, exclude: int | None = None) -> torch.Tensor:
-        """(rows * columns of the box, channels) float32."""
+        """(rows * columns of the box, channels) float32, on the run's device."""
         (r0, r1), (c0, c1) = self.box
-        distance = np.full((1, r1 - r0, c1 - c0), self.prior.distance(z, exclude) / 10, np.float32)  # cm
-        chans = [self.image[:, z], np.tanh(self.prior.at(z, exclude)[:, r0:r1, c0:c1] / PRIOR_SCALE_MM), distance]
-        x = torch.from_numpy(np.concatenate(chans).astype(np.float32))
+        dev = self.device
+        prior = np.tanh(self.prior.at(z, exclude)[:, r0:r1, c0:c1] / PRIOR_SCALE_MM).astype(np.float32)
+        distance = self.prior.distance(z, exclude) / 10  # cm
+        chans = [self.image[:, z].float(), torch.from_numpy(prior).to(dev),
+                 torch.full((1, r1 - r0, c1 - c0), distance, device=dev)]
         if self.features is not None:
-            f = torch.from_numpy(self.features[z].astype(np.float32))[None]
-            f = F.interpolate(f, size=self.full, mode="bilinear", align_corners=False)[0, :, r0:r1, c0:c1]
-            x = torch.cat([x, f])
+            f = torch.from_numpy(self.features[z].astype(np.float32))[None].to(dev)
+            chans.append(F.interpolate(f, size=self.full, mode="bilinear", align_corners=False)[0, :, r0:r1, c0:c1])
         if self.decoder is not None:
-            x = torch.cat([x, torch.from_numpy(np.asarray(self.decoder[:, z, r0:r1, c0:c1], np.float32) / 255)])
+            chans.append(torch.from_numpy(np.asarray(self.decoder[:, z, r0:r1, c0:c1], np.float32) / 255).to(dev))
+        x = torch.cat(chans)
         return x.reshape(len(x), -1).T
 
 
@@ -191,7 +164,7 @@ def complete_image(image: sitk.Image, sparse: sitk.Image, model: str | os.PathLi
                                                    progress, use_cache)
     prior = ShapePrior(lab_c, painted.slices, painted.values, spacing)
     box = _box(lab_c, painted.slices, spacing, whole=extrapolate)
-    inputs = SliceInputs(vol_c, lab_c, painted, prior, box, spacing, features, decoder)
+    inputs = SliceInputs(vol_c, lab_c, painted, prior, box, spacing, dev, features, decoder)
     head_path = cache_dir() / f"head-{cache_key(volume_hash, model_note, str(painted.values), str(inputs.channels))}.pt"
     head, fit = _fit_head(inputs, lab_c, painted, dev, head_path if use_cache else None, time_budget_s, max_steps,
                           cancel, progress, seed)
