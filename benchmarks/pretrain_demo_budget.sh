@@ -7,18 +7,18 @@
 #    side by side (one core each; the pretraining runs beside the scratch arm).
 # 3. Held-out and training-half Dice of both, raw and with the shipped 2 mm post-processing
 #    (tools/choose_demo_postprocessing.py).
-# Usage: benchmarks/pretrain_demo_budget.sh [WORK_DIR]
+# Usage: [SEED=0] benchmarks/pretrain_demo_budget.sh [WORK_DIR]   (SEED: pretraining and both fine-tunings)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK="${1:-/tmp/meddinov3-pretrain-demo}"
 PY=.venv/bin/python
-export OMP_NUM_THREADS=1
+export OMP_NUM_THREADS=1 SEED="${SEED:-0}"
 mkdir -p "$WORK"
 $PY -m meddinov3.cli demo --export-dataset "$WORK/dataset" --overwrite
 ls "$WORK"/dataset/imagesTr/*.nii.gz > "$WORK/unlabelled.txt"
 pretrain_then_finetune() {
   $PY -m meddinov3.cli pretrain --data "$WORK/unlabelled.txt" --out "$WORK/pretrain" --size tiny --steps 2500 \
-    --batch-size 8 --seed 0 --device cpu \
+    --batch-size 8 --seed "${SEED:-0}" --device cpu \
     --set 'model={"depth": 4, "patch_size": 8}' 'head={"hidden_dim": 256, "bottleneck_dim": 64, "nlayers": 3}' \
           global_size=64 local_size=32 n_local=2 cache_dir="\"$WORK/pretrain-cache\"" > "$WORK/pretrain.log" 2>&1
   BASE="$WORK/pretrain" INSTALL=0 tools/train_demo_model.sh "$WORK/from-pretrain" > "$WORK/from-pretrain.log" 2>&1

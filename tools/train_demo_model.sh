@@ -8,7 +8,8 @@
 # Post-processing (in model.json): liver + tumour keep their largest region after cutting bridges thinner than ~4 mm;
 # the 2 mm opening was chosen among 0-4 mm by the Dice on the TRAINING half only (tools/choose_demo_postprocessing.py).
 # Usage: tools/train_demo_model.sh [WORK_DIR]   (needs the project's .venv; STEPS=... overrides the step count;
-#        BASE=PRETRAIN_RUN fine-tunes from that backbone instead of from scratch; INSTALL=0 leaves Resources/ as it is)
+#        BASE=PRETRAIN_RUN fine-tunes from that backbone instead of from scratch; INSTALL=0 leaves Resources/ as it is;
+#        SEED=... the seed, 0 by default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK="${1:-/tmp/meddinov3-demo-train}"
@@ -19,7 +20,7 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # shared 2-core machine: one thr
 mkdir -p "$WORK"
 $PY -m meddinov3.cli demo --export-dataset "$WORK/dataset" --overwrite  # the script's own files
 $PY -m meddinov3.cli train --data "$WORK/dataset" --out "$WORK/run" "${FROM[@]}" \
-  --steps "$STEPS" --steps-per-epoch 100 --batch-size 8 --seed 0 --device cpu \
+  --steps "$STEPS" --steps-per-epoch 100 --batch-size 8 --seed "${SEED:-0}" --device cpu \
   --name demo-liver-ct \
   --set patch_size='[64, 64]' lr_decoder=1e-3 lr_backbone=5e-4 \
         checkpoint_every=100 log_every=10 cache_dir="$WORK/cache" export_dtype=float16 \
