@@ -25,7 +25,7 @@ from ..options import SegmentOptions
 from ..volumes import Orientation, direction_of_code
 from .inference import SlicePredictor
 from .preprocess import make_normalizer, resampled_shape, target_spacing
-from .stages import Cancelled, check_model_slice, is_cancelled
+from .stages import Cancelled, background_probabilities, check_model_slice, is_cancelled
 
 ANISO_THRESHOLD = 3.0  # nnU-Net's ANISO_THRESHOLD: spacing ratio above which z is resampled separately
 
@@ -201,9 +201,7 @@ def predict_stored(image: sitk.Image, networks, spec, device: torch.device, out:
     crop_hw = labels.shape[1:]
     probs = probs_view = None
     if return_probabilities:
-        n_classes = spec.config.num_classes
-        probs = np.zeros((n_classes, *out.shape), dtype=np.float16)
-        probs[bg_index] = 1.0
+        probs = background_probabilities(spec.config.num_classes, out.shape, bg_index)
         probs_view = layout.to_layout(probs)[(slice(None),) + box]
 
     predictor = SlicePredictor(networks, spec, device, tta=options.tta, batch_size=options.batch_size,

@@ -23,7 +23,7 @@ from ..checkpoints.package import default_classes
 from ..options import SegmentOptions
 from ..volumes import InputError, Orientation, check_orientation_code, crop_box, validate_image
 from .nnunet_mode import predict_stored
-from .stages import Cancelled, LabelOutput, SliceStream, plan_slices
+from .stages import Cancelled, LabelOutput, SliceStream, background_probabilities, plan_slices
 
 __all__ = ["Cancelled", "SegmentOptions", "SegmentationResult", "as_image", "cpu_threads", "resolve_device",
            "segment_file", "segment_image"]
@@ -196,8 +196,7 @@ def _predict_canonical(region: sitk.Image, loaded: LoadedModel, device: torch.de
     t_setup = time.perf_counter() - t_start
     probs = None
     if return_probabilities:
-        probs = np.zeros((len(output.lut), *plan.shape), dtype=np.float16)
-        probs[output.bg_index] = 1.0
+        probs = background_probabilities(len(output.lut), plan.shape, output.bg_index)
     model_time = SliceStream(plan, device, index, probs).run(progress, cancel)
     stats = {"device": str(device), **plan.stats(), "oom_backoffs": list(plan.predictor.oom_events),
              "model_time_s": round(model_time, 3), "setup_s": round(t_setup, 3)}

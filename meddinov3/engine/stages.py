@@ -307,6 +307,14 @@ class SliceStream:
 # ---------------------------------------------------------------------------------------------- finish
 
 
+def background_probabilities(n_classes: int, shape: tuple, bg_index: int) -> np.ndarray:
+    """float16 (n_classes, *shape) probabilities that say background everywhere: what voxels outside the part the
+    network sees (an ROI, nnU-Net's crop) hold."""
+    probs = np.zeros((n_classes, *shape), dtype=np.float16)
+    probs[bg_index] = 1.0
+    return probs
+
+
 @dataclass
 class LabelOutput:
     """The label map being written, on the full input's grid, and its ROI view.
@@ -366,7 +374,6 @@ class LabelOutput:
         if self.box[0] is None:
             return probs
         (x0, y0, z0), (x1, y1, z1) = self.box
-        full = np.zeros((len(self.lut),) + self.array.shape, dtype=np.float16)
-        full[self.bg_index] = 1.0
+        full = background_probabilities(len(self.lut), self.array.shape, self.bg_index)
         full[:, z0:z1, y0:y1, x0:x1] = probs
         return full
