@@ -146,6 +146,10 @@ class SlicePredictor:
         t = self.tile(s)
         return len(tile_starts(max(s[0], t[0]), t[0])) * len(tile_starts(max(s[1], t[1]), t[1]))
 
+    def slices_per_batch(self, shape: tuple[int, int]) -> int:
+        """Whole slices of shape `shape` per forward pass: the batch size in tiles over the tiles of one slice."""
+        return max(1, self.resolve_batch_size(shape) // self.tiles_per_slice(shape))
+
     def resolve_batch_size(self, shape: tuple[int, int]) -> int:
         if self.batch_size is None:
             self.batch_size = auto_batch_size(self.device, self.spec.config, self.tile(self.network_shape(shape)))

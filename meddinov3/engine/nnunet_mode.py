@@ -206,7 +206,7 @@ def predict_stored(image: sitk.Image, networks, spec, device: torch.device, out:
 
     predictor = SlicePredictor(networks, spec, device, tta=options.tta, batch_size=options.batch_size,
                                compile=options.compile, return_logits=True)
-    per_batch = max(1, predictor.resolve_batch_size(model_hw) // predictor.tiles_per_slice(model_hw))
+    per_batch = predictor.slices_per_batch(model_hw)
     Z = model_in.shape[0]
     t_model = 0.0
     for start in range(0, Z, per_batch):

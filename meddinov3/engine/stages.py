@@ -131,7 +131,7 @@ def plan_slices(image: sitk.Image, networks, spec, device: torch.device, options
     predictor = SlicePredictor(networks, spec, device, tta=options.tta, batch_size=options.batch_size,
                                compile=options.compile)
     per_slice = predictor.tiles_per_slice(model_hw)
-    slices_per_batch = max(1, predictor.resolve_batch_size(model_hw) // per_slice)
+    slices_per_batch = predictor.slices_per_batch(model_hw)
     batches = [run_z[i:i + slices_per_batch] for i in range(0, len(run_z), slices_per_batch)]
     return SlicePlan(volume, orient, (slice_sp, row_sp, col_sp), tuple(target), tuple(model_hw),
                      make_normalizer(spec.normalization, volume), todo, step, run_z, predictor, per_slice, batches)
