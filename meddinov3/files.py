@@ -90,6 +90,31 @@ def read_json(path: str | os.PathLike):
         return json.load(f)
 
 
+def check_new_output(path: str | os.PathLike, overwrite: bool = False) -> None:
+    """Any output file: an existing file is the user's unless `overwrite` (FileExistsError), and its folder must
+    accept a new file (ValueError)."""
+    if Path(path).exists() and not overwrite:
+        raise FileExistsError(f"{path}: output already exists (pass --overwrite to replace it)")
+    check_writable(path)
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail before a long inference, not after it: the output's folder (or, as missing folders are created, its
+    nearest existing parent) must accept a new file. Tried for real: permission bits say nothing for root or
+    read-only file systems."""
+    folder = Path(path).absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{path}: cannot write there ({folder} is a file, not a folder)")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".meddinov3-write-test-", dir=folder)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot create a file in {folder} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def read_json_or(path: str | os.PathLike, default=None):
     """The JSON in `path`, or `default` where there is none (missing, unreadable, not JSON): for files that are
     listed or polled (model folders, job folders read every second), where a bad file must never raise."""

@@ -341,5 +341,5 @@ def test_module_entry_points_report_a_verbs_error(tmp_path, module):
     r = subprocess.run([sys.executable, "-m", module, *command], capture_output=True, text=True, cwd=REPO,
                        timeout=300)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        f"meddinov3 evaluate: error: {existing}: already exists (use --overwrite to replace it)"], r.stderr
+        f"meddinov3 evaluate: error: {existing}: output already exists (pass --overwrite to replace it)"], r.stderr
     assert existing.read_text() == "{}"

@@ -53,7 +53,7 @@ def export_dataset(out_dir: str | Path, heldout_as_validation: bool = False, ove
     """
     import SimpleITK as sitk
 
-    from ..engine.outputs import check_new_output
+    from ..files import check_new_output
     from ..files import atomic_path, write_json
     from ..phantom import load_liver_ct
 
@@ -119,7 +119,7 @@ def run(args) -> int:
 
     from ..checkpoints import load_model
     from ..engine import segment_image
-    from ..engine.outputs import check_new_output
+    from ..files import check_new_output
     from ..files import atomic_path
     from ..phantom import load_liver_ct
     from ..train.losses import dice_per_class

@@ -25,12 +25,15 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
+    from ..files import check_new_output
     from ..evaluation import EvaluationError, evaluate_folders, labels_from_dataset_json, to_json
     from ..files import atomic_path
 
     out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise CommandError(f"{out}: already exists (use --overwrite to replace it)")
+    try:
+        check_new_output(out, args.overwrite)  # before reading any case; the folder must accept the file too
+    except (FileExistsError, ValueError) as e:
+        raise CommandError(str(e)) from None
     try:
         labels, ignore = labels_from_dataset_json(args.labels) if args.labels else (None, None)
         summary = evaluate_folders(args.pred_folder, args.gt_folder, labels, ignore)

@@ -183,7 +183,8 @@ def _check_outputs(inputs: list[Path], outputs: list[Path], side_outputs: list, 
                    overwrite: bool) -> None:
     """Refuse, before any work, outputs that are inputs, or that exist without `overwrite` (one input), or folders
     that cannot take the files (a cohort)."""
-    from ..engine.outputs import check_not_input, check_output, check_writable, input_files
+    from ..engine.outputs import check_not_input, check_output, input_files
+    from ..files import check_writable
 
     sources = input_files(inputs) if any(o.exists() for o in outputs) else []
     try:

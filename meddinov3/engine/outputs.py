@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from ..files import atomic_path
+from ..files import atomic_path, check_new_output
 from ..terminology import describe_classes
 
 LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
@@ -43,31 +42,6 @@ def check_probabilities_output(path: str | os.PathLike, overwrite: bool = False)
     if not Path(path).name.lower().endswith(".npz"):
         raise ValueError(f"{path}: probabilities are written as .npz")
     check_new_output(path, overwrite)
-
-
-def check_new_output(path: str | os.PathLike, overwrite: bool = False) -> None:
-    """Any output file: an existing file is the user's unless `overwrite` (FileExistsError), and its folder must
-    accept a new file (ValueError)."""
-    if Path(path).exists() and not overwrite:
-        raise FileExistsError(f"{path}: output already exists (pass --overwrite to replace it)")
-    check_writable(path)
-
-
-def check_writable(path: str | os.PathLike) -> None:
-    """Fail before a long inference, not after it: the output's folder (or, as missing folders are created, its
-    nearest existing parent) must accept a new file. Tried for real: permission bits say nothing for root or
-    read-only file systems."""
-    folder = Path(path).absolute().parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        raise ValueError(f"{path}: cannot write there ({folder} is a file, not a folder)")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".meddinov3-write-test-", dir=folder)
-    except OSError as e:
-        raise ValueError(f"{path}: cannot create a file in {folder} ({e.strerror or e})") from None
-    os.close(fd)
-    os.unlink(probe)
 
 
 def input_files(inputs) -> list[tuple[Path, list[Path]]]:

@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..files import atomic_path
-from .outputs import check_new_output
+from ..files import check_new_output
 
 PERCENTILES = (5, 50, 95)
 STATISTICS_SUFFIXES = (".json", ".csv")

@@ -20,7 +20,8 @@ import SimpleITK as sitk
 
 from ..files import atomic_path
 from ..volumes import Orientation
-from .outputs import LABELMAP_SUFFIXES, check_new_output
+from ..files import check_new_output
+from .outputs import LABELMAP_SUFFIXES
 
 UNCERTAINTY_SCALE = 100  # stored value = round(100 x normalised entropy)
 STRUCTURE_MAX_BACKGROUND = 0.9  # a voxel "may hold a structure" below this background probability
