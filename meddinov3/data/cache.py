@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..files import atomic_dir
-from ..engine.preprocess import make_normalizer, resampled_shape, resize
+from ..engine.preprocess import make_normalizer, resampled_shape, resize, spline_resize
 from ..volumes import Orientation
 from .dataset import Case, Dataset, DatasetError, label_array, read_case
 
@@ -90,16 +90,12 @@ def resolve_normalization(configured: dict | None, modality: str, stats: dict) -
 
 
 def resize_cubic(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """nnU-Net's image resampling of (B, C, H, W): order-3 spline per slice (skimage `resize(order=3, mode="edge",
-    anti_aliasing=False)`: scipy's zoom on pixel-centre grids with edge replication, clipped to the slice's range)."""
-    from scipy import ndimage
-
+    """nnU-Net's image resampling of (B, C, H, W): `spline_resize` of order 3 per slice (skimage's `resize(order=3,
+    mode="edge", anti_aliasing=False)`), float32."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    zoom = (size[0] / x.shape[-2], size[1] / x.shape[-1])
     arr = x.numpy().reshape(-1, *x.shape[-2:])
-    out = np.stack([ndimage.zoom(a, zoom, order=3, mode="nearest", grid_mode=True).clip(a.min(), a.max())
-                    for a in arr])
+    out = np.stack([spline_resize(a, size, order=3) for a in arr])
     return torch.from_numpy(out.reshape(*x.shape[:-2], *size).astype(np.float32))
 
 

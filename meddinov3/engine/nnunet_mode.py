@@ -24,7 +24,7 @@ from scipy import ndimage
 from ..options import SegmentOptions
 from ..volumes import Orientation, direction_of_code
 from .inference import SlicePredictor
-from .preprocess import make_normalizer, resampled_shape, target_spacing
+from .preprocess import make_normalizer, resampled_shape, spline_resize, target_spacing
 from .stages import Cancelled, background_probabilities, check_model_slice, is_cancelled
 
 ANISO_THRESHOLD = 3.0  # nnU-Net's ANISO_THRESHOLD: spacing ratio above which z is resampled separately
@@ -128,14 +128,6 @@ def separate_axis(current_spacing, new_spacing, force_separate_z: bool | None = 
     return int(axes[0]) if axes is not None and len(axes) == 1 else None
 
 
-def _resize(array: np.ndarray, shape, order: int) -> np.ndarray:
-    """scikit-image's resize(mode='edge', anti_aliasing=False), which nnU-Net calls: a grid-mode spline zoom
-    clipped to the input's range."""
-    array = np.asarray(array, dtype=np.float64)
-    out = ndimage.zoom(array, np.divide(shape, array.shape), order=order, mode="nearest", grid_mode=True)
-    return np.clip(out, array.min(), array.max(), out=out)
-
-
 def resample(data: np.ndarray, new_shape, current_spacing, new_spacing, order: int = 3, order_z: int = 0,
              force_separate_z: bool | None = None) -> np.ndarray:
     """nnU-Net's `resample_data_or_seg_to_shape` for images and logits: (c, z, y, x) -> (c, *new_shape) float32.
@@ -151,14 +143,14 @@ def resample(data: np.ndarray, new_shape, current_spacing, new_spacing, order: i
     out = np.empty((data.shape[0], *new_shape), dtype=np.float32)
     for c in range(data.shape[0]):
         if axis is None:
-            out[c] = _resize(data[c], new_shape, order)
+            out[c] = spline_resize(data[c], new_shape, order)
             continue
         planes_shape = new_shape.copy()
         planes_shape[axis] = shape[axis]
         planes = np.empty(planes_shape)
         for i in range(shape[axis]):
             index = tuple(i if a == axis else slice(None) for a in range(3))
-            planes[index] = _resize(data[c][index], np.delete(new_shape, axis), order)
+            planes[index] = spline_resize(data[c][index], np.delete(new_shape, axis), order)
         if shape[axis] != new_shape[axis]:
             grid = np.mgrid[tuple(slice(0, n) for n in new_shape)].astype(float)
             for a in range(3):

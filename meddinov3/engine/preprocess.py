@@ -65,3 +65,13 @@ def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def spline_resize(array: np.ndarray, shape, order: int) -> np.ndarray:
+    """scikit-image's resize(mode='edge', anti_aliasing=False), which nnU-Net calls on images and logits: a
+    grid-mode spline zoom of order `order`, clipped to the input's range; float64."""
+    from scipy import ndimage
+
+    array = np.asarray(array, dtype=np.float64)
+    out = ndimage.zoom(array, np.divide(shape, array.shape), order=order, mode="nearest", grid_mode=True)
+    return np.clip(out, array.min(), array.max(), out=out)
