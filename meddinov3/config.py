@@ -125,14 +125,19 @@ class JsonOptions:
         return options
 
     @classmethod
-    def from_file(cls, path):
-        with open(path) as f:
+    def file_options(cls, path) -> dict:
+        """The options a JSON file gives, as written (a run's config.json holds them under its section)."""
+        with open(path, encoding="utf-8") as f:
             d = json.load(f)
         if isinstance(d, dict):
-            d = d.get(cls.SECTION, d)  # a run's config.json holds the options under its section
+            d = d.get(cls.SECTION, d)
         if not isinstance(d, dict):
             raise ValueError(f"expected a JSON object of {cls.KIND} options, got {type(d).__name__}")
-        return cls.from_dict(d)
+        return d
+
+    @classmethod
+    def from_file(cls, path):
+        return cls.from_dict(cls.file_options(path))
 
     def validate(self) -> None:
         """Raise ValueError for inconsistent options (subclasses add their checks)."""

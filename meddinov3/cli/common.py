@@ -54,16 +54,9 @@ def config_from_args(config_cls, args, overrides: dict, clear: dict | None = Non
     except (TypeError, ValueError) as e:
         raise CommandError(f"--recipe: {e}") from None
     if args.config:
-        try:
-            from_file = config_cls.from_file(args.config)
+        try:  # only the keys the file gives override the recipe
+            cfg = config_cls.from_dict({**cfg.to_dict(), **config_cls.file_options(args.config)})
         except (OSError, ValueError) as e:
-            raise CommandError(f"--config {args.config}: {e}") from None
-        with open(args.config) as f:  # only the keys the file gives override the recipe
-            saved = json.load(f)
-        keys = set(saved.get(config_cls.SECTION, saved))
-        try:
-            cfg = config_cls.from_dict({**cfg.to_dict(), **{k: v for k, v in from_file.to_dict().items() if k in keys}})
-        except ValueError as e:
             raise CommandError(f"--config {args.config}: {e}") from None
     changes = {}
     for item in args.set:
@@ -83,3 +76,13 @@ def config_from_args(config_cls, args, overrides: dict, clear: dict | None = Non
     if not cfg.data and not args.resume:
         raise CommandError("--data is required")
     return cfg
+
+
+def explicit_options(args, cfg, flags: dict, recipe: dict | None = None) -> dict:
+    """The options the command line gave (flags, `--set` keys, `--recipe` options and `--config` keys) with their
+    values in `cfg`: what `--resume` compares with the saved configuration."""
+    keys = {k for k, v in flags.items() if v is not None} | {item.split("=", 1)[0] for item in args.set}
+    keys |= set(recipe or {})
+    if args.config:
+        keys |= set(type(cfg).file_options(args.config))
+    return {k: getattr(cfg, k) for k in keys}

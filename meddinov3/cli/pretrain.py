@@ -14,7 +14,7 @@ Every `probe_every` steps a ridge probe on the teacher's frozen patch features s
 from __future__ import annotations
 
 import sys
-from .common import CommandError, config_from_args
+from .common import CommandError, config_from_args, explicit_options
 
 
 def add_parser(sub) -> None:
@@ -58,8 +58,6 @@ def build_config(args):
 def run(args) -> int:
     from ..pretrain.data import PretrainDataError
     from ..pretrain.loop import PretrainError, pretrain
-
-    from .train import explicit_options
 
     if args.base and args.size:  # the base's architecture is used: --size must not be recorded as if it applied
         print(f"meddinov3 pretrain: warning: --size {args.size} is ignored: the architecture comes from --base "

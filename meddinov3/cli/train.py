@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from .common import CommandError, config_from_args
+from .common import CommandError, config_from_args, explicit_options
 
 
 def add_parser(sub) -> None:
@@ -69,7 +69,7 @@ def flags(args) -> dict:
 def recipe(args) -> dict:
     from ..train.recipes import recipe_options
 
-    if not getattr(args, "recipe", None):  # `pretrain` shares explicit_options and has no --recipe
+    if not args.recipe:
         return {}
     try:
         return recipe_options(args.recipe)
@@ -90,20 +90,6 @@ def build_config(args):
     return config_from_args(TrainConfig, args, flags(args), clear=clear or None, recipe=recipe(args))
 
 
-def explicit_options(args, cfg, flags: dict) -> dict:
-    """The options the command line gave (flags, `--set` keys, `--recipe` and `--config` keys) with their values
-    in `cfg`: what `--resume` compares with the saved configuration."""
-    import json
-
-    keys = {k for k, v in flags.items() if v is not None} | {item.split("=", 1)[0] for item in args.set}
-    keys |= set(recipe(args))
-    if args.config:
-        with open(args.config) as f:
-            saved = json.load(f)
-        keys |= set(saved.get(cfg.SECTION, saved))
-    return {k: getattr(cfg, k) for k in keys}
-
-
 def run(args) -> int:
     from ..data import DatasetError
     from ..train import TrainError, train
@@ -111,7 +97,7 @@ def run(args) -> int:
     cfg = build_config(args)
     try:
         status = train(cfg, resume=args.resume, json_progress=args.json_progress,
-                       explicit=explicit_options(args, cfg, flags(args)))
+                       explicit=explicit_options(args, cfg, flags(args), recipe(args)))
     except (TrainError, DatasetError) as e:
         raise CommandError(str(e)) from None
     if status and status.get("state") == "stopped":
