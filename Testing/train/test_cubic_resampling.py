@@ -6,7 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from skimage.transform import resize
+
+# scikit-image is a test extra of the main suite; the Slicer-Python leg (which deselects this module) has none
+resize = pytest.importorskip("skimage.transform").resize
 
 from meddinov3.data.cache import resize_cubic
 
