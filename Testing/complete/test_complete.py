@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from meddinov3.checkpoints.loader import load_model, resolve
+from meddinov3.checkpoints.loader import has_decoder, load_model, resolve
 from meddinov3.cli.demo import DEMO_MODEL
 from meddinov3.cli.main import main
 from meddinov3.complete import complete_image
@@ -165,6 +165,7 @@ def test_a_model_packages_decoder_gives_the_head_its_classes(liver_crop, tmp_pat
     assert (from_probs == expected).mean() > 0.99 and (expected > 0).any()
 
     backbone = str(make_package(tmp_path / "backbone", kind="backbone"))
+    assert has_decoder(demo) and not has_decoder(backbone)  # from model.json, no weights read
     assert decoder_probabilities(ct_r, orient.to_canonical, backbone, torch.device("cpu"), "")[:2] == (None, [])
 
 

@@ -137,6 +137,16 @@ def read_model(ref: str | os.PathLike, folds: list[str] | None = None, offline: 
     return fmt, spec, sds, path
 
 
+def has_decoder(ref: str | os.PathLike, offline: bool | None = None) -> bool:
+    """Whether `ref` (any layout, a run folder too) is a segmentation model, from its metadata alone (no weights
+    read): a package's model.json says which; an nnU-Net result folder always is; a .pth file is a backbone."""
+    path = resolve(run_package(ref), offline=offline)
+    fmt = detect_format(path)
+    if fmt == "package":
+        return read_spec(path if path.is_dir() else path.parent).kind == "segmentation"
+    return fmt == "nnunet"
+
+
 @dataclass
 class LoadedModel:
     """A segmentation model ready to run: its description and one network per fold."""

@@ -139,8 +139,7 @@ def decoder_probabilities(image, to_canonical, model_ref: str, device: torch.dev
     probabilities: (foreground classes, S, P, L) uint8 (x 255), memory-mapped from the cache; None (and no
     names) for a bare backbone, which has no decoder.
     """
-    from ..checkpoints import CheckpointError
-    from ..checkpoints.loader import load_model, run_package
+    from ..checkpoints.loader import has_decoder, load_model, run_package
     from ..engine import segment_image
     from ..options import SegmentOptions
 
@@ -150,10 +149,9 @@ def decoder_probabilities(image, to_canonical, model_ref: str, device: torch.dev
     names = read_json_or(names_path)
     if cached is not None and isinstance(names, list) and len(names) == len(cached):
         return cached, names, True
-    try:
-        model = load_model(run_package(model_ref), device=device, offline=True)
-    except CheckpointError:
+    if not has_decoder(model_ref, offline=True):  # a backbone: its weights are not read a second time
         return None, [], False
+    model = load_model(run_package(model_ref), device=device, offline=True)
     result = segment_image(image, model, SegmentOptions(device=str(device), postprocess=False), progress=progress,
                            return_probabilities=True)
     probs = np.stack([to_canonical(p) for p in result.probabilities[1:]])

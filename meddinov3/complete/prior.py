@@ -55,7 +55,7 @@ class Structure:
 
 def structures(below: np.ndarray, above: np.ndarray, plane: tuple[float, float]) -> list[Structure]:
     """The structures of two 2D masks (sections of one label on consecutive painted slices); `plane`: mm/px."""
-    groups, count = ndimage.label(below | above)
+    groups, _ = ndimage.label(below | above)
     found = []
     for i, box in enumerate(ndimage.find_objects(groups), start=1):
         part = groups[box] == i
@@ -107,14 +107,16 @@ class ShapePrior:
         `exclude` (leave-one-out: what the prior would say there had that slice not been painted)."""
         zs = self.slices[self.slices != exclude] if exclude is not None else self.slices
         if len(zs) == 0:  # a single painted slice, left out: as if seen from its neighbour
-            nearest, shrink = int(self.slices[0]), self.slice_mm
-            return np.stack([np.maximum(self._sdf(nearest, v) - shrink, -CLIP_MM) for v in self.values])
+            return self._shrunk(int(self.slices[0]), self.slice_mm)
         below, above = zs[zs <= z], zs[zs >= z]
         if len(below) and len(above):
             return np.stack([self._interpolate(int(below[-1]), int(above[0]), z, v) for v in self.values])
         nearest = int(below[-1] if len(below) else above[0])
-        shrink = abs(z - nearest) * self.slice_mm
-        return np.stack([np.maximum(self._sdf(nearest, v) - shrink, -CLIP_MM) for v in self.values])
+        return self._shrunk(nearest, abs(z - nearest) * self.slice_mm)
+
+    def _shrunk(self, painted: int, mm: float) -> np.ndarray:
+        """(labels, rows, columns): the sections of painted slice `painted` shrunk by `mm` (a cone beyond it)."""
+        return np.stack([np.maximum(self._sdf(painted, v) - mm, -CLIP_MM) for v in self.values])
 
     def distance(self, z: int, exclude: int | None = None) -> float:
         """mm from slice `z` to the nearest painted slice other than `exclude` (one slice when there is none)."""

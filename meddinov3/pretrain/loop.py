@@ -716,8 +716,9 @@ class _Steps:
             if is_kept(cfg, step):
                 keep_snapshot(parts.latest, step)
             from .export import export_backbone
-            export_backbone(run.run_dir / "backbone", strip_prefix(model_sd, "teacher.backbone."), parts.mcfg, cfg.name or run.run_dir.name, stage=cfg.stage, step=step,
-                            base=parts.base_info, data=parts.index.summary())
+            export_backbone(run.run_dir / "backbone", strip_prefix(model_sd, "teacher.backbone."), parts.mcfg,
+                            cfg.name or run.run_dir.name, stage=cfg.stage, step=step, base=parts.base_info,
+                            data=parts.index.summary())
             run.progress.event("checkpoint", step=step, path=str(parts.latest), backbone=str(run.run_dir / "backbone"))
             plot_curves(run.metrics_path, run.run_dir / "curves.png")
         D.barrier(run.dist_info)

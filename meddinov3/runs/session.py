@@ -80,9 +80,9 @@ class RunSession:
     Entering joins the torchrun job and picks the device (`distributed.init`), checks the run folder on rank 0
     (`open_run`), and resolves the options (the saved ones on `resume`, paths absolute: `cfg`). A resumed run that
     already finished is `finished` (nothing else happens: the body returns `previous`). Otherwise rank 0 writes
-    status.json ("starting") and keeps it (`status`, None elsewhere), a signal during the start-up becomes a clean "stopped" (the `with`
-    block then ends without a result: return `result()` after it), and an exception is reported into status.json
-    and as a `failed` event, then re-raised. Leaving restores the signal handlers, closes the progress bar and
+    status.json ("starting") and keeps it (`status`, None elsewhere), a signal during the start-up becomes a clean
+    "stopped" (the `with` block then ends without a result: return `result()` after it), and an exception is
+    reported into status.json and as a `failed` event, then re-raised. Leaving restores the signal handlers, closes the progress bar and
     ends the process group.
 
     Arguments: `kind` (a `RunKind`), `cfg` (its options as given), `resume`, `json_progress` and `stream` (progress
